@@ -1,0 +1,119 @@
+"""The backbone contract: a frozen diffusers pipeline seen as a step-wise environment.
+
+A :class:`Backbone` wraps a pipeline object the user already loaded (LoRA, fine-tuned UNet, scheduler, dtype,
+device and offload stay in effect) and exposes the four things the closed loop needs: encode prompts, prepare
+the initial state, run one denoising step (returning the x0 estimate), decode latents. The generic rollout in
+``promptloop.backbones.rollout`` drives any family through this contract.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional
+
+import torch
+
+from .types import SamplerSettings
+
+
+@dataclass
+class PromptEmbeds:
+    """Encoded prompts, one row per prompt, as named tensors with the batch on dim 0 (no CFG concatenation)."""
+
+    tensors: dict[str, torch.Tensor]
+
+    def __len__(self) -> int:
+        return next(iter(self.tensors.values())).shape[0]
+
+    def select(self, rows: list[int] | torch.Tensor) -> "PromptEmbeds":
+        return PromptEmbeds({k: v[rows] for k, v in self.tensors.items()})
+
+    @staticmethod
+    def cat(parts: list["PromptEmbeds"]) -> "PromptEmbeds":
+        keys = parts[0].tensors.keys()
+        return PromptEmbeds({k: torch.cat([p.tensors[k] for p in parts]) for k in keys})
+
+
+@dataclass
+class SamplerState:
+    """Mutable state of one batched sampling run. ``scheduler`` is a private copy; ``extras`` holds
+    family-specific tensors (time ids, image ids, guidance embedding, negative embeddings, ...)."""
+
+    latents: torch.Tensor
+    timesteps: torch.Tensor
+    scheduler: Any
+    settings: SamplerSettings
+    guidance_scale: float
+    negative: Optional[PromptEmbeds] = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+
+@dataclass
+class StepResult:
+    """Output of one denoising step for the whole batch."""
+
+    latents: torch.Tensor
+    """x_{t-1}, the state for the next step."""
+    x0: torch.Tensor
+    """The x0 (Tweedie) estimate from this step's model prediction, in the backbone's latent space."""
+
+
+class Backbone(ABC):
+    """A frozen text-to-image pipeline, one family per subclass."""
+
+    family: ClassVar[str]
+    pipeline_class_names: ClassVar[tuple[str, ...]]
+    """diffusers pipeline class names this adapter accepts in :meth:`from_pipeline`."""
+
+    def __init__(self, pipe: Any, preview_decoder: Optional[torch.nn.Module] = None):
+        self.pipe = pipe
+        self.preview_decoder = preview_decoder
+
+    @classmethod
+    def from_pipeline(cls, pipe: Any, preview_decoder: Optional[torch.nn.Module] = None) -> "Backbone":
+        """Wrap a pipeline the user already has; nothing is copied or reloaded."""
+        name = type(pipe).__name__
+        if name not in cls.pipeline_class_names:
+            raise TypeError(
+                f"{cls.__name__} expects one of {cls.pipeline_class_names}, got {name}. "
+                "Use promptloop.backbones.auto_backbone(pipe) to pick the adapter by pipeline class."
+            )
+        return cls(pipe, preview_decoder=preview_decoder)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipe._execution_device
+
+    @property
+    @abstractmethod
+    def text_budget(self) -> int:
+        """Tokens the primary text encoder reads (77 for CLIP; the T5 budget for SD3/FLUX)."""
+
+    @abstractmethod
+    def count_tokens(self, prompt: str) -> int:
+        """Number of content tokens of ``prompt`` for the primary text encoder (no special tokens)."""
+
+    @abstractmethod
+    def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:
+        """Encode prompts (already fitted to the text budget), one row each, in the pipeline's own way."""
+
+    @abstractmethod
+    def prepare(self, settings: SamplerSettings, generators: list[torch.Generator]) -> SamplerState:
+        """Initial latents (one generator per row, as the pipeline draws them), timesteps, negatives, extras."""
+
+    @abstractmethod
+    def step(self, state: SamplerState, i: int, embeds: PromptEmbeds) -> StepResult:
+        """Run denoising step ``i`` for the whole batch with per-row ``embeds``; updates ``state.latents``."""
+
+    @abstractmethod
+    def decode(self, latents: torch.Tensor, size: Optional[int] = None, preview: bool = False) -> torch.Tensor:
+        """Latents -> ``(B, 3, H, W)`` in [0, 1]. ``preview=True`` may use ``preview_decoder`` and resizes the
+        longest side to ``size``; ``preview=False`` must match the pipeline's own output exactly."""
+
+    @abstractmethod
+    def noise_level(self, state: SamplerState, i: int) -> float:
+        """Fraction of noise left before step ``i`` in [0, 1]."""

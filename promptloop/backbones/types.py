@@ -100,6 +100,13 @@ class Trajectory:
     """For each sampler step, the index into ``prompts`` of the prompt in force."""
     times: PhaseTimes = field(default_factory=PhaseTimes)
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready record (previews are left out; save them as images)."""
+        out = {k: v for k, v in self.__dict__.items() if k not in ("previews", "times")}
+        out["has_preview"] = [p is not None for p in self.previews]
+        out["times"] = self.times.as_dict()
+        return out
+
 
 @dataclass
 class RolloutOutput:

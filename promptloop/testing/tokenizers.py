@@ -49,3 +49,22 @@ def make_t5_tokenizer(model_max_length: int = 512) -> T5Tokenizer:
         pieces.append((c, -3.0))
         pieces.append(("\u2581" + c, -2.5))
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=model_max_length)
+
+
+def make_real_clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
+    """The real 49408-token CLIP BPE tokenizer (ids identical to OpenAI CLIP), built from the BPE merges file that
+    the ``open-clip-torch`` wheel ships. Raises ImportError with the fix when open_clip is missing."""
+    import gzip
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or spec.origin is None:
+        raise ImportError("make_real_clip_tokenizer needs the BPE file shipped with open_clip: "
+                          "pip install open-clip-torch (or pip install 'promptloop[rewards]').")
+    bpe = Path(spec.origin).parent / "bpe_simple_vocab_16e6.txt.gz"
+    lines = gzip.open(bpe).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
+    merges = [tuple(line.split()) for line in lines]
+    chars = byte_symbols()
+    tokens = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, model_max_length=model_max_length)

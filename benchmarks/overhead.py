@@ -1,0 +1,231 @@
+"""Cost of PromptLoop against plain sampling, by number of refinements N_R (closed loop and a-priori).
+
+Prints a table and writes JSON. Scales:
+  tiny  - tiny random SDXL pipeline + tiny Qwen2.5-VL policy (CPU smoke test of this script; numbers mean little)
+  full  - SDXL-base-1.0 and Qwen2.5-VL-3B shapes with random weights (GPU; the paper's Table 4 setting:
+          1024 px, 50 steps, batch 8). Random weights never emit EOS, so every refinement decodes the full
+          max_new_tokens (77 by default, the CLIP budget): an upper bound on the policy's decode cost.
+
+    python benchmarks/overhead.py --scale tiny
+    python benchmarks/overhead.py --scale full --device cuda --dtype bf16 --clip-tokenizer DIR
+
+Times are medians over --repeats runs after one warm-up; "per image" divides a batch's wall time by its size.
+The policy's prefill/decode split is measured by re-running each policy call with max_new_tokens=1 (outside
+the timed run): prefill ~ that call, decode = the full call - prefill.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from promptloop.backbones import RefinementSchedule, SamplerSettings, auto_backbone, rollout
+from promptloop.backbones.types import Observation
+from promptloop.policy import PolicyConfig, PromptPolicy
+from promptloop.testing.tiny_vlm import make_qwen_vl_processor, make_tiny_vlm
+
+QUERIES = [
+    "a red fox in a snowy forest at dawn", "a bowl of ramen on a wooden table", "an astronaut riding a horse",
+    "a lighthouse on a cliff during a storm", "a watercolor painting of a city street", "a cat wearing a tiny hat",
+    "a futuristic car parked in the desert", "a portrait of an old fisherman",
+]
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def build(args):
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    processor = make_qwen_vl_processor("qwen2_5_vl")
+    if args.scale == "full":
+        sys.path.insert(0, str(Path(__file__).parent))
+        from full_scale_models import qwen25_vl_3b, sdxl_pipeline
+        from transformers import CLIPTokenizer
+
+        from promptloop.testing.tokenizers import make_real_clip_tokenizer
+
+        clip_tok = CLIPTokenizer.from_pretrained(args.clip_tokenizer) if args.clip_tokenizer \
+            else make_real_clip_tokenizer()
+        pipe = sdxl_pipeline(clip_tok, args.device, dtype)
+        model = qwen25_vl_3b(processor, args.device, dtype)
+    else:
+        from promptloop.testing.tiny_pipelines import tiny_sdxl_pipeline
+
+        pipe = tiny_sdxl_pipeline(seed=0).to(args.device, dtype)
+        model, processor = make_tiny_vlm("qwen2_5_vl", seed=0)
+        model.to(args.device, dtype).eval()
+    config = PolicyConfig(model_name_or_path="random", max_new_tokens=args.max_new_tokens, temperature=1.0,
+                          top_p=1.0, use_lora=False)
+    policy = PromptPolicy(model, processor, config)
+    return pipe, policy
+
+
+class TimedRefiner:
+    """The policy as a RefineFn, timing each call and (untimed) its prefill share."""
+
+    def __init__(self, policy: PromptPolicy, device: str, split: bool):
+        self.policy, self.device, self.split = policy, device, split
+        self.calls = 0
+        self.policy_s = 0.0
+        self.prefill_s = 0.0
+
+    def __call__(self, observations: list[Observation]) -> list[str]:
+        _sync(self.device)
+        t0 = time.perf_counter()
+        actions = self.policy.act(observations)
+        _sync(self.device)
+        self.policy_s += time.perf_counter() - t0
+        self.calls += 1
+        if self.split:
+            self.prefill_s += self._prefill_time(observations)
+        return actions.prompts
+
+    def _prefill_time(self, observations: list[Observation]) -> float:
+        full = self.policy.config.max_new_tokens
+        self.policy.config.max_new_tokens = 1
+        try:
+            _sync(self.device)
+            t0 = time.perf_counter()
+            self.policy.act(observations)
+            _sync(self.device)
+            return time.perf_counter() - t0
+        finally:
+            self.policy.config.max_new_tokens = full
+
+
+def run_case(args, pipe, backbone, policy, mode: str, n_r: int, settings: SamplerSettings, split: bool) -> dict:
+    """One timed batch. ``mode``: plain (stock pipe call), loop (rollout), closed, apriori, train."""
+    batch = args.batch
+    queries = (QUERIES * (batch // len(QUERIES) + 1))[:batch]
+    seeds = list(range(batch))
+    refiner = TimedRefiner(policy, args.device, split)
+    apriori_s = 0.0
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    _sync(args.device)
+    t0 = time.perf_counter()
+    times = None
+    if mode == "plain":
+        gens = [torch.Generator(args.device).manual_seed(s) for s in seeds]
+        pipe(queries, num_inference_steps=settings.num_inference_steps, height=settings.height,
+             width=settings.width, generator=gens, output_type="pt")
+    elif mode == "apriori":
+        t1 = time.perf_counter()
+        prompts = policy.write_schedules(queries, n_r)
+        _sync(args.device)
+        apriori_s = time.perf_counter() - t1
+        out = rollout(backbone, queries, seeds, settings, RefinementSchedule.uniform(n_r), prompts=prompts)
+        times = out.times
+    else:
+        if mode == "train":
+            schedule = [RefinementSchedule.random(n_r, seed=1000 + i) for i in range(batch)]
+        else:
+            schedule = RefinementSchedule.uniform(n_r) if n_r else RefinementSchedule.none()
+        out = rollout(backbone, queries, seeds, settings, schedule, refine=refiner if n_r else None)
+        times = out.times
+    _sync(args.device)
+    total = time.perf_counter() - t0
+    row = {"mode": mode, "n_r": n_r, "batch": batch, "total_s": total, "per_image_s": total / batch,
+           "policy_calls": refiner.calls + (1 if mode == "apriori" else 0)}
+    if times is not None:
+        row.update({f"{k}_s": v for k, v in times.as_dict().items()})
+    policy_s = refiner.policy_s + apriori_s
+    row["policy_s"] = policy_s
+    if split and refiner.calls:
+        row["policy_prefill_s"] = refiner.prefill_s
+        row["policy_decode_s"] = max(refiner.policy_s - refiner.prefill_s, 0.0)
+    if args.device.startswith("cuda"):
+        row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return row
+
+
+def median_row(rows: list[dict]) -> dict:
+    out = dict(rows[0])
+    for k, v in rows[0].items():
+        if isinstance(v, float):
+            out[k] = statistics.median(r[k] for r in rows)
+    out["repeats"] = len(rows)
+    return out
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scale", choices=["tiny", "full"], default="tiny")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: 50 full, 10 tiny)")
+    p.add_argument("--size", type=int, default=None, help="image side (default: 1024 full, 64 tiny)")
+    p.add_argument("--preview-size", type=int, default=448, help="longest side of the x0 preview the policy sees")
+    p.add_argument("--refinements", default="0,1,3,5")
+    p.add_argument("--max-new-tokens", type=int, default=77)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--modes", default="plain,loop,closed,apriori,train")
+    p.add_argument("--no-split", action="store_true", help="skip the prefill/decode split (saves time)")
+    p.add_argument("--clip-tokenizer", default=None, help="saved real CLIP tokenizer (full scale, offline GPU)")
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/overhead_<scale>.json)")
+    args = p.parse_args(argv)
+    steps = args.steps or (50 if args.scale == "full" else 10)
+    size = args.size or (1024 if args.scale == "full" else 64)
+    refinements = [int(x) for x in args.refinements.split(",")]
+    modes = args.modes.split(",")
+
+    t0 = time.perf_counter()
+    pipe, policy = build(args)
+    backbone = auto_backbone(pipe)
+    build_s = time.perf_counter() - t0
+    settings = SamplerSettings(num_inference_steps=steps, height=size, width=size, preview_size=args.preview_size)
+
+    cases = [("plain", 0)] if "plain" in modes else []
+    cases += [("loop", 0)] if "loop" in modes else []
+    for n in refinements:
+        if n == 0:
+            continue
+        cases += [(m, n) for m in ("closed", "apriori", "train") if m in modes]
+    results = []
+    for mode, n in cases:
+        run_case(args, pipe, backbone, policy, mode, n, settings, split=False)  # warm-up
+        rows = [run_case(args, pipe, backbone, policy, mode, n, settings, split=not args.no_split and r == 0)
+                for r in range(args.repeats)]
+        merged = median_row(rows)
+        for key in ("policy_prefill_s", "policy_decode_s"):
+            if key in rows[0]:
+                merged[key] = rows[0][key]
+        results.append(merged)
+        print(f"  {mode:8s} N_R={n}: {merged['per_image_s']:.3f} s/image", flush=True)
+
+    base = next((r for r in results if r["mode"] == "plain"), None) or results[0]
+    for r in results:
+        r["ratio_to_plain"] = r["per_image_s"] / base["per_image_s"]
+    report = {
+        "scale": args.scale, "device": args.device,
+        "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor(),
+        "dtype": args.dtype, "batch": args.batch, "steps": steps, "size": size, "preview_size": args.preview_size,
+        "max_new_tokens": args.max_new_tokens, "build_s": build_s, "torch": torch.__version__,
+        "command": "python benchmarks/overhead.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "results": results,
+    }
+    cols = ["mode", "n_r", "per_image_s", "ratio_to_plain", "denoise_s", "preview_s", "refine_s",
+            "policy_prefill_s", "policy_decode_s", "encode_s", "decode_s", "policy_calls", "peak_mem_gib"]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in results:
+        cells = [f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols]
+        print("| " + " | ".join(cells) + " |")
+    out = Path(args.out or Path(__file__).parent / "results" / f"overhead_{args.scale}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""``promptloop`` command line: a thin layer over the library (nothing imports this module)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+
+def _read_prompts(path: str) -> list[str]:
+    file = Path(path)
+    if not file.is_file():
+        raise SystemExit(f"error: --prompts file {path!r} does not exist.")
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise SystemExit(f"error: --prompts file {path!r} is not UTF-8 text ({e}).")
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise SystemExit(f"error: --prompts file {path!r} holds no prompt (one per line).")
+    return prompts
+
+
+def write_outputs(out_dir: Path, output, prefix: str = "") -> list[Path]:
+    """Images, one trajectory JSON and one trajectory strip PNG per image."""
+    from .visualize import trajectory_strip
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for i, (image, trajectory) in enumerate(zip(output.images, output.trajectories)):
+        stem = f"{prefix}{i:03d}"
+        image.save(out_dir / f"{stem}.png")
+        (out_dir / f"{stem}.json").write_text(json.dumps(trajectory.to_dict(), indent=2))
+        trajectory_strip(trajectory, image).save(out_dir / f"{stem}_strip.png")
+        written += [out_dir / f"{stem}.png", out_dir / f"{stem}.json", out_dir / f"{stem}_strip.png"]
+    return written
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    if bool(args.prompt) == bool(args.prompts):
+        raise SystemExit("error: give exactly one of --prompt TEXT or --prompts FILE.")
+    prompts = [args.prompt] if args.prompt else _read_prompts(args.prompts)
+    from .pipeline import PromptLoopPipeline
+
+    pipeline = PromptLoopPipeline.from_pretrained(args.policy, args.backbone, device=args.device)
+    if args.device:
+        pipeline.backbone.pipe.to(args.device)
+    output = pipeline(prompts, num_refinements=args.refinements, mode=args.mode, seed=args.seed,
+                      num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+                      preview_size=args.preview_size, progress=True)
+    written = write_outputs(Path(args.out), output)
+    print(f"wrote {len(written)} files to {args.out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Offline end-to-end example on tiny random models (a placeholder until the mini world ships)."""
+    import torch
+
+    from .pipeline import PromptLoopPipeline
+    from .policy import PolicyConfig, PromptPolicy
+    from .testing.tiny_pipelines import tiny_sd_pipeline
+    from .testing.tiny_vlm import make_tiny_vlm
+
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    model, processor = make_tiny_vlm("qwen2_5_vl", seed=0)
+    policy = PromptPolicy(model, processor, PolicyConfig(model_name_or_path="tiny-random-qwen2.5-vl",
+                                                         max_new_tokens=12))
+    pipeline = PromptLoopPipeline(policy, tiny_sd_pipeline(seed=0))
+    queries = ["a red circle on a blue background", "two green squares"]
+    steps, refinements = (6, 2) if args.quick else (20, 5)
+    output = pipeline(queries, num_refinements=refinements, num_inference_steps=steps, seed=0, preview_size=64,
+                      progress=True)
+    written = write_outputs(Path(args.out), output)
+    print("NOTE: tiny RANDOM models (no training yet): the images and prompts are noise; this shows the loop runs.")
+    for t in output.trajectories:
+        print(f"  query {t.query!r}: prompts at steps {t.decision_steps}: {t.prompts[1:]}")
+    print(f"demo done in {time.perf_counter() - start:.1f}s; wrote {len(written)} files to {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="promptloop", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="run PromptLoop end to end offline on a CPU")
+    demo.add_argument("--quick", action="store_true", help="the shortest run (CI)")
+    demo.add_argument("--out", default="runs/demo", help="output folder")
+    demo.set_defaults(func=cmd_demo)
+
+    sample = sub.add_parser("sample", help="sample images with a trained policy and any supported pipeline")
+    sample.add_argument("--policy", required=True, help="saved policy folder or hub id")
+    sample.add_argument("--backbone", required=True, help="diffusers pipeline folder or hub id")
+    sample.add_argument("--prompt", help="one prompt")
+    sample.add_argument("--prompts", help="text file, one prompt per line")
+    sample.add_argument("--refinements", type=int, default=5, help="number of refinement steps N_R")
+    sample.add_argument("--mode", choices=["closed", "apriori", "oneshot", "none"], default="closed")
+    sample.add_argument("--steps", type=int, default=50, help="sampler steps")
+    sample.add_argument("--guidance-scale", type=float, default=None)
+    sample.add_argument("--preview-size", type=int, default=256)
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--device", default=None)
+    sample.add_argument("--out", default="outputs/sample")
+    sample.set_defaults(func=cmd_sample)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""Inference API: a trained policy plus any supported diffusers pipeline, called like a pipeline."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Iterator, Literal, Optional, Sequence, Union
+
+import torch
+from PIL import Image
+
+from .backbones import Backbone, RefinementSchedule, SamplerSettings, auto_backbone, rollout
+from .backbones.types import Observation, RolloutOutput, Trajectory
+from .policy import PromptPolicy
+
+RefinementMode = Literal["closed", "apriori", "oneshot", "none"]
+REFINEMENT_MODES = ("closed", "apriori", "oneshot", "none")
+
+
+@dataclass
+class PromptLoopOutput:
+    """Final images and one trajectory per image (prompts in force, previews, timings)."""
+
+    images: Union[list[Image.Image], torch.Tensor]
+    trajectories: list[Trajectory]
+    rollout: RolloutOutput
+
+
+@contextlib.contextmanager
+def policy_mode(policy: PromptPolicy, mode: str) -> Iterator[PromptPolicy]:
+    """Temporarily switch the policy's chat mode ("closed", "oneshot", "apriori")."""
+    previous = policy.config.mode
+    policy.config.mode = mode
+    try:
+        yield policy
+    finally:
+        policy.config.mode = previous
+
+
+def _blind_observations(queries: Sequence[str], num_refinements: int, num_steps: int) -> list[Observation]:
+    """Observations with no image, before sampling (one-shot and a-priori modes)."""
+    return [
+        Observation(row=i, query=q, prompt=q, history=[q], preview=None, step=0, num_steps=num_steps,
+                    refinement_index=0, num_refinements=num_refinements, noise_level=1.0)
+        for i, q in enumerate(queries)
+    ]
+
+
+def apriori_prompts(
+    policy: PromptPolicy, queries: Sequence[str], num_refinements: int, num_steps: int, seed: Optional[int] = None
+) -> list[list[str]]:
+    """One policy call for the whole batch: each row's N_R + 1 prompts (the query, then the written schedule)."""
+    with policy_mode(policy, "apriori"):
+        actions = policy.act(_blind_observations(queries, num_refinements, num_steps), seed=seed)
+    return [[q] + list(s.prompts) for q, s in zip(queries, actions.schedules)]
+
+
+def oneshot_prompts(
+    policy: PromptPolicy, queries: Sequence[str], num_steps: int, seed: Optional[int] = None
+) -> list[str]:
+    """One rewrite per query before sampling, without an image (the feed-forward rewriter baseline)."""
+    with policy_mode(policy, "oneshot"):
+        return policy.act(_blind_observations(queries, 0, num_steps), seed=seed).prompts
+
+
+class PromptLoopPipeline:
+    """``PromptLoopPipeline(policy, pipe)(prompts)``: sample with the policy rewriting the prompt.
+
+    ``pipe`` is any supported diffusers pipeline object the user loaded (LoRAs, fine-tuned weights, scheduler,
+    dtype, device and offload stay in effect) or a :class:`~promptloop.backbones.Backbone`.
+    """
+
+    def __init__(self, policy: PromptPolicy, pipe: Any, preview_decoder: Optional[torch.nn.Module] = None):
+        if not isinstance(policy, PromptPolicy):
+            raise TypeError(f"policy must be a PromptPolicy, got {type(policy).__name__}; load one with "
+                            "PromptPolicy.from_pretrained(path).")
+        self.policy = policy
+        self.backbone = pipe if isinstance(pipe, Backbone) else auto_backbone(pipe, preview_decoder=preview_decoder)
+
+    @classmethod
+    def from_pretrained(
+        cls, policy_path: str, pipe_or_path: Any, device: Optional[str] = None, **pipeline_kwargs: Any
+    ) -> "PromptLoopPipeline":
+        """Load a saved policy and wrap ``pipe_or_path`` (a pipeline object, a local folder or a hub id)."""
+        policy = PromptPolicy.from_pretrained(policy_path, device=device, is_trainable=False)
+        backbone = auto_backbone(pipe_or_path, **pipeline_kwargs)
+        return cls(policy, backbone)
+
+    def __call__(
+        self,
+        prompt: Union[str, Sequence[str]],
+        *,
+        num_refinements: int = 5,
+        mode: RefinementMode = "closed",
+        seed: Union[int, Sequence[int]] = 0,
+        policy_seed: Optional[int] = None,
+        num_inference_steps: int = 50,
+        guidance_scale: Optional[float] = None,
+        negative_prompt: Optional[str] = None,
+        height: Optional[int] = None,
+        width: Optional[int] = None,
+        preview_size: Optional[int] = 256,
+        output_type: Literal["pil", "pt"] = "pil",
+        progress: bool = False,
+        **extra: Any,
+    ) -> PromptLoopOutput:
+        """Sample one image per prompt.
+
+        ``mode``: "closed" (the policy sees the x0 preview at ``num_refinements`` evenly spaced steps), "apriori"
+        (one policy call writes all prompts up front; the sampler runs uninterrupted), "oneshot" (one rewrite before
+        sampling), "none" (plain sampling). ``seed``: one int for the batch (row i uses seed + i) or one per prompt;
+        the same seeds give the same images. ``policy_seed`` (default: the first seed) seeds the policy's sampling.
+        """
+        queries = [prompt] if isinstance(prompt, str) else list(prompt)
+        if mode not in REFINEMENT_MODES:
+            raise ValueError(f"mode={mode!r} is not one of {REFINEMENT_MODES}.")
+        if not isinstance(num_refinements, int) or num_refinements < 0:
+            raise ValueError(f"num_refinements must be an int >= 0, got {num_refinements!r}.")
+        if mode in ("oneshot", "none"):
+            num_refinements = 0
+        elif num_refinements == 0:
+            mode = "none"
+        seeds = [seed + i for i in range(len(queries))] if isinstance(seed, int) else list(seed)
+        settings = SamplerSettings(
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, negative_prompt=negative_prompt,
+            height=height, width=width, preview_size=preview_size, extra=dict(extra),
+        )
+        schedule = RefinementSchedule.uniform(num_refinements) if num_refinements else RefinementSchedule.none()
+        schedule.steps(num_inference_steps)  # clear error before the policy runs
+        policy_seed = seeds[0] if policy_seed is None and seeds else policy_seed
+        kwargs: dict[str, Any] = dict(settings=settings, schedule=schedule, progress=progress)
+        if mode == "closed":
+            with policy_mode(self.policy, "closed"):
+                out = rollout(self.backbone, queries, seeds, refine=self.policy.as_refine_fn(seed=policy_seed),
+                              **kwargs)
+        elif mode == "apriori":
+            prompts = apriori_prompts(self.policy, queries, num_refinements, num_inference_steps, seed=policy_seed)
+            out = rollout(self.backbone, queries, seeds, prompts=prompts, **kwargs)
+        elif mode == "oneshot":
+            initial = oneshot_prompts(self.policy, queries, num_inference_steps, seed=policy_seed)
+            out = rollout(self.backbone, queries, seeds, initial_prompts=initial, **kwargs)
+        else:
+            out = rollout(self.backbone, queries, seeds, **kwargs)
+        images = out.pil() if output_type == "pil" else out.images
+        return PromptLoopOutput(images=images, trajectories=out.trajectories, rollout=out)

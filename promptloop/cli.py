@@ -82,6 +82,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    from .configuration import ConfigError, load_config
+    from .rl.config import TrainConfig, derive_sizes
+
+    try:
+        config = load_config(TrainConfig, args.config, overrides)
+        from accelerate import PartialState
+
+        sizes = derive_sizes(config.grpo, PartialState().num_processes)
+    except (ConfigError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    if PartialState().is_main_process:
+        print("derived sizes:\n" + sizes.table(), flush=True)
+    from .rl.trainer import GRPOTrainer
+
+    trainer = GRPOTrainer.from_config(config)
+    trainer.train(resume=args.resume)
+    if PartialState().is_main_process:
+        print(f"done: step {trainer.step}; checkpoints in {trainer.run_dir / 'checkpoints'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="promptloop", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -90,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="the shortest run (CI)")
     demo.add_argument("--out", default="runs/demo", help="output folder")
     demo.set_defaults(func=cmd_demo)
+
+    train = sub.add_parser("train", help="GRPO training of the policy (works under `accelerate launch`)",
+                           description="Train with CONFIG.yaml; override any key with --section.key VALUE.")
+    train.add_argument("config", help="YAML config (see configs/)")
+    train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of the run")
+    train.set_defaults(func=cmd_train, takes_overrides=True)
 
     sample = sub.add_parser("sample", help="sample images with a trained policy and any supported pipeline")
     sample.add_argument("--policy", required=True, help="saved policy folder or hub id")
@@ -109,7 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, rest = build_parser().parse_known_args(argv)
+    if getattr(args, "takes_overrides", False):
+        return args.func(args, rest)
+    if rest:
+        raise SystemExit(f"error: unrecognized arguments: {' '.join(rest)}")
     return args.func(args)
 
 

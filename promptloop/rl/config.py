@@ -1,0 +1,176 @@
+"""Training configuration: one dataclass per section, help text on every field, derived sizes checked up front."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from ..policy import PolicyConfig
+
+
+def _help(text: str, **kw):
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class BackboneSection:
+    name_or_path: str = _help("diffusers pipeline folder or hub id (SD1.x/2.x, SDXL, SD3, FLUX).", default="")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _help(
+        "Weights dtype of the pipeline ('auto': bfloat16 on CUDA, float32 on CPU).", default="auto")
+    num_inference_steps: int = _help("Sampler steps T per image (> N_R).", default=50)
+    guidance_scale: Optional[float] = _help("CFG scale; None keeps the pipeline's default.", default=None)
+    negative_prompt: Optional[str] = _help("Negative prompt for every image; None keeps the default.", default=None)
+    height: Optional[int] = _help("Image height; None keeps the pipeline's default.", default=None)
+    width: Optional[int] = _help("Image width; None keeps the pipeline's default.", default=None)
+    preview_size: int = _help("Longest side (px) of the x0 preview shown to the policy.", default=256)
+    rollout_batch_size: int = _help("Trajectories sampled together in one batched rollout (memory knob).",
+                                    default=16)
+
+    def __post_init__(self):
+        if not self.name_or_path:
+            raise ValueError("name_or_path is empty: give a diffusers pipeline folder or hub id")
+        for name in ("num_inference_steps", "preview_size", "rollout_batch_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+
+
+@dataclass
+class RewardSection:
+    spec: str = _help("Reward name ('imagereward'), composite ('imagereward:1.0,aesthetic:0.1') or "
+                      "'module:function'. Always scored against the user's original query.", default="imagereward")
+    device: Optional[str] = _help("Device of the reward model (default: the training device).", default=None)
+    timeout_s: Optional[float] = _help("Seconds to wait for one batch of scores before the step is skipped.",
+                                       default=None)
+
+
+@dataclass
+class DataSection:
+    prompts: str = _help("Training queries: a .txt (one per line), .jsonl or .csv file, or 'hf:DATASET[:SPLIT]' "
+                         "(needs the datasets package and network).", default="")
+    column: str = _help("Column holding the query in .jsonl/.csv/datasets inputs.", default="prompt")
+    eval_prompts: Optional[str] = _help("Held-out queries for periodic evaluation (same formats).", default=None)
+    num_eval_prompts: int = _help("Held-out queries used per evaluation.", default=16)
+    shuffle: bool = _help("Shuffle the training queries (seeded; the position is saved in checkpoints).",
+                          default=True)
+
+    def __post_init__(self):
+        if not self.prompts:
+            raise ValueError("prompts is empty: give a prompt file or 'hf:DATASET[:SPLIT]'")
+
+
+@dataclass
+class GRPOSection:
+    prompts_per_step: int = _help("Queries per training step, over all processes.", default=8)
+    group_size: int = _help("Trajectories per query (G); advantages are relative within the group.", default=8)
+    num_refinements: int = _help("Refinements per trajectory (N_R), drawn at random steps in training.", default=5)
+    schedule: Literal["per_trajectory", "per_group", "per_batch"] = _help(
+        "Scope of one random refinement schedule: each trajectory its own, one per group, or one per batch "
+        "(fewer policy calls).", default="per_trajectory")
+    shared_noise: bool = _help(
+        "All G trajectories of a query start from the same noise, so reward differences within a group come from "
+        "the prompts (the policy's actions) rather than from the noise. Default true.", default=True)
+    inner_epochs: int = _help("Passes over each rollout's actions (PPO epochs).", default=1)
+    mini_batches: int = _help("Optimizer steps per inner epoch (actions are split into this many parts).",
+                              default=1)
+    micro_batch_size: int = _help("Actions per forward/backward pass (gradient accumulation fills the rest).",
+                                  default=4)
+    learning_rate: float = _help("AdamW learning rate of the LoRA parameters.", default=1e-5)
+    weight_decay: float = _help("AdamW weight decay.", default=0.0)
+    warmup_steps: int = _help("Linear learning-rate warm-up, in optimizer steps.", default=0)
+    max_grad_norm: float = _help("Gradient clipping norm (<= 0 disables).", default=1.0)
+    clip_low: float = _help("Lower clip range epsilon_low of the ratio.", default=0.2)
+    clip_high: float = _help("Upper clip range epsilon_high of the ratio.", default=0.28)
+    beta: float = _help("KL coefficient to the reference policy (adapter off). 0 disables the KL term.",
+                        default=0.0)
+    advantage_scale: Literal["group", "batch", "none"] = _help(
+        "Divide centred rewards by the group std (GRPO), the batch std, or not at all.", default="group")
+    loss_normalisation: Literal["token", "sequence"] = _help(
+        "Average the per-token loss over all tokens of a mini-batch, or per action then over actions.",
+        default="token")
+    ratio_tolerance: float = _help("Largest |ratio - 1| allowed on the first, on-policy micro-batch; above it "
+                                   "training stops with an error (log-prob mismatch).", default=1e-3)
+    max_steps: int = _help("Training steps (one rollout + update each).", default=100)
+    seed: int = _help("Seed of data order, noise, schedules and policy sampling.", default=0)
+
+    def __post_init__(self):
+        for name in ("prompts_per_step", "inner_epochs", "mini_batches", "micro_batch_size", "max_steps"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+        if self.group_size < 2:
+            raise ValueError(f"group_size={self.group_size} must be >= 2 (advantages compare trajectories)")
+        if self.num_refinements < 1:
+            raise ValueError(f"num_refinements={self.num_refinements} must be >= 1")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate={self.learning_rate} must be > 0")
+        if not (0 <= self.clip_low < 1 and self.clip_high >= 0):
+            raise ValueError(f"clip_low={self.clip_low} must be in [0, 1) and clip_high={self.clip_high} >= 0")
+        if self.beta < 0:
+            raise ValueError(f"beta={self.beta} must be >= 0")
+
+
+@dataclass
+class LoggingSection:
+    output_dir: str = _help("Run folder: checkpoints, logs, trajectory grids.", default="runs/promptloop")
+    report_to: Literal["tensorboard", "wandb", "none"] = _help("Tracker for metrics (via accelerate).",
+                                                               default="tensorboard")
+    log_every: int = _help("Log metrics every N steps.", default=1)
+    image_every: int = _help("Log a grid of trajectory strips every N steps (0: never).", default=10)
+    eval_every: int = _help("Evaluate on held-out queries every N steps (0: never).", default=0)
+    checkpoint_every: int = _help("Write a checkpoint every N steps (and at exit).", default=10)
+    keep_last: int = _help("Checkpoints kept (oldest removed first).", default=3)
+    progress: bool = _help("Show a progress bar with ETA.", default=True)
+
+    def __post_init__(self):
+        if self.log_every <= 0 or self.checkpoint_every <= 0 or self.keep_last <= 0:
+            raise ValueError("log_every, checkpoint_every and keep_last must be > 0")
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``promptloop train`` reads. Sections map to YAML mappings and ``--section.key`` overrides."""
+
+    backbone: BackboneSection = _help("The frozen diffusion pipeline and its sampler settings (required).")
+    data: DataSection = _help("Training and evaluation queries (required).")
+    policy: PolicyConfig = _help("The VLM policy and its LoRA.", default_factory=PolicyConfig)
+    reward: RewardSection = _help("The training reward.", default_factory=RewardSection)
+    grpo: GRPOSection = _help("GRPO hyper-parameters.", default_factory=GRPOSection)
+    logging: LoggingSection = _help("Output, logging and checkpoints.", default_factory=LoggingSection)
+
+
+@dataclass
+class DerivedSizes:
+    """Sizes that follow from a config and the number of processes; printed before any model loads."""
+
+    num_processes: int
+    prompts_per_process: int
+    trajectories_per_process: int
+    actions_per_process: int
+    actions_per_optimizer_step: int
+    micro_batches_per_optimizer_step: int
+    optimizer_steps_per_training_step: int
+
+    def table(self) -> str:
+        return "\n".join(f"  {k:34s} {v}" for k, v in self.__dict__.items())
+
+
+def derive_sizes(grpo: GRPOSection, num_processes: int = 1) -> DerivedSizes:
+    """Check divisibility and compute the batch arithmetic; errors name the keys to change."""
+    if grpo.prompts_per_step % num_processes:
+        raise ValueError(f"grpo.prompts_per_step={grpo.prompts_per_step} must be divisible by the number of "
+                         f"processes ({num_processes})")
+    prompts = grpo.prompts_per_step // num_processes
+    trajectories = prompts * grpo.group_size
+    actions = trajectories * grpo.num_refinements
+    if actions % grpo.mini_batches:
+        raise ValueError(f"actions per process ({actions} = prompts {prompts} x group_size {grpo.group_size} x "
+                         f"num_refinements {grpo.num_refinements}) must be divisible by grpo.mini_batches="
+                         f"{grpo.mini_batches}")
+    per_step = actions // grpo.mini_batches
+    if per_step % grpo.micro_batch_size:
+        raise ValueError(f"actions per optimizer step ({per_step}) must be divisible by grpo.micro_batch_size="
+                         f"{grpo.micro_batch_size}")
+    return DerivedSizes(
+        num_processes=num_processes, prompts_per_process=prompts, trajectories_per_process=trajectories,
+        actions_per_process=actions, actions_per_optimizer_step=per_step,
+        micro_batches_per_optimizer_step=per_step // grpo.micro_batch_size,
+        optimizer_steps_per_training_step=grpo.mini_batches * grpo.inner_epochs,
+    )

@@ -1,0 +1,465 @@
+"""GRPO training of the refinement policy, on accelerate.
+
+One training step: take this process's share of queries, sample G trajectories per query through the frozen
+backbone (the policy rewrites the prompt at N_R random steps while looking at x0 previews), score the final images
+against the original queries, turn rewards into group-relative advantages, then update the LoRA adapter with the
+clipped surrogate over every refinement action (each action carries its trajectory's advantage).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import torch
+
+from ..backbones import Backbone, RefinementSchedule, SamplerSettings, rollout
+from ..backbones.types import Observation, Trajectory
+from ..configuration import to_dict
+from ..policy import PolicySample, PromptPolicy
+from ..rewards.async_worker import AsyncRewardWorker
+from ..visualize import stack_rows, trajectory_strip
+from .advantages import group_advantages
+from .checkpoint import latest_checkpoint, load_tensors, read_meta, rng_state, save_checkpoint, set_rng_state
+from .config import DerivedSizes, TrainConfig, derive_sizes
+from .data import QueryStream
+from .loss import grpo_loss
+
+RewardFn = Callable[..., Any]
+"""``reward(images, queries, metadata) -> RewardOutput`` (see :mod:`promptloop.rewards`); ``metadata[i]`` holds
+the final prompt (``"prompt"``) and every prompt in force (``"prompts"``) of trajectory i."""
+
+
+class RatioCheckError(RuntimeError):
+    """The first on-policy micro-batch had a ratio far from 1: training and sampling log-probs disagree."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """NaN/inf appeared in log-probs or the loss; the step is reported and nothing is applied."""
+
+
+@dataclass
+class Action:
+    """One refinement action: what the policy saw and wrote, and the log-probs it sampled with."""
+
+    trajectory: int
+    refinement_index: int
+    sample: PolicySample
+    sampling_logps: torch.Tensor
+    """``(C,)`` float32 log-probs of the completion tokens at sampling time (the behaviour policy)."""
+    kept_previous: bool
+    advantage: float = 0.0
+
+
+@dataclass
+class RolloutBatch:
+    queries: list[str]
+    group_ids: torch.Tensor
+    trajectories: list[Trajectory]
+    images: list
+    actions: list[Action]
+    rewards: torch.Tensor
+    reward_details: list[dict[str, Any]]
+    times: dict[str, float] = field(default_factory=dict)
+    reward_failures: int = 0
+    """Items whose reward call raised or timed out (their reward is NaN: dropped from the advantages)."""
+
+
+class _ActionRecorder:
+    """A RefineFn that samples from the policy and keeps every action for the update."""
+
+    def __init__(self, policy: PromptPolicy, row_offset: int, generator: torch.Generator):
+        self.policy, self.row_offset, self.generator = policy, row_offset, generator
+        self.actions: list[Action] = []
+
+    def __call__(self, observations: list[Observation]) -> list[str]:
+        out = self.policy.act(observations, generator=self.generator)
+        for j, obs in enumerate(observations):
+            mask = out.completion_mask[j]
+            self.actions.append(Action(
+                trajectory=self.row_offset + obs.row, refinement_index=obs.refinement_index, sample=out.samples[j],
+                sampling_logps=out.log_probs[j][mask].float().cpu(), kept_previous=out.kept_previous[j],
+            ))
+        return out.prompts
+
+
+def _step_seed(*parts: int) -> int:
+    seed = 0
+    for p in parts:
+        seed = (seed * 1_000_003 + int(p)) % (2**31 - 1)
+    return seed
+
+
+@contextlib.contextmanager
+def _forward_through(policy: PromptPolicy, module: torch.nn.Module) -> Iterator[None]:
+    """Run the policy's forwards through ``module`` (the accelerate-prepared model, so DDP/FSDP hooks fire)."""
+    original = policy.model
+    policy.model = module
+    try:
+        yield
+    finally:
+        policy.model = original
+
+
+class GRPOTrainer:
+    """GRPO for a :class:`PromptPolicy` over a frozen :class:`Backbone` and a reward.
+
+    ``accelerator`` defaults to a fresh ``accelerate.Accelerator`` with the configured tracker. The policy's LoRA
+    parameters are the only trainable ones.
+    """
+
+    def __init__(self, config: TrainConfig, policy: PromptPolicy, backbone: Backbone, reward: RewardFn,
+                 queries: Sequence[str], eval_queries: Optional[Sequence[str]] = None, accelerator=None):
+        from accelerate import Accelerator
+
+        self.config = config
+        self.accelerator = accelerator or Accelerator(
+            log_with=None if config.logging.report_to == "none" else config.logging.report_to,
+            project_dir=config.logging.output_dir,
+        )
+        self.sizes: DerivedSizes = derive_sizes(config.grpo, self.accelerator.num_processes)
+        self.policy = policy
+        self.backbone = backbone
+        self.reward = reward
+        self.stream = QueryStream(list(queries), seed=config.grpo.seed, shuffle=config.data.shuffle)
+        self.eval_queries = list(eval_queries or [])[: config.data.num_eval_prompts]
+        self.run_dir = Path(config.logging.output_dir)
+        self.step = 0
+        params = policy.trainable_parameters()
+        if not params:
+            raise ValueError("The policy has no trainable parameters: load it with a LoRA adapter "
+                             "(PromptPolicy.from_pretrained(..., add_adapter=True)).")
+        optimizer = torch.optim.AdamW(params, lr=config.grpo.learning_rate, weight_decay=config.grpo.weight_decay)
+        warmup = config.grpo.warmup_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+        self.model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(policy.model, optimizer, scheduler)
+        self.policy.model = self.accelerator.unwrap_model(self.model)
+        self._ratio_checked = False
+
+    @classmethod
+    def from_config(cls, config: TrainConfig, accelerator=None) -> "GRPOTrainer":
+        """Load the queries (first: cheap errors), then the backbone, the policy and the reward."""
+        from accelerate import Accelerator
+
+        from ..backbones import auto_backbone
+        from ..rewards import load_reward
+        from .data import load_queries
+
+        queries = load_queries(config.data.prompts, config.data.column)
+        eval_queries = load_queries(config.data.eval_prompts, config.data.column) if config.data.eval_prompts \
+            else None
+        accelerator = accelerator or Accelerator(
+            log_with=None if config.logging.report_to == "none" else config.logging.report_to,
+            project_dir=config.logging.output_dir)
+        device = accelerator.device
+        dtype = config.backbone.dtype
+        if dtype == "auto":
+            dtype = "bfloat16" if device.type == "cuda" else "float32"
+        backbone = auto_backbone(config.backbone.name_or_path, torch_dtype=getattr(torch, dtype))
+        backbone.pipe.to(device)
+        policy = PromptPolicy.from_pretrained(config.policy.model_name_or_path, config.policy, device=device)
+        reward = load_reward(config.reward.spec, device=config.reward.device or device)
+        return cls(config, policy, backbone, reward, queries, eval_queries, accelerator=accelerator)
+
+    # ------------------------------------------------------------------------------------------------ rollout
+    def _settings(self) -> SamplerSettings:
+        b = self.config.backbone
+        return SamplerSettings(num_inference_steps=b.num_inference_steps, guidance_scale=b.guidance_scale,
+                               negative_prompt=b.negative_prompt, height=b.height, width=b.width,
+                               preview_size=b.preview_size)
+
+    def _schedules(self, num: int, group: int, seed: int) -> list[RefinementSchedule]:
+        g, n = self.config.grpo, self.config.grpo.num_refinements
+        if g.schedule == "per_batch":
+            return [RefinementSchedule.random(n, seed=seed)] * num
+        if g.schedule == "per_group":
+            return [RefinementSchedule.random(n, seed=_step_seed(seed, i // group)) for i in range(num)]
+        return [RefinementSchedule.random(n, seed=_step_seed(seed, i)) for i in range(num)]
+
+    def collect(self, queries: Sequence[str], step: int) -> RolloutBatch:
+        """G trajectories per query, their rewards and every refinement action (this process's share)."""
+        g = self.config.grpo
+        rank = self.accelerator.process_index
+        expanded = [q for q in queries for _ in range(g.group_size)]
+        group_ids = torch.arange(len(queries)).repeat_interleave(g.group_size)
+        base = _step_seed(g.seed, step, rank)
+        seeds = [_step_seed(base, int(gid) if g.shared_noise else i) for i, gid in enumerate(group_ids)]
+        schedules = self._schedules(len(expanded), g.group_size, _step_seed(base, 7))
+        generator = torch.Generator().manual_seed(_step_seed(base, 11))
+        settings = self._settings()
+        trajectories, images, actions, jobs = [], [], [], []
+        times = {"rollout": 0.0, "reward_wait": 0.0}
+        chunk = self.config.backbone.rollout_batch_size
+        with AsyncRewardWorker(self.reward, timeout=self.config.reward.timeout_s) as worker:
+            for start in range(0, len(expanded), chunk):
+                stop = min(start + chunk, len(expanded))
+                recorder = _ActionRecorder(self.policy, start, generator)
+                t0 = time.perf_counter()
+                out = rollout(self.backbone, expanded[start:stop], seeds[start:stop], settings,
+                              schedules[start:stop], refine=recorder)
+                times["rollout"] += time.perf_counter() - t0
+                pil = out.pil()
+                metadata = [{"prompt": t.prompts[-1], "prompts": list(t.prompts)} for t in out.trajectories]
+                jobs.append((stop - start, worker.submit(pil, expanded[start:stop], metadata)))  # overlaps sampling
+                trajectories += out.trajectories
+                images += pil
+                actions += recorder.actions
+            t0 = time.perf_counter()
+            scores, details, failures = [], [], 0
+            for n, job in jobs:
+                try:
+                    result = job.result()
+                    scores.append(result.scores)
+                    details += result.details
+                except Exception as e:  # raised or timed out: these items are dropped (NaN) and counted
+                    failures += n
+                    scores.append(torch.full((n,), float("nan")))
+                    details += [{"error": f"{type(e).__name__}: {e}"}] * n
+            times["reward_wait"] = time.perf_counter() - t0
+        return RolloutBatch(list(expanded), group_ids, trajectories, images, actions, torch.cat(scores), details,
+                            times, failures)
+
+    # ------------------------------------------------------------------------------------------------- update
+    def _micro_batch_logps(self, actions: Sequence[Action]):
+        with _forward_through(self.policy, self.model):
+            out = self.policy.log_probs([a.sample for a in actions])
+        old = torch.zeros_like(out.log_probs)
+        for i, a in enumerate(actions):
+            old[i, : len(a.sampling_logps)] = a.sampling_logps.to(old.device)
+        return out.log_probs, old, out.mask
+
+    def update(self, batch: RolloutBatch) -> dict[str, float]:
+        """Advantages, then ``inner_epochs`` x ``mini_batches`` optimizer steps over the batch's actions."""
+        g = self.config.grpo
+        adv = group_advantages(batch.rewards, batch.group_ids, scale=g.advantage_scale)
+        for a in batch.actions:
+            a.advantage = float(adv.advantages[a.trajectory])
+        valid = [bool(adv.valid[a.trajectory]) for a in batch.actions]
+        metrics: dict[str, float] = {
+            "advantages/zero_std_ratio": adv.zero_std_ratio,
+            "reward/dropped": float(adv.num_dropped),
+            "reward/failures": float(batch.reward_failures),
+        }
+        sums: dict[str, float] = {}
+        counts = 0
+        skipped = 0
+        order_gen = torch.Generator().manual_seed(_step_seed(g.seed, self.step, 13))
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        n = len(batch.actions)
+        per_step = n // g.mini_batches
+        self.model.train()
+        for epoch in range(g.inner_epochs):
+            order = torch.randperm(n, generator=order_gen).tolist()
+            for m in range(g.mini_batches):
+                idx = order[m * per_step:(m + 1) * per_step]
+                tokens = sum(len(batch.actions[i].sampling_logps) for i in idx if valid[i])
+                micro = [idx[k:k + g.micro_batch_size] for k in range(0, len(idx), g.micro_batch_size)]
+                finite = True
+                for k, mb in enumerate(micro):
+                    actions = [batch.actions[i] for i in mb]
+                    sync = contextlib.nullcontext() if k == len(micro) - 1 else self.accelerator.no_sync(self.model)
+                    with sync:
+                        logps, old, mask = self._micro_batch_logps(actions)
+                        mask = mask & torch.tensor([valid[i] for i in mb], device=mask.device).unsqueeze(1)
+                        if not self._ratio_checked:
+                            self._check_on_policy(logps, old, mask)
+                        ref = None
+                        if g.beta:
+                            with torch.no_grad(), self.policy.reference():
+                                ref = self.policy.log_probs([a.sample for a in actions]).log_probs
+                        advantages = torch.tensor([a.advantage for a in actions], device=logps.device)
+                        out = grpo_loss(logps, old, advantages, mask, clip_low=g.clip_low, clip_high=g.clip_high,
+                                        beta=g.beta, ref_logps=ref, normalisation=g.loss_normalisation,
+                                        num_tokens=max(tokens, 1) if g.loss_normalisation == "token" else None)
+                        if not torch.isfinite(out.loss) or not torch.isfinite(logps[mask]).all():
+                            finite = False
+                        else:
+                            loss = out.loss if g.loss_normalisation == "token" else out.loss / len(micro)
+                            self.accelerator.backward(loss)
+                    for key, value in out.metrics.items():
+                        sums[key] = sums.get(key, 0.0) + value
+                    sums["losses/loss"] = sums.get("losses/loss", 0.0) + float(out.loss.detach())
+                    counts += 1
+                grad_norm = None
+                if finite and g.max_grad_norm > 0:
+                    grad_norm = self.accelerator.clip_grad_norm_(params, g.max_grad_norm)
+                    finite = bool(torch.isfinite(torch.as_tensor(grad_norm)))
+                if finite:
+                    self.optimizer.step()
+                    self.lr_scheduler.step()
+                else:  # never apply a NaN/inf update: report and skip this optimizer step
+                    skipped += 1
+                self.optimizer.zero_grad(set_to_none=True)
+                if grad_norm is not None:
+                    metrics["train/grad_norm"] = float(grad_norm)
+        self.model.eval()
+        metrics.update({k: v / max(counts, 1) for k, v in sums.items()})
+        metrics["train/nonfinite_skips"] = float(skipped)
+        metrics["train/lr"] = float(self.lr_scheduler.get_last_lr()[0])
+        return metrics
+
+    def _check_on_policy(self, logps: torch.Tensor, old: torch.Tensor, mask: torch.Tensor) -> None:
+        """Before any update the policy is the behaviour policy: its log-probs must reproduce sampling's."""
+        self._ratio_checked = True
+        if not mask.any():
+            return
+        deviation = float((torch.exp(logps.detach() - old) - 1).abs()[mask].max())
+        self.on_policy_ratio_deviation = deviation
+        if not math.isfinite(deviation) or deviation > self.config.grpo.ratio_tolerance:
+            raise RatioCheckError(
+                f"step {self.step}: on the first on-policy micro-batch max |ratio - 1| = {deviation:.3g} exceeds "
+                f"grpo.ratio_tolerance={self.config.grpo.ratio_tolerance}. Training and sampling log-probs disagree "
+                "(dtype, dropout or padding differences); use fp32 log-probs and lora_dropout=0, or raise the "
+                "tolerance knowingly.")
+
+    # ------------------------------------------------------------------------------------------------- metrics
+    def rollout_metrics(self, batch: RolloutBatch) -> dict[str, float]:
+        r = batch.rewards[torch.isfinite(batch.rewards)]
+        metrics = {"reward/mean": float(r.mean()) if len(r) else float("nan"),
+                   "reward/std": float(r.std()) if len(r) > 1 else 0.0}
+        components: dict[str, list[float]] = {}
+        for d in batch.reward_details:
+            for k, v in d.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    components.setdefault(k, []).append(float(v))
+        for k, values in components.items():
+            metrics[f"reward/{k}"] = sum(values) / len(values)
+        final_prompts = [t.prompts[-1] for t in batch.trajectories]
+        metrics["prompt/words"] = sum(len(p.split()) for p in final_prompts) / len(final_prompts)
+        metrics["prompt/truncated"] = float(sum(sum(t.truncated) for t in batch.trajectories))
+        metrics["prompt/kept_previous"] = float(sum(a.kept_previous for a in batch.actions))
+        metrics["prompt/changed_from_query"] = sum(p != q for p, q in zip(final_prompts, batch.queries)) / len(
+            final_prompts)
+        for k, v in batch.times.items():
+            metrics[f"time/{k}"] = v
+        return metrics
+
+    # --------------------------------------------------------------------------------------------- checkpoints
+    def save_checkpoint(self) -> Optional[Path]:
+        """Adapter (safetensors, loadable as a policy), optimizer, LR schedule, RNG, step and data position."""
+        path = None
+        if self.accelerator.is_main_process:
+            def write(tmp: Path) -> None:
+                self.policy.save_pretrained(tmp / "policy")
+                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+                torch.save(self.lr_scheduler.state_dict(), tmp / "scheduler.pt")
+                torch.save(rng_state(), tmp / "rng.pt")
+
+            meta = {"data": self.stream.position, "config": to_dict(self.config)}
+            path = save_checkpoint(self.run_dir, self.step, write, meta, self.config.logging.keep_last)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def load_checkpoint(self, checkpoint: Optional[Path] = None) -> Path:
+        """Restore everything :meth:`save_checkpoint` wrote (the latest complete checkpoint by default)."""
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        checkpoint = Path(checkpoint) if checkpoint else latest_checkpoint(self.run_dir)
+        if checkpoint is None:
+            raise FileNotFoundError(f"--resume: no complete checkpoint under {self.run_dir / 'checkpoints'}; start "
+                                    "without --resume or point logging.output_dir at the run to continue.")
+        meta = read_meta(checkpoint)
+        weights = load_file(str(checkpoint / "policy" / "adapter_model.safetensors"))
+        set_peft_model_state_dict(self.policy.model, weights)
+        self.optimizer.load_state_dict(load_tensors(checkpoint / "optimizer.pt"))
+        self.lr_scheduler.load_state_dict(load_tensors(checkpoint / "scheduler.pt"))
+        set_rng_state(load_tensors(checkpoint / "rng.pt"))
+        self.step = int(meta["step"])
+        self.stream.restore(meta["data"])
+        return checkpoint
+
+    # ------------------------------------------------------------------------------------------------ training
+    def _log_images(self, batch: RolloutBatch) -> None:
+        rows = [trajectory_strip(t, img, tile=128) for t, img in
+                list(zip(batch.trajectories, batch.images))[: min(4, self.config.grpo.group_size)]]
+        grid = stack_rows(rows)
+        folder = self.run_dir / "images"
+        folder.mkdir(parents=True, exist_ok=True)
+        grid.save(folder / f"step-{self.step:06d}.png")
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                import numpy as np
+
+                tracker.writer.add_image("trajectories", np.asarray(grid), self.step, dataformats="HWC")
+            elif tracker.name == "wandb":
+                import wandb
+
+                tracker.log({"trajectories": wandb.Image(grid)}, step=self.step)
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out queries, fixed noise seeds and policy seed, evenly spaced refinements."""
+        if not self.eval_queries:
+            return {}
+        n = self.config.grpo.num_refinements
+        refine = self.policy.as_refine_fn(seed=self.config.grpo.seed)
+        out = rollout(self.backbone, self.eval_queries, list(range(len(self.eval_queries))), self._settings(),
+                      RefinementSchedule.uniform(n), refine=refine)
+        scores = self.reward(out.pil(), self.eval_queries).scores
+        finite = scores[torch.isfinite(scores)]
+        return {"eval/reward_mean": float(finite.mean()) if len(finite) else float("nan")}
+
+    def train(self, resume: bool | str | Path = False) -> list[dict[str, float]]:
+        """Run until ``grpo.max_steps``; returns the per-step metrics (also logged to the trackers)."""
+        from tqdm.auto import tqdm
+
+        cfg = self.config
+        if resume:
+            self.load_checkpoint(None if resume is True else Path(resume))
+        main = self.accelerator.is_main_process
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
+        if cfg.logging.report_to != "none":
+            flat = {k.replace(".", "/"): v for k, v in _flatten(to_dict(cfg)).items()
+                    if isinstance(v, (int, float, str, bool))}
+            self.accelerator.init_trackers("promptloop", config=flat)
+        history = []
+        last_saved = self.step
+        bar = tqdm(total=cfg.grpo.max_steps, initial=self.step, disable=not (main and cfg.logging.progress),
+                   desc="GRPO", unit="step")
+        rank, per_process = self.accelerator.process_index, self.sizes.prompts_per_process
+        while self.step < cfg.grpo.max_steps:
+            t0 = time.perf_counter()
+            queries = self.stream.take(cfg.grpo.prompts_per_step)[rank * per_process:(rank + 1) * per_process]
+            batch = self.collect(queries, self.step)
+            metrics = self.rollout_metrics(batch)
+            t1 = time.perf_counter()
+            metrics.update(self.update(batch))
+            metrics["time/update"] = time.perf_counter() - t1
+            metrics["time/step"] = time.perf_counter() - t0
+            self.step += 1
+            if self.step % cfg.logging.log_every == 0:
+                self.accelerator.log(metrics, step=self.step)
+            if main and cfg.logging.image_every and self.step % cfg.logging.image_every == 0:
+                self._log_images(batch)
+            if cfg.logging.eval_every and self.step % cfg.logging.eval_every == 0:
+                eval_metrics = self.evaluate()
+                metrics.update(eval_metrics)
+                self.accelerator.log(eval_metrics, step=self.step)
+            if self.step % cfg.logging.checkpoint_every == 0:
+                self.save_checkpoint()
+                last_saved = self.step
+            history.append(metrics)
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}")
+        bar.close()
+        if self.step != last_saved:
+            self.save_checkpoint()
+        self.accelerator.end_training()
+        return history
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

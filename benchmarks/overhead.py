@@ -9,7 +9,7 @@ Prints a table and writes JSON. Scales:
     python benchmarks/overhead.py --scale tiny
     python benchmarks/overhead.py --scale full --device cuda --dtype bf16 --clip-tokenizer DIR
 
-Times are medians over --repeats runs after one warm-up; "per image" divides a batch's wall time by its size.
+Times are medians over --repeats runs (one warm-up run per mode first); "per image" divides a batch's wall time by its size.
 The policy's prefill/decode split is measured by re-running each policy call with max_new_tokens=1 (outside
 the timed run): prefill ~ that call, decode = the full call - prefill.
 """
@@ -27,8 +27,9 @@ import torch
 
 from promptloop.backbones import RefinementSchedule, SamplerSettings, auto_backbone, rollout
 from promptloop.backbones.types import Observation
+from promptloop.pipeline import apriori_prompts
 from promptloop.policy import PolicyConfig, PromptPolicy
-from promptloop.testing.tiny_vlm import make_qwen_vl_processor, make_tiny_vlm
+from promptloop.testing.tiny_vlm import make_tiny_vlm
 
 QUERIES = [
     "a red fox in a snowy forest at dawn", "a bowl of ramen on a wooden table", "an astronaut riding a horse",
@@ -44,7 +45,7 @@ def _sync(device: str) -> None:
 
 def build(args):
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    processor = make_qwen_vl_processor("qwen2_5_vl")
+    model, processor = make_tiny_vlm("qwen2_5_vl", seed=0, max_pixels=args.preview_size ** 2)
     if args.scale == "full":
         sys.path.insert(0, str(Path(__file__).parent))
         from full_scale_models import qwen25_vl_3b, sdxl_pipeline
@@ -60,11 +61,13 @@ def build(args):
         from promptloop.testing.tiny_pipelines import tiny_sdxl_pipeline
 
         pipe = tiny_sdxl_pipeline(seed=0).to(args.device, dtype)
-        model, processor = make_tiny_vlm("qwen2_5_vl", seed=0)
         model.to(args.device, dtype).eval()
     config = PolicyConfig(model_name_or_path="random", max_new_tokens=args.max_new_tokens, temperature=1.0,
-                          top_p=1.0, use_lora=False)
+                          top_p=1.0, max_pixels=args.preview_size ** 2, min_pixels=28 * 28)
     policy = PromptPolicy(model, processor, config)
+    # ids the small tokenizer lacks (the full-size vocabulary is larger) must never be sampled
+    vocab = model.config.get_text_config().vocab_size
+    policy.suppressed_token_ids = sorted(set(policy.suppressed_token_ids) | set(range(len(processor.tokenizer), vocab)))
     return pipe, policy
 
 
@@ -119,7 +122,7 @@ def run_case(args, pipe, backbone, policy, mode: str, n_r: int, settings: Sample
              width=settings.width, generator=gens, output_type="pt")
     elif mode == "apriori":
         t1 = time.perf_counter()
-        prompts = policy.write_schedules(queries, n_r)
+        prompts = apriori_prompts(policy, queries, n_r, settings.num_inference_steps, seed=0)
         _sync(args.device)
         apriori_s = time.perf_counter() - t1
         out = rollout(backbone, queries, seeds, settings, RefinementSchedule.uniform(n_r), prompts=prompts)
@@ -166,9 +169,11 @@ def main(argv=None) -> dict:
     p.add_argument("--size", type=int, default=None, help="image side (default: 1024 full, 64 tiny)")
     p.add_argument("--preview-size", type=int, default=448, help="longest side of the x0 preview the policy sees")
     p.add_argument("--refinements", default="0,1,3,5")
+    p.add_argument("--train-refinements", default="5", help="N_R values of the training-rollout cases")
     p.add_argument("--max-new-tokens", type=int, default=77)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--modes", default="plain,loop,closed,apriori,train")
+    p.add_argument("--no-warmup", action="store_true", help="skip the warm-up runs (when time is short)")
     p.add_argument("--no-split", action="store_true", help="skip the prefill/decode split (saves time)")
     p.add_argument("--clip-tokenizer", default=None, help="saved real CLIP tokenizer (full scale, offline GPU)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/overhead_<scale>.json)")
@@ -177,6 +182,7 @@ def main(argv=None) -> dict:
     size = args.size or (1024 if args.scale == "full" else 64)
     refinements = [int(x) for x in args.refinements.split(",")]
     modes = args.modes.split(",")
+    train_refinements = [int(x) for x in args.train_refinements.split(",")]
 
     t0 = time.perf_counter()
     pipe, policy = build(args)
@@ -189,22 +195,12 @@ def main(argv=None) -> dict:
     for n in refinements:
         if n == 0:
             continue
-        cases += [(m, n) for m in ("closed", "apriori", "train") if m in modes]
+        cases += [(m, n) for m in ("closed", "apriori") if m in modes]
+    if "train" in modes:
+        cases += [("train", n) for n in train_refinements]
     results = []
-    for mode, n in cases:
-        run_case(args, pipe, backbone, policy, mode, n, settings, split=False)  # warm-up
-        rows = [run_case(args, pipe, backbone, policy, mode, n, settings, split=not args.no_split and r == 0)
-                for r in range(args.repeats)]
-        merged = median_row(rows)
-        for key in ("policy_prefill_s", "policy_decode_s"):
-            if key in rows[0]:
-                merged[key] = rows[0][key]
-        results.append(merged)
-        print(f"  {mode:8s} N_R={n}: {merged['per_image_s']:.3f} s/image", flush=True)
-
-    base = next((r for r in results if r["mode"] == "plain"), None) or results[0]
-    for r in results:
-        r["ratio_to_plain"] = r["per_image_s"] / base["per_image_s"]
+    out = Path(args.out or Path(__file__).parent / "results" / f"overhead_{args.scale}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "scale": args.scale, "device": args.device,
         "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor(),
@@ -213,6 +209,23 @@ def main(argv=None) -> dict:
         "command": "python benchmarks/overhead.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "results": results,
     }
+    warmed = {"train", "plain", "loop", "closed", "apriori"} if args.no_warmup else {"train"}  # by the time training rollouts run, every kernel is warm
+    for mode, n in cases:
+        if mode not in warmed:  # one warm-up per mode (first use of its kernels and caches)
+            run_case(args, pipe, backbone, policy, mode, n, settings, split=False)
+            warmed.add(mode)
+        rows = [run_case(args, pipe, backbone, policy, mode, n, settings, split=False) for _ in range(args.repeats)]
+        merged = median_row(rows)
+        if mode == "closed" and not args.no_split:  # an extra, untimed run: the split calls inflate its total
+            split = run_case(args, pipe, backbone, policy, mode, n, settings, split=True)
+            merged["policy_prefill_s"] = split["policy_prefill_s"]
+            merged["policy_decode_s"] = split["policy_decode_s"]
+        results.append(merged)
+        base = next((r for r in results if r["mode"] == "plain"), None) or results[0]
+        for r in results:
+            r["ratio_to_plain"] = r["per_image_s"] / base["per_image_s"]
+        out.write_text(json.dumps(report, indent=2))  # after every case: a killed run keeps what it measured
+        print(f"  {mode:8s} N_R={n}: {merged['per_image_s']:.3f} s/image", flush=True)
     cols = ["mode", "n_r", "per_image_s", "ratio_to_plain", "denoise_s", "preview_s", "refine_s",
             "policy_prefill_s", "policy_decode_s", "encode_s", "decode_s", "policy_calls", "peak_mem_gib"]
     print("| " + " | ".join(cols) + " |")
@@ -220,9 +233,6 @@ def main(argv=None) -> dict:
     for r in results:
         cells = [f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols]
         print("| " + " | ".join(cells) + " |")
-    out = Path(args.out or Path(__file__).parent / "results" / f"overhead_{args.scale}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
     print(f"wrote {out}")
     return report
 

@@ -1,0 +1,59 @@
+"""Frozen diffusers pipelines as step-wise environments, and the closed-loop rollout that drives them."""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Any, Optional
+
+import torch
+
+from .base import Backbone, PromptEmbeds, SamplerState, StepResult
+from .rollout import fit_prompt, rollout
+from .schedule import RefinementSchedule
+from .sdxl import StableDiffusionXLBackbone
+from .stable_diffusion import StableDiffusionBackbone, saved_pipeline_class
+from .types import Observation, PhaseTimes, RefineFn, RolloutOutput, SamplerSettings, Trajectory
+
+ADAPTERS: dict[str, str] = {
+    "StableDiffusionPipeline": "promptloop.backbones.stable_diffusion:StableDiffusionBackbone",
+    "StableDiffusionXLPipeline": "promptloop.backbones.sdxl:StableDiffusionXLBackbone",
+    "StableDiffusion3Pipeline": "promptloop.backbones.sd3:SD3Backbone",
+    "FluxPipeline": "promptloop.backbones.flux:FluxBackbone",
+}
+"""diffusers pipeline class name -> ``module:Class`` of its adapter (imported lazily)."""
+
+
+def adapter_for(pipeline_class_name: str) -> type[Backbone]:
+    """The adapter class for a diffusers pipeline class name."""
+    if pipeline_class_name not in ADAPTERS:
+        raise ValueError(
+            f"No promptloop backbone for {pipeline_class_name}; supported pipelines: {sorted(ADAPTERS)}."
+        )
+    module, cls = ADAPTERS[pipeline_class_name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def auto_backbone(pipe_or_path: Any, preview_decoder: Optional[torch.nn.Module] = None, **kwargs: Any) -> Backbone:
+    """Wrap a pipeline object, or load a local folder / hub id, with the adapter of its pipeline class.
+
+    With a pipeline object, ``kwargs`` go to the adapter's ``from_pipeline``; with a path or id, to its
+    ``from_pretrained`` (and from there to the diffusers ``from_pretrained``, e.g. ``torch_dtype``).
+    """
+    if not isinstance(pipe_or_path, (str, os.PathLike)):
+        return adapter_for(type(pipe_or_path).__name__).from_pipeline(
+            pipe_or_path, preview_decoder=preview_decoder, **kwargs
+        )
+    path = os.fspath(pipe_or_path)
+    class_name = saved_pipeline_class(path)
+    if class_name is None:
+        from diffusers import DiffusionPipeline
+
+        class_name = DiffusionPipeline.load_config(path).get("_class_name")
+    return adapter_for(class_name).from_pretrained(path, preview_decoder=preview_decoder, **kwargs)
+
+
+__all__ = [
+    "ADAPTERS", "Backbone", "Observation", "PhaseTimes", "PromptEmbeds", "RefineFn", "RefinementSchedule",
+    "RolloutOutput", "SamplerSettings", "SamplerState", "StableDiffusionBackbone", "StableDiffusionXLBackbone",
+    "StepResult", "Trajectory", "adapter_for", "auto_backbone", "fit_prompt", "rollout",
+]

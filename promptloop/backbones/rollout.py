@@ -1,0 +1,342 @@
+"""The closed loop: a batched, family-agnostic sampling run with step-wise prompt refinement.
+
+``rollout`` drives any :class:`~promptloop.backbones.base.Backbone` through its contract only (encode, prepare,
+step, decode, noise level, token counting). Decision semantics come from
+:mod:`promptloop.backbones.schedule`: a prompt that takes effect at step ``i`` is written while looking at the x0
+estimate of step ``i - 1``, so refinements cost no extra denoiser evaluation.
+
+Text budget convention: a prompt fits when ``backbone.count_tokens(prompt) <= backbone.text_budget``; longer
+prompts are cut at the last word boundary that fits and flagged in ``Trajectory.truncated``.
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Sequence
+
+import torch
+
+from .base import Backbone, PromptEmbeds, SamplerState
+from .preview import to_pil
+from .schedule import RefinementSchedule
+from .types import Observation, PhaseTimes, RefineFn, RolloutOutput, SamplerSettings, Trajectory
+
+
+def rollout(
+    backbone: Backbone,
+    queries: Sequence[str],
+    seeds: Sequence[int],
+    settings: Optional[SamplerSettings] = None,
+    schedule: RefinementSchedule | Sequence[RefinementSchedule] | None = None,
+    refine: Optional[RefineFn] = None,
+    prompts: Optional[Sequence[Sequence[str]]] = None,
+    initial_prompts: Optional[Sequence[str]] = None,
+    progress: bool = False,
+) -> RolloutOutput:
+    """Sample one image per query, letting ``refine`` rewrite the prompt at each row's decision steps.
+
+    Args:
+        backbone: the frozen pipeline adapter.
+        queries: B non-empty user queries (kept in the trajectory; rewards are scored against them).
+        seeds: B ints; row i draws its noise from its own generator seeded with ``seeds[i]``, so row i of a batch
+            equals a single-row rollout with that seed and schedule.
+        settings: sampler settings shared by all rows (default ``SamplerSettings()``).
+        schedule: one :class:`RefinementSchedule` for every row, or one per row (training draws a random one per
+            trajectory). Default: no refinement.
+        refine: feedback mode. Called once per decision step with the observations of every row that decides
+            there (x0 preview included) and must return one ``str`` per observation. It runs in the caller's grad
+            mode; everything else runs under ``torch.no_grad``.
+        prompts: a-priori mode. For each row, its N_R + 1 prompts up front (initial, then one per decision step).
+            The sampler runs uninterrupted: no previews are decoded and nothing is called back.
+        initial_prompts: feedback mode only: the prompt in force before the first decision (default: the query).
+        progress: show a tqdm progress bar over sampler steps.
+
+    Raises:
+        TypeError/ValueError: invalid inputs (checked before any model work) or an invalid ``refine`` answer.
+        FloatingPointError: NaN/inf latents, naming the sampler step that produced them.
+    """
+    settings = settings if settings is not None else SamplerSettings()
+    plan = _plan(queries, seeds, settings, schedule, refine, prompts, initial_prompts)
+    caller_grad = torch.is_grad_enabled()
+    with torch.no_grad():
+        return _run(backbone, plan, settings, refine, caller_grad, progress)
+
+
+@dataclass
+class _Plan:
+    """Validated inputs of a rollout."""
+
+    queries: list[str]
+    seeds: list[int]
+    schedules: list[RefinementSchedule]
+    initial_prompts: list[str]
+    apriori_prompts: Optional[list[list[str]]]
+
+
+@dataclass
+class _Row:
+    """Book-keeping of one row while sampling."""
+
+    decision_steps: list[int]
+    prompts: list[str]
+    raw_prompts: list[str]
+    truncated: list[bool]
+    previews: list = field(default_factory=list)
+    timesteps: list[float] = field(default_factory=list)
+    step_prompt_index: list[int] = field(default_factory=list)
+    times: PhaseTimes = field(default_factory=PhaseTimes)
+
+
+def _plan(queries, seeds, settings, schedule, refine, prompts, initial_prompts) -> _Plan:
+    queries = _check_strings("queries", queries, allow_empty=False)
+    batch = len(queries)
+    if batch == 0:
+        raise ValueError("rollout needs at least one query, got an empty list.")
+    if isinstance(seeds, (int, str)) or not isinstance(seeds, Sequence):
+        raise TypeError(f"seeds must be a list of {batch} ints (one per query), got {type(seeds).__name__}.")
+    seeds = list(seeds)
+    if len(seeds) != batch:
+        raise ValueError(f"seeds has {len(seeds)} entries but there are {batch} queries; give one seed per query.")
+    bad = [s for s in seeds if not isinstance(s, int) or isinstance(s, bool)]
+    if bad:
+        raise TypeError(f"seeds must be ints, got {bad!r}.")
+    if not isinstance(settings, SamplerSettings):
+        raise TypeError(f"settings must be a SamplerSettings, got {type(settings).__name__}.")
+
+    if schedule is None:
+        schedule = RefinementSchedule.none()
+    schedules = [schedule] * batch if isinstance(schedule, RefinementSchedule) else list(schedule)
+    if len(schedules) != batch or not all(isinstance(s, RefinementSchedule) for s in schedules):
+        raise TypeError(
+            f"schedule must be a RefinementSchedule or a list of {batch} of them (one per query), got {schedule!r}."
+        )
+    for s in schedules:  # checks N_R and explicit steps against the number of steps before any model work
+        s.steps(settings.num_inference_steps)
+
+    if refine is not None and prompts is not None:
+        raise ValueError("Give either `refine` (feedback mode) or `prompts` (a-priori mode), not both.")
+    if refine is not None and not callable(refine):
+        raise TypeError(f"refine must be callable (observations -> prompts), got {type(refine).__name__}.")
+    if prompts is None and refine is None and any(s.num_refinements for s in schedules):
+        raise ValueError(
+            "The schedule has refinements but neither `refine` (feedback mode) nor `prompts` (a-priori mode) "
+            "was given; pass one, or use RefinementSchedule.none()."
+        )
+    apriori = None
+    if prompts is not None:
+        if initial_prompts is not None:
+            raise ValueError("In a-priori mode the initial prompt is prompts[i][0]; do not pass initial_prompts.")
+        if isinstance(prompts, str) or len(prompts) != batch:
+            raise ValueError(f"prompts must hold one list of prompts per query ({batch} lists).")
+        apriori = []
+        for i, (row_prompts, s) in enumerate(zip(prompts, schedules)):
+            row_prompts = _check_strings(f"prompts[{i}]", row_prompts, allow_empty=True)
+            if len(row_prompts) != s.num_refinements + 1:
+                raise ValueError(
+                    f"prompts[{i}] has {len(row_prompts)} prompts but row {i}'s schedule has {s.num_refinements} "
+                    f"refinements: give {s.num_refinements + 1} (the initial prompt, then one per decision step)."
+                )
+            apriori.append(row_prompts)
+        initial = [p[0] for p in apriori]
+    elif initial_prompts is not None:
+        initial = _check_strings("initial_prompts", initial_prompts, allow_empty=True)
+        if len(initial) != batch:
+            raise ValueError(f"initial_prompts has {len(initial)} entries but there are {batch} queries.")
+    else:
+        initial = list(queries)
+    return _Plan(queries, seeds, schedules, initial, apriori)
+
+
+def _check_strings(name: str, values, allow_empty: bool) -> list[str]:
+    if isinstance(values, str) or not isinstance(values, Sequence):
+        raise TypeError(f"{name} must be a list of str, got {type(values).__name__}.")
+    values = list(values)
+    not_str = [(i, type(v).__name__) for i, v in enumerate(values) if not isinstance(v, str)]
+    if not_str:
+        raise TypeError(f"{name} must contain only str; entries (index, type) {not_str} are not strings.")
+    if not allow_empty:
+        empty = [i for i, v in enumerate(values) if not v.strip()]
+        if empty:
+            raise ValueError(f"{name} entries {empty} are empty; every query needs some text.")
+    return values
+
+
+class _EncodingCache:
+    """Per-rollout cache prompt -> one-row embedding; missing prompts are encoded together in one call."""
+
+    def __init__(self, backbone: Backbone):
+        self.backbone = backbone
+        self.rows: dict[str, PromptEmbeds] = {}
+
+    def embeds(self, prompts: list[str]) -> PromptEmbeds:
+        missing = list(dict.fromkeys(p for p in prompts if p not in self.rows))
+        if missing:
+            encoded = self.backbone.encode_prompts(missing)
+            if len(encoded) != len(missing):
+                raise ValueError(
+                    f"{type(self.backbone).__name__}.encode_prompts returned {len(encoded)} rows for "
+                    f"{len(missing)} prompts."
+                )
+            for j, p in enumerate(missing):
+                self.rows[p] = encoded.select([j])
+        return PromptEmbeds.cat([self.rows[p] for p in prompts])
+
+
+def fit_prompt(backbone: Backbone, prompt: str) -> tuple[str, bool]:
+    """Cut ``prompt`` at the last word boundary that fits ``backbone.text_budget``; returns (prompt, truncated).
+
+    A single word longer than the budget is cut at the last fitting character.
+    """
+    budget = backbone.text_budget
+    if backbone.count_tokens(prompt) <= budget:
+        return prompt, False
+    word_ends = [m.end() for m in re.finditer(r"\S+", prompt)]
+    fits = lambda end: backbone.count_tokens(prompt[:end]) <= budget  # noqa: E731
+    k = _last_true(len(word_ends), lambda j: fits(word_ends[j]))
+    if k >= 0:
+        return prompt[: word_ends[k]], True
+    first_word = prompt.lstrip()
+    offset = len(prompt) - len(first_word)
+    c = _last_true(word_ends[0] - offset, lambda j: fits(offset + j + 1))
+    return prompt[: offset + c + 1], True
+
+
+def _last_true(n: int, pred) -> int:
+    """Largest j in [0, n) with pred(j), for pred monotone (True then False); -1 if none."""
+    lo, hi = 0, n  # invariant: pred true below lo, false from hi on
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if pred(mid):
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+def _check_answer(answer, n: int) -> list[str]:
+    if isinstance(answer, str) or not isinstance(answer, Sequence):
+        raise TypeError(
+            f"refine must return a list of {n} str (one per observation), got {type(answer).__name__}."
+        )
+    answer = list(answer)
+    if len(answer) != n:
+        raise ValueError(f"refine returned {len(answer)} prompts for {n} observations; return exactly one each.")
+    not_str = [(i, type(v).__name__) for i, v in enumerate(answer) if not isinstance(v, str)]
+    if not_str:
+        raise TypeError(f"refine must return str prompts; entries (index, type) {not_str} are not strings.")
+    return answer
+
+
+class _Timer:
+    """Accumulates wall-clock seconds per phase; synchronises CUDA so that GPU work is counted."""
+
+    def __init__(self, device: torch.device):
+        self.total = PhaseTimes()
+        self.sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+
+    @contextlib.contextmanager
+    def phase(self, name: str, rows: Sequence[_Row]) -> Iterator[None]:
+        self.sync()
+        start = time.perf_counter()
+        yield
+        self.sync()
+        elapsed = time.perf_counter() - start
+        setattr(self.total, name, getattr(self.total, name) + elapsed)
+        for row in rows:
+            setattr(row.times, name, getattr(row.times, name) + elapsed)
+
+
+def _run(backbone: Backbone, plan: _Plan, settings: SamplerSettings, refine, caller_grad: bool, progress: bool):
+    batch = len(plan.queries)
+    timer = _Timer(backbone.device)
+    cache = _EncodingCache(backbone)
+    rows = []
+    for i in range(batch):
+        fitted, cut = fit_prompt(backbone, plan.initial_prompts[i])
+        rows.append(_Row(decision_steps=[], prompts=[fitted], raw_prompts=[plan.initial_prompts[i]], truncated=[cut]))
+
+    generators = [torch.Generator("cpu").manual_seed(s) for s in plan.seeds]
+    with timer.phase("denoise", rows):
+        state = backbone.prepare(settings, generators)
+    num_steps = state.num_steps
+    for row, s in zip(rows, plan.schedules):
+        row.decision_steps = s.steps(num_steps)
+        row.timesteps = [float(state.timesteps[k]) for k in row.decision_steps]
+    deciding_at: dict[int, list[int]] = {}
+    for i, row in enumerate(rows):
+        for k in row.decision_steps:
+            deciding_at.setdefault(k, []).append(i)
+
+    with timer.phase("encode", rows):
+        embeds = cache.embeds([r.prompts[-1] for r in rows])
+    x0 = None
+    steps = range(num_steps)
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc="rollout", total=num_steps)
+    for step in steps:
+        deciding = deciding_at.get(step, [])
+        if deciding:
+            if plan.apriori_prompts is None:
+                new_prompts = _ask_refine(backbone, plan, rows, deciding, state, step, x0, settings, refine,
+                                          caller_grad, timer)
+            else:
+                new_prompts = [plan.apriori_prompts[i][len(rows[i].prompts)] for i in deciding]
+                for i in deciding:
+                    rows[i].previews.append(None)
+            for i, raw in zip(deciding, new_prompts):
+                fitted, cut = fit_prompt(backbone, raw)
+                rows[i].prompts.append(fitted)
+                rows[i].raw_prompts.append(raw)
+                rows[i].truncated.append(cut)
+            with timer.phase("encode", [rows[i] for i in deciding]):
+                embeds = cache.embeds([r.prompts[-1] for r in rows])
+        for row in rows:
+            row.step_prompt_index.append(len(row.prompts) - 1)
+        with timer.phase("denoise", rows):
+            result = backbone.step(state, step, embeds)
+        state.latents = result.latents
+        if not torch.isfinite(result.latents).all():
+            bad_rows = [i for i in range(batch) if not torch.isfinite(result.latents[i]).all()]
+            raise FloatingPointError(
+                f"Non-finite latents (NaN/inf) after sampler step {step} of {num_steps} "
+                f"(timestep {float(state.timesteps[step])}) in rows {bad_rows}; check the model dtype "
+                "(e.g. an fp16 VAE/UNet overflow), the scheduler and the guidance scale."
+            )
+        x0 = result.x0
+
+    with timer.phase("decode", rows):
+        images = backbone.decode(state.latents)
+    trajectories = [
+        Trajectory(
+            query=plan.queries[i], seed=plan.seeds[i], num_steps=num_steps, decision_steps=r.decision_steps,
+            timesteps=r.timesteps, prompts=r.prompts, raw_prompts=r.raw_prompts, truncated=r.truncated,
+            previews=r.previews, step_prompt_index=r.step_prompt_index, times=r.times,
+        )
+        for i, r in enumerate(rows)
+    ]
+    return RolloutOutput(images=images, trajectories=trajectories, times=timer.total)
+
+
+def _ask_refine(backbone, plan, rows, deciding, state: SamplerState, step, x0, settings, refine, caller_grad, timer):
+    """Decode previews of the deciding rows, build their observations and call ``refine`` once."""
+    deciding_rows = [rows[i] for i in deciding]
+    with timer.phase("preview", deciding_rows):
+        previews = to_pil(backbone.decode(x0[deciding], size=settings.preview_size, preview=True))
+    noise = backbone.noise_level(state, step)
+    observations = []
+    for i, preview in zip(deciding, previews):
+        row = rows[i]
+        row.previews.append(preview)
+        k = len(row.prompts) - 1
+        observations.append(Observation(
+            row=i, query=plan.queries[i], prompt=row.prompts[-1], history=list(row.prompts), preview=preview,
+            step=step, num_steps=state.num_steps, refinement_index=k, num_refinements=len(row.decision_steps),
+            noise_level=noise, metadata={"seed": plan.seeds[i], "timestep": float(state.timesteps[step])},
+        ))
+    with timer.phase("refine", deciding_rows), torch.set_grad_enabled(caller_grad):
+        answer = refine(observations)
+    return _check_answer(answer, len(observations))

@@ -1,0 +1,458 @@
+"""Train mini-world backbone A: the VAE first, then the UNet and text encoder jointly; save, then evaluate.
+
+    python -m promptloop.miniworld.train_backbone --out DIR [--preset gpu|cpu|tiny] [--device cuda]
+        [--max-minutes M] [--resume]
+
+Writes into DIR: ``checkpoint/`` (training state, replaced atomically every ``--checkpoint-every`` steps and at
+exit; ``--resume`` continues from it), ``pipeline/`` (``StableDiffusionPipeline.save_pretrained``, EMA weights,
+safetensors), ``eval.json`` and ``eval.md`` (per-attribute accuracy), ``samples.png`` and ``train_log.txt``.
+``--max-minutes`` bounds the training phases; saving and evaluation follow within about a minute on a GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import signal
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from .backbone import TINY_SIZES, BackboneSizes, assemble_pipeline, build_text_encoder, build_unet, build_vae, \
+    training_scheduler
+from .data import render_dataset
+from .domain import ATTRIBUTES, Scene, all_scenes, render
+from .evaluate_backbone import EvalSettings, evaluate_dir, format_table
+from .recognise import attribute_accuracy
+from .tokenizer import CaptionTokenizer, make_miniworld_tokenizer
+
+
+@dataclass
+class TrainBackboneConfig:
+    """Every setting of a backbone training run (presets fill the defaults; flags override them)."""
+
+    out: str
+    """Output folder."""
+    preset: str = "cpu"
+    """Which ``PRESETS`` entry filled the defaults."""
+    device: str = "cpu"
+    """Torch device."""
+    max_minutes: float = 60.0
+    """Wall-clock budget of the training phases of this invocation."""
+    resume: bool = False
+    """Continue from ``<out>/checkpoint`` if it exists."""
+    seed: int = 0
+    """Seed of the dataset and of every random draw in training."""
+    tiny: bool = False
+    """Use ``TINY_SIZES`` (tests only)."""
+    variants: int = 4
+    """Renders per scene in the dataset (the first clean, the rest jittered)."""
+    vae_steps: int = 600
+    """VAE training steps."""
+    vae_batch: int = 64
+    """VAE batch size."""
+    vae_lr: float = 1e-3
+    """VAE learning rate."""
+    vae_max_fraction: float = 0.25
+    """The VAE phase stops early once it has used this fraction of ``max_minutes``."""
+    kl_weight: float = 1e-6
+    """Weight of the VAE's KL term."""
+    unet_steps: int = 1_000_000
+    """UNet steps cap (the time budget usually stops training first)."""
+    batch_size: int = 64
+    """UNet batch size."""
+    lr: float = 1e-3
+    """UNet and text encoder learning rate (AdamW, linear warm-up, then constant)."""
+    warmup_steps: int = 100
+    """Learning-rate warm-up steps."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    p_uncond: float = 0.1
+    """Probability of an empty caption (classifier-free guidance dropout)."""
+    p_name_start: float = 0.9
+    """Probability of naming each attribute at step 0 (caption curriculum)."""
+    p_name_end: float = 0.6
+    """... and after ``curriculum_steps`` (linear in between)."""
+    curriculum_steps: int = 1000
+    """Length of the caption curriculum."""
+    p_shuffle: float = 0.3
+    """Probability of a caption's words in random order (word order carries no meaning in this world)."""
+    ema_decay: float = 0.999
+    """EMA decay of the UNet and text encoder weights that are saved (0 disables EMA)."""
+    bf16: bool = False
+    """bf16 autocast for forward passes (CUDA)."""
+    checkpoint_every: int = 500
+    """Checkpoint every this many steps (and at exit)."""
+    log_every: int = 50
+    """Log every this many steps."""
+    eval_captions: int = 24
+    """Held-out captions in the final evaluation."""
+    eval_seeds: int = 4
+    """Seeds per caption in the final evaluation."""
+    eval_steps: int = 20
+    """Sampling steps in the evaluation."""
+    eval_guidance: tuple[float, ...] = (4.0,)
+    """Guidance scales evaluated (the first is also used for ``samples.png``)."""
+
+    def __post_init__(self):
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {self.device} but CUDA is not available; use --device cpu.")
+        for name in ("vae_batch", "batch_size", "variants", "eval_captions", "eval_seeds", "eval_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.max_minutes <= 0:
+            raise ValueError(f"max_minutes must be positive, got {self.max_minutes}.")
+        self.eval_guidance = tuple(self.eval_guidance)
+
+
+PRESETS: dict[str, dict] = {
+    "cpu": {},
+    "gpu": dict(device="cuda", variants=8, vae_steps=4000, vae_batch=512, vae_lr=1e-3, vae_max_fraction=0.2,
+                batch_size=2048, lr=1e-3, warmup_steps=200, curriculum_steps=1500, bf16=True,
+                checkpoint_every=1000, log_every=100, eval_captions=64, eval_seeds=8, eval_guidance=(4.0, 2.0, 7.0)),
+    "tiny": dict(tiny=True, variants=1, vae_steps=2, vae_batch=4, batch_size=4, warmup_steps=1, curriculum_steps=2,
+                 ema_decay=0.9, checkpoint_every=2, log_every=1, eval_captions=2, eval_seeds=2, eval_steps=2),
+}
+
+
+class Log:
+    """Prints and appends lines to ``train_log.txt``."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __call__(self, message: str):
+        print(message, flush=True)
+        with self.path.open("a") as f:
+            f.write(message + "\n")
+
+
+class EMA:
+    """Exponential moving average of parameters, with the usual warm-up ``min(decay, (1 + n) / (10 + n))``."""
+
+    def __init__(self, params: list[torch.nn.Parameter], decay: float):
+        self.decay = decay
+        self.shadow = [p.detach().clone().float() for p in params]
+
+    @torch.no_grad()
+    def update(self, params: list[torch.nn.Parameter], step: int):
+        decay = min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in params], 1.0 - decay)
+
+    @torch.no_grad()
+    def copy_to(self, params: list[torch.nn.Parameter]):
+        for shadow, p in zip(self.shadow, params):
+            p.copy_(shadow)
+
+
+@dataclass
+class Progress:
+    """Where training stands (saved in ``state.json``)."""
+
+    phase: str = "vae"
+    """"vae", then "unet"."""
+    step: int = 0
+    """Steps done in the current phase."""
+    scaling_factor: float = 1.0
+    """The VAE latent scaling factor (set when the VAE phase ends)."""
+    trained_seconds: float = 0.0
+    """Training wall time over all invocations."""
+
+
+class Checkpointer:
+    """Saves and restores the training state in ``<dir>``; each save replaces the folder atomically."""
+
+    def __init__(self, directory: Path):
+        self.dir = directory
+
+    def exists(self) -> bool:
+        return (self.readable_dir() / "state.json").is_file()
+
+    def save(self, progress: Progress, modules: dict[str, torch.nn.Module], ema: EMA | None,
+             optimizer: torch.optim.Optimizer, config: TrainBackboneConfig):
+        tmp = self.dir.with_name(self.dir.name + ".tmp")
+        old = self.dir.with_name(self.dir.name + ".old")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for name, module in modules.items():
+            save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, tmp / f"{name}.safetensors")
+        if ema is not None:
+            save_file({str(i): t.contiguous() for i, t in enumerate(ema.shadow)}, tmp / "ema.safetensors")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(rng, tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps({"progress": asdict(progress), "config": asdict(config)}, indent=2))
+        shutil.rmtree(old, ignore_errors=True)
+        if self.dir.exists():
+            os.replace(self.dir, old)
+        os.replace(tmp, self.dir)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def load_progress(self) -> Progress:
+        directory = self.readable_dir()
+        return Progress(**json.loads((directory / "state.json").read_text())["progress"])
+
+    def load(self, modules: dict[str, torch.nn.Module], ema: EMA | None, optimizer: torch.optim.Optimizer,
+             device: torch.device):
+        directory = self.readable_dir()
+        for name, module in modules.items():
+            module.load_state_dict(load_file(directory / f"{name}.safetensors", device=str(device)))
+        if ema is not None and (directory / "ema.safetensors").is_file():
+            saved = load_file(directory / "ema.safetensors", device=str(device))
+            ema.shadow = [saved[str(i)] for i in range(len(saved))]
+        optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location=device, weights_only=True))
+        rng = torch.load(directory / "rng.pt", weights_only=True)
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+    def readable_dir(self) -> Path:
+        # A crash between the two renames in save() leaves only "<dir>.old", which is complete.
+        return self.dir if (self.dir / "state.json").is_file() else self.dir.with_name(self.dir.name + ".old")
+
+
+class StopFlag:
+    """Set by SIGTERM / SIGINT so that the loop checkpoints and exits cleanly."""
+
+    def __init__(self):
+        self.stop = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._set)
+
+    def _set(self, *_):
+        self.stop = True
+
+
+def _autocast(config: TrainBackboneConfig, device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16)
+
+
+def train_vae(config, vae, data, progress, checkpointer, deadline, stop, log, device):
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
+    if config.resume and checkpointer.exists() and progress.phase == "vae" and progress.step > 0:
+        checkpointer.load({"vae": vae}, None, optimizer, device)
+        log(f"resumed VAE phase at step {progress.step}")
+    vae.train()
+    started = time.monotonic()
+    while progress.step < config.vae_steps and time.monotonic() < deadline and not stop.stop:
+        idx = torch.randint(len(data), (config.vae_batch,), device=device)
+        x = data.images[idx]
+        with _autocast(config, device):
+            posterior = vae.encode(x).latent_dist
+            recon = vae.decode(posterior.sample()).sample
+        loss = F.l1_loss(recon.float(), x) + config.kl_weight * posterior.kl().float().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        progress.step += 1
+        if progress.step % config.log_every == 0:
+            rate = progress.step / max(time.monotonic() - started, 1e-6)
+            log(f"vae step {progress.step} loss {loss.item():.4f} ({rate:.1f} steps/s this run)")
+        if progress.step % config.checkpoint_every == 0:
+            checkpointer.save(progress, {"vae": vae}, None, optimizer, config)
+    return optimizer
+
+
+@torch.no_grad()
+def encode_latents(vae, images: torch.Tensor, batch: int = 1024) -> torch.Tensor:
+    """Posterior means of ``images``, unscaled."""
+    vae.eval()
+    return torch.cat([vae.encode(images[i:i + batch]).latent_dist.mean for i in range(0, len(images), batch)])
+
+
+@torch.no_grad()
+def vae_reconstruction_accuracy(vae, scaling_factor: float, device, n: int = 256) -> dict:
+    """Recogniser accuracy on VAE reconstructions of clean renders (the ceiling for the backbone)."""
+    scenes: list[Scene] = all_scenes()[:: max(1, len(all_scenes()) // n)]
+    images = render_clean(scenes).to(device)
+    latents = encode_latents(vae, images) * scaling_factor
+    decoded = vae.decode(latents / scaling_factor).sample
+    pil = [_to_pil(x) for x in decoded]
+    return attribute_accuracy(pil, scenes)
+
+
+def render_clean(scenes: list[Scene]) -> torch.Tensor:
+    arrays = np.stack([np.asarray(render(s)) for s in scenes])
+    return torch.from_numpy(arrays).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def _to_pil(x: torch.Tensor):
+    array = ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array)
+
+
+def p_name_at(config: TrainBackboneConfig, step: int) -> float:
+    frac = min(1.0, step / max(1, config.curriculum_steps))
+    return config.p_name_start + frac * (config.p_name_end - config.p_name_start)
+
+
+def sample_token_ids(config, caption_tokenizer: CaptionTokenizer, values: torch.Tensor, step: int) -> torch.Tensor:
+    """Random captions of the scenes ``values``: curriculum naming, text budget, word shuffling, CFG dropout."""
+    batch, n_attr = values.shape
+    device = values.device
+    named = torch.rand(batch, n_attr, device=device) < p_name_at(config, step)
+    named &= ~(torch.rand(batch, 1, device=device) < config.p_uncond)
+    budget = caption_tokenizer.length - 2
+    score = torch.where(named, torch.rand(batch, n_attr, device=device), torch.full_like(named, -1.0, dtype=torch.float))
+    rank = score.argsort(dim=1, descending=True).argsort(dim=1)
+    named &= rank < budget  # a random subset within the budget, not always the canonically first words
+    canonical = torch.arange(n_attr, device=device, dtype=torch.float).expand(batch, n_attr)
+    shuffle = torch.rand(batch, 1, device=device) < config.p_shuffle
+    order_key = torch.where(shuffle, torch.rand(batch, n_attr, device=device), canonical)
+    return caption_tokenizer(values, named, order_key)
+
+
+def train_unet(config, unet, text_encoder, latents, values, caption_tokenizer, progress, checkpointer, deadline,
+               stop, log, device, vae):
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    ema = EMA(params, config.ema_decay) if config.ema_decay > 0 else None
+    modules = {"vae": vae, "unet": unet, "text_encoder": text_encoder}
+    if config.resume and checkpointer.exists() and progress.step > 0:
+        checkpointer.load(modules, ema, optimizer, device)
+        log(f"resumed UNet phase at step {progress.step}")
+    noise_scheduler = training_scheduler()
+    noise_scheduler.alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
+    unet.train()
+    text_encoder.train()
+    started, start_step = time.monotonic(), progress.step
+    while progress.step < config.unet_steps and time.monotonic() < deadline and not stop.stop:
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * min(1.0, (progress.step + 1) / config.warmup_steps)
+        idx = torch.randint(len(latents), (config.batch_size,), device=device)
+        x0 = latents[idx]
+        ids = sample_token_ids(config, caption_tokenizer, values[idx], progress.step)
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (config.batch_size,), device=device)
+        noisy = noise_scheduler.add_noise(x0, noise, t)
+        target = noise_scheduler.get_velocity(x0, noise, t)
+        with _autocast(config, device):
+            hidden = text_encoder(ids)[0]
+            pred = unet(noisy, t, hidden).sample
+        loss = F.mse_loss(pred.float(), target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        if ema is not None:
+            ema.update(params, progress.step)
+        progress.step += 1
+        if progress.step % config.log_every == 0:
+            rate = (progress.step - start_step) / max(time.monotonic() - started, 1e-6)
+            log(f"unet step {progress.step} loss {loss.item():.4f} p_name {p_name_at(config, progress.step):.2f} "
+                f"({rate:.1f} steps/s, {rate * config.batch_size:.0f} samples/s this run)")
+        if progress.step % config.checkpoint_every == 0:
+            checkpointer.save(progress, modules, ema, optimizer, config)
+    return optimizer, ema
+
+
+def train(config: TrainBackboneConfig) -> dict:
+    """Run (or resume) training within ``config.max_minutes``, then save the pipeline and evaluate it."""
+    t_start = time.monotonic()
+    deadline = t_start + 60.0 * config.max_minutes
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = Log(out / "train_log.txt")
+    device = torch.device(config.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    checkpointer = Checkpointer(out / "checkpoint")
+    resuming = config.resume and checkpointer.exists()
+    progress = checkpointer.load_progress() if resuming else Progress()
+    if not resuming:
+        torch.manual_seed(config.seed)
+    log(f"config {json.dumps(asdict(config))}")
+    log(f"{'resuming' if resuming else 'starting'}: phase {progress.phase} step {progress.step}")
+
+    sizes = TINY_SIZES if config.tiny else BackboneSizes()
+    tokenizer = make_miniworld_tokenizer()
+    vae, text_encoder, unet = build_vae(sizes), build_text_encoder(sizes, tokenizer), build_unet(sizes)
+    vae, text_encoder, unet = vae.to(device), text_encoder.to(device), unet.to(device)
+    log("params: vae {} text_encoder {} unet {}".format(
+        *(sum(p.numel() for p in m.parameters()) for m in (vae, text_encoder, unet))))
+    t0 = time.monotonic()
+    data = render_dataset(config.variants, config.seed).to(device)
+    log(f"dataset: {len(data)} images rendered in {time.monotonic() - t0:.1f}s")
+    stop = StopFlag()
+
+    if progress.phase == "vae":
+        vae_deadline = min(deadline, t_start + 60.0 * config.max_minutes * config.vae_max_fraction)
+        vae_optimizer = train_vae(config, vae, data, progress, checkpointer, vae_deadline, stop, log, device)
+        std = encode_latents(vae, data.images).std().item()
+        progress = Progress(phase="unet", step=0, scaling_factor=1.0 / std,
+                            trained_seconds=progress.trained_seconds + time.monotonic() - t_start)
+        vae.register_to_config(scaling_factor=progress.scaling_factor)
+        checkpointer.save(progress, {"vae": vae}, None, vae_optimizer, config)
+        log(f"vae done; latent std {std:.3f}, scaling_factor {progress.scaling_factor:.4f}")
+    else:
+        vae.load_state_dict(load_file(checkpointer.readable_dir() / "vae.safetensors", device=str(device)))
+        vae.register_to_config(scaling_factor=progress.scaling_factor)
+    vae.requires_grad_(False)
+    recon = vae_reconstruction_accuracy(vae, progress.scaling_factor, device)
+    log("vae reconstruction accuracy: " + ", ".join(f"{k} {v['accuracy']:.3f}" for k, v in recon.items()))
+
+    latents = encode_latents(vae, data.images) * progress.scaling_factor
+    unet_started = time.monotonic()
+    optimizer, ema = train_unet(config, unet, text_encoder, latents, data.values, CaptionTokenizer(tokenizer, device),
+                                progress, checkpointer, deadline, stop, log, device, vae)
+    progress.trained_seconds += time.monotonic() - unet_started
+    checkpointer.save(progress, {"vae": vae, "unet": unet, "text_encoder": text_encoder}, ema, optimizer, config)
+    log(f"checkpoint saved at unet step {progress.step}")
+
+    if ema is not None:
+        unet, text_encoder = copy.deepcopy(unet), copy.deepcopy(text_encoder)
+        ema.copy_to(list(unet.parameters()) + list(text_encoder.parameters()))
+    pipe = assemble_pipeline(vae.eval(), text_encoder.eval(), tokenizer, unet.eval())
+    pipe.save_pretrained(out / "pipeline", safe_serialization=True)
+    log(f"pipeline saved to {out / 'pipeline'}")
+    settings = EvalSettings(captions=config.eval_captions, seeds=config.eval_seeds, steps=config.eval_steps,
+                            guidance_scales=list(config.eval_guidance))
+    t0 = time.monotonic()
+    result = evaluate_dir(out / "pipeline", settings, config.device, out / "eval.json", out / "samples.png")
+    result["training"] = {"unet_steps": progress.step, "trained_seconds": round(progress.trained_seconds, 1),
+                          "batch_size": config.batch_size, "vae_reconstruction_accuracy": recon}
+    (out / "eval.json").write_text(json.dumps(result, indent=2))
+    (out / "eval.md").write_text(format_table(result) + "\n")
+    log(f"evaluation ({time.monotonic() - t0:.1f}s) written to {out / 'eval.json'}")
+    log(f"total wall time {time.monotonic() - t_start:.1f}s")
+    return result
+
+
+def parse_args(argv: list[str] | None = None) -> TrainBackboneConfig:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = {f.name: f.default for f in fields(TrainBackboneConfig)}
+    for f in fields(TrainBackboneConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "out":
+            parser.add_argument(flag, required=True, help="output folder")
+        elif f.name == "preset":
+            parser.add_argument(flag, choices=sorted(PRESETS), default="cpu", help="defaults for a kind of machine")
+        elif isinstance(f.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        elif isinstance(f.default, tuple):
+            parser.add_argument(flag, type=float, nargs="+", default=None)
+        else:
+            parser.add_argument(flag, type=type(f.default), default=None)
+    args = vars(parser.parse_args(argv))
+    given = {k: v for k, v in args.items() if v is not None and k not in ("out", "preset")}
+    merged = {**defaults, **PRESETS[args["preset"]], **given, "out": args["out"], "preset": args["preset"]}
+    return TrainBackboneConfig(**merged)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return train(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""The policy PromptLoop trains: a chat VLM (LoRA) that rewrites the prompt from the x0 preview."""
+from promptloop.policy.batch import PolicySample, collate_samples
+from promptloop.policy.chat import DEFAULT_SYSTEM_PROMPTS, Chat, build_chat
+from promptloop.policy.config import POLICY_MODES, PolicyConfig
+from promptloop.policy.policy import PolicyActions, PromptPolicy, TokenLogProbs
+from promptloop.policy.sanitize import (
+    PromptSchedule,
+    SanitizedPrompt,
+    clean_text,
+    parse_prompt_schedule,
+    sanitize_prompt,
+    strip_thinking,
+)
+
+__all__ = [
+    "Chat",
+    "DEFAULT_SYSTEM_PROMPTS",
+    "POLICY_MODES",
+    "PolicyActions",
+    "PolicyConfig",
+    "PolicySample",
+    "PromptPolicy",
+    "PromptSchedule",
+    "SanitizedPrompt",
+    "TokenLogProbs",
+    "build_chat",
+    "clean_text",
+    "collate_samples",
+    "parse_prompt_schedule",
+    "sanitize_prompt",
+    "strip_thinking",
+]

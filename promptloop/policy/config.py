@@ -1,0 +1,165 @@
+"""Configuration of the prompt-rewriting policy."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+POLICY_MODES = ("closed", "oneshot", "apriori")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+DEFAULT_LORA_TARGET_MODULES = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+"""LoRA on every attention and MLP projection of the language model; the vision tower stays frozen."""
+
+
+@dataclass
+class PolicyConfig:
+    """Everything that defines a :class:`~promptloop.policy.PromptPolicy` apart from its weights.
+
+    Saved next to the adapter as ``policy_config.json``.
+    """
+
+    model_name_or_path: str = field(
+        default="Qwen/Qwen2.5-VL-3B-Instruct",
+        metadata={"help": "Hub id or local path of the base image-text-to-text chat model."},
+    )
+    mode: str = field(
+        default="closed",
+        metadata={"help": "'closed': rewrite at each refinement from the x0 preview (PromptLoop). 'oneshot': one "
+                          "rewrite of the query before sampling, no image (RePrompt-style baseline). 'apriori': write "
+                          "the prompts of all refinements at once, before sampling, no image."},
+    )
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank (> 0)."})
+    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA scaling numerator (> 0); scale = alpha / r."})
+    lora_dropout: float = field(
+        default=0.0,
+        metadata={"help": "LoRA dropout in [0, 1). 0 keeps train-mode log-probs equal to the sampling ones, so "
+                          "the on-policy PPO ratio is exactly 1."},
+    )
+    lora_target_modules: Union[str, list[str]] = field(
+        default=DEFAULT_LORA_TARGET_MODULES,
+        metadata={"help": "Modules that get LoRA: a regex (full match on module names) or a list of name suffixes "
+                          "(peft semantics). The default covers the language model only."},
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute activations in the backward pass to save memory."}
+    )
+    dtype: str = field(
+        default="auto",
+        metadata={"help": "Weights dtype: 'auto' (bfloat16 on CUDA, float32 otherwise), 'float32', 'bfloat16' or "
+                          "'float16'. Log-probs are always computed in float32."},
+    )
+    do_sample: bool = field(
+        default=True, metadata={"help": "Sample (training, diverse rewrites); False decodes greedily (evaluation)."}
+    )
+    temperature: float = field(
+        default=1.0,
+        metadata={"help": "Sampling temperature (> 0). Log-probs are those of the temperature-scaled distribution."},
+    )
+    top_p: float = field(
+        default=1.0,
+        metadata={"help": "Nucleus sampling mass in (0, 1]. Log-probs ignore the truncation (as TRL does), so keep "
+                          "1.0 for training."},
+    )
+    max_new_tokens: int = field(default=96, metadata={"help": "Most tokens generated per answer (> 0)."})
+    max_prompt_words: Optional[int] = field(
+        default=None,
+        metadata={"help": "Cut sanitized prompts to this many words (None: no cut). The sampler fits the exact "
+                          "token budget of each backbone's text encoder afterwards."},
+    )
+    system_prompt: Optional[str] = field(
+        default=None, metadata={"help": "System prompt text; None uses the default prompt written for `mode`."}
+    )
+    system_prompt_file: Optional[str] = field(
+        default=None, metadata={"help": "Read the system prompt from this UTF-8 text file (exclusive with "
+                                        "`system_prompt`)."},
+    )
+    min_pixels: int = field(
+        default=64 * 28 * 28,
+        metadata={"help": "Fewest pixels the preview is resized to by the processor (> 0)."},
+    )
+    max_pixels: int = field(
+        default=256 * 28 * 28,
+        metadata={"help": "Most pixels the preview is resized to by the processor (>= min_pixels). Qwen2.5-VL turns "
+                          "each 28x28 block into one vision token: 256*28*28 is at most 256 tokens."},
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow model code from the hub repository (only for trusted repos)."}
+    )
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first invalid field and how to fix it."""
+        if not self.model_name_or_path:
+            raise ValueError("model_name_or_path is empty; give a hub id or a local model directory.")
+        if self.mode not in POLICY_MODES:
+            raise ValueError(f"mode={self.mode!r} is not one of {POLICY_MODES}.")
+        if not (isinstance(self.lora_r, int) and self.lora_r > 0):
+            raise ValueError(f"lora_r={self.lora_r!r} must be a positive integer.")
+        if not self.lora_alpha > 0:
+            raise ValueError(f"lora_alpha={self.lora_alpha!r} must be > 0.")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout={self.lora_dropout!r} must be in [0, 1).")
+        if not self.lora_target_modules:
+            raise ValueError("lora_target_modules is empty; give a regex or a list of module names.")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} must be 'auto' or one of {tuple(DTYPES)}.")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature={self.temperature!r} must be > 0 (use do_sample=False for greedy).")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p={self.top_p!r} must be in (0, 1].")
+        if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens > 0):
+            raise ValueError(f"max_new_tokens={self.max_new_tokens!r} must be a positive integer.")
+        if self.max_prompt_words is not None and not (
+            isinstance(self.max_prompt_words, int) and self.max_prompt_words > 0
+        ):
+            raise ValueError(f"max_prompt_words={self.max_prompt_words!r} must be a positive integer or None.")
+        if self.system_prompt is not None and self.system_prompt_file is not None:
+            raise ValueError("Set either system_prompt or system_prompt_file, not both.")
+        if self.system_prompt is not None and not self.system_prompt.strip():
+            raise ValueError("system_prompt is blank; leave it None to use the default system prompt.")
+        if self.system_prompt_file is not None and not Path(self.system_prompt_file).is_file():
+            raise ValueError(f"system_prompt_file={self.system_prompt_file!r} does not exist.")
+        if not (isinstance(self.min_pixels, int) and self.min_pixels > 0):
+            raise ValueError(f"min_pixels={self.min_pixels!r} must be a positive integer.")
+        if not (isinstance(self.max_pixels, int) and self.max_pixels >= self.min_pixels):
+            raise ValueError(f"max_pixels={self.max_pixels!r} must be an integer >= min_pixels={self.min_pixels}.")
+
+    def torch_dtype(self, device: torch.device) -> torch.dtype:
+        """The weights dtype on ``device`` ('auto': bfloat16 on CUDA, float32 elsewhere)."""
+        if self.dtype == "auto":
+            return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return DTYPES[self.dtype]
+
+    def resolved_system_prompt(self) -> Optional[str]:
+        """The user's system prompt (inline or read from the file), or None for the mode's default."""
+        if self.system_prompt_file is not None:
+            return Path(self.system_prompt_file).read_text(encoding="utf-8")
+        return self.system_prompt
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PolicyConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Unknown PolicyConfig fields {unknown}; known fields: {sorted(known)}.")
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        """Write the config as JSON; a system prompt file is inlined so the file stands alone."""
+        data = self.to_dict()
+        data["system_prompt"] = self.resolved_system_prompt()
+        data["system_prompt_file"] = None
+        Path(path).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "PolicyConfig":
+        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))

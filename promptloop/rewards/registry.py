@@ -1,0 +1,146 @@
+"""Rewards by name: ``load_reward("imagereward")``, ``load_reward("imagereward:1.0,aesthetic:0.1")`` or
+``load_reward("my_module:my_function")``.
+
+Spec grammar: a comma-separated list of ``target[:weight]``; ``target`` is a registered name or ``module:function``;
+``weight`` is a number. One bare target loads that reward; anything with a weight or a comma is a composite.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .base import Reward
+
+RewardFactory = Callable[..., Reward]  # (device=..., dtype=..., **kwargs) -> Reward, loading its model once
+
+_REGISTRY: dict[str, RewardFactory] = {}
+
+
+def register_reward(name: str) -> Callable[[RewardFactory], RewardFactory]:
+    """Decorator registering a reward factory (usually a ``Reward`` subclass) under ``name``."""
+
+    def decorator(factory: RewardFactory) -> RewardFactory:
+        if name in _REGISTRY and _REGISTRY[name] is not factory:
+            raise ValueError(f"A reward named {name!r} is already registered ({_REGISTRY[name]}).")
+        _REGISTRY[name] = factory
+        return factory
+
+    return decorator
+
+
+def available_rewards() -> list[str]:
+    """Names ``load_reward`` accepts (besides ``module:function``)."""
+    return sorted(_REGISTRY)
+
+
+def _parse_weight(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def parse_reward_spec(spec: str) -> tuple[list[tuple[str, float]], bool]:
+    """``(targets with weights, is_composite)`` for a spec string; see the module docstring for the grammar."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise TypeError(f"A reward spec must be a non-empty string; got {spec!r}.")
+    parts = [p.strip() for p in spec.split(",")]
+    components, weighted = [], False
+    for part in parts:
+        target, _, last = part.rpartition(":")
+        weight = _parse_weight(last) if target else None
+        if weight is None:
+            target, weight = part, 1.0
+        else:
+            weighted = True
+        if not target:
+            raise ValueError(f"Empty reward name in spec {spec!r}.")
+        components.append((target, weight))
+    return components, weighted or len(parts) > 1
+
+
+def _required_positional(fn: Callable) -> int:
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    params = inspect.signature(fn).parameters.values()
+    return sum(p.kind in kinds and p.default is inspect.Parameter.empty for p in params)
+
+
+class CallableReward(Reward):
+    """A user scorer ``fn(images, queries, metadata) -> scores | RewardOutput`` behind the reward contract."""
+
+    def __init__(self, fn: Callable[..., Any], name: str, on_nonfinite: str = "warn"):
+        super().__init__(on_nonfinite=on_nonfinite)
+        self.fn = fn
+        self.name = name
+
+    def score_batch(self, images, queries, metadata):
+        return self.fn(images, queries, metadata)
+
+
+def _load_callable(target: str, device, dtype, kwargs: dict[str, Any]) -> Reward:
+    module_name, _, attr = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise ValueError(f"Cannot import module {module_name!r} of reward {target!r}: {exc}. Make it importable "
+                         "(installed or on sys.path).") from exc
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ValueError(f"Module {module_name!r} has no callable {attr!r} (reward {target!r}).")
+    required = _required_positional(fn)
+    if required >= 2:
+        if kwargs:
+            raise ValueError(f"{target} is a scorer (it takes images, queries); keyword arguments {sorted(kwargs)} "
+                             "are only for factories.")
+        return CallableReward(fn, target)
+    if required == 0:
+        accepted = inspect.signature(fn).parameters
+        extra = {k: v for k, v in (("device", device), ("dtype", dtype)) if k in accepted}
+        made = fn(**extra, **kwargs)
+        if isinstance(made, Reward):
+            return made
+        if callable(made):
+            return CallableReward(made, target)
+        raise TypeError(f"Factory {target} returned {type(made).__name__}; it must return a scorer "
+                        "(images, queries, metadata) -> scores.")
+    raise TypeError(f"{target} must be a scorer taking (images, queries[, metadata]) or a factory taking no "
+                    f"required positional arguments; it takes {required}.")
+
+
+def _load_one(target: str, device, dtype, kwargs: dict[str, Any]) -> Reward:
+    if target in _REGISTRY:
+        return _REGISTRY[target](device=device, dtype=dtype, **kwargs)
+    if ":" in target:
+        return _load_callable(target, device, dtype, kwargs)
+    raise ValueError(f"Unknown reward {target!r}. Known rewards: {', '.join(available_rewards())}; or give a user "
+                     "callable as 'module:function'.")
+
+
+def load_reward(spec: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                **kwargs: Any) -> Reward:
+    """Load a reward from a spec string; each model is loaded once on ``device`` in ``dtype``.
+
+    For one reward, ``kwargs`` go to its factory (e.g. ``path=``, ``cache_dir=``, ``download=``). For a composite,
+    each keyword is a component name mapping to that component's kwargs:
+    ``load_reward("imagereward:1,aesthetic:0.1", aesthetic={"path": "/weights/aesthetic"})``.
+    """
+    components, composite = parse_reward_spec(spec)
+    if not composite:
+        return _load_one(components[0][0], device, dtype, kwargs)
+    from .composite import CompositeReward
+
+    names = [target for target, _ in components]
+    unknown = set(kwargs) - set(names)
+    if unknown or not all(isinstance(v, dict) for v in kwargs.values()):
+        raise ValueError(f"For a composite spec, keyword arguments must be component names ({names}) mapping to "
+                         f"dicts of that component's arguments; got {sorted(kwargs)}.")
+    rewards = [(_load_one(t, device, dtype, dict(kwargs.get(t, {}))), w) for t, w in components]
+    return CompositeReward([(t, r, w) for (t, _), (r, w) in zip(components, rewards)])
+
+
+__all__ = ["CallableReward", "RewardFactory", "available_rewards", "load_reward",
+           "parse_reward_spec", "register_reward"]

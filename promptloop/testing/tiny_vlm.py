@@ -1,0 +1,182 @@
+"""Tiny random-weight Qwen2-VL, Qwen2.5-VL and Qwen3-VL chat models of the real classes, built offline.
+
+The tokenizer is a byte-level ``Qwen2Tokenizer`` (256 byte symbols, no merges) carrying the special tokens of the
+real Qwen-VL vocabularies; the processor is the stock one (image + video processor, which needs torchvision); the
+chat template is the real one. ``save_tiny_vlm`` writes a checkpoint that ``AutoModelForImageTextToText`` and
+``AutoProcessor.from_pretrained`` load back like a hub model.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import GenerationConfig, PreTrainedModel, ProcessorMixin, Qwen2Tokenizer
+
+from promptloop.testing.tokenizers import byte_symbols
+
+TINY_VLM_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+
+SPECIAL_TOKENS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
+    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+    "<|image_pad|>", "<|video_pad|>",
+)
+"""Special tokens of the real Qwen2-VL / Qwen2.5-VL / Qwen3-VL vocabularies (same order, own ids)."""
+
+PLAIN_ADDED_TOKENS = {
+    "qwen2_vl": ("<tool_call>", "</tool_call>"),
+    "qwen2_5_vl": ("<tool_call>", "</tool_call>"),
+    "qwen3_vl": ("<tool_call>", "</tool_call>", "<think>", "</think>"),
+}
+"""Added tokens that are not special (the real tokenizers decode them like text)."""
+
+_TRL_TEMPLATE = {"qwen2_vl": "qwen2_5_vl.jinja", "qwen2_5_vl": "qwen2_5_vl.jinja", "qwen3_vl": "qwen3_vl.jinja"}
+
+# Used only when TRL (which ships the real templates) is not installed: the same rendering for the messages this
+# project writes (system / user / assistant turns with text and image parts).
+_FALLBACK_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' and default_system %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _check_family(family: str) -> None:
+    if family not in TINY_VLM_FAMILIES:
+        raise ValueError(f"Unknown tiny VLM family {family!r}; choose one of {TINY_VLM_FAMILIES}.")
+
+
+def qwen_vl_chat_template(family: str) -> str:
+    """The real chat template of ``family``, read from TRL's wheel (found without importing TRL).
+
+    Qwen2-VL-Instruct and Qwen2.5-VL-Instruct share one template. Without TRL installed, an equivalent template
+    for system/user/assistant turns with text and image parts is returned.
+    """
+    _check_family(family)
+    spec = importlib.util.find_spec("trl")
+    if spec is not None and spec.submodule_search_locations:
+        path = Path(next(iter(spec.submodule_search_locations))) / "chat_templates" / _TRL_TEMPLATE[family]
+        if path.is_file():
+            return path.read_text()
+    default_system = "true" if family != "qwen3_vl" else "false"
+    return "{% set default_system = " + default_system + " %}" + _FALLBACK_TEMPLATE
+
+
+def make_qwen_vl_tokenizer(family: str = "qwen2_5_vl") -> Qwen2Tokenizer:
+    """A byte-level ``Qwen2Tokenizer`` (encodes any text) with the Qwen-VL special tokens and chat template."""
+    _check_family(family)
+    vocab = {symbol: i for i, symbol in enumerate(byte_symbols())}
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab, merges=[], unk_token=None, bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        extra_special_tokens=[t for t in SPECIAL_TOKENS if t not in ("<|endoftext|>", "<|im_end|>")],
+    )
+    tokenizer.add_tokens(list(PLAIN_ADDED_TOKENS[family]))
+    tokenizer.chat_template = qwen_vl_chat_template(family)
+    return tokenizer
+
+
+def _text_config(family: str, vocab_size: int, hidden_size: int, num_layers: int, ids: dict[str, int]) -> dict:
+    num_heads = 4
+    head_dim = hidden_size // num_heads
+    config: dict[str, Any] = dict(
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=2,
+        max_position_embeddings=4096, pad_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+        bos_token_id=None, tie_word_embeddings=False,
+    )
+    # mrope_section (temporal, height, width) must sum to head_dim / 2.
+    quarter = head_dim // 8
+    mrope_section = [quarter, quarter, head_dim // 2 - 2 * quarter]
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section}
+    if family == "qwen3_vl":
+        config["head_dim"] = head_dim
+        rope["mrope_interleaved"] = True
+    config["rope_parameters"] = rope
+    return config
+
+
+def _vision_config(family: str, hidden_size: int) -> dict:
+    if family == "qwen2_vl":
+        return dict(depth=2, embed_dim=32, hidden_size=hidden_size, num_heads=4, patch_size=14, spatial_merge_size=2,
+                    temporal_patch_size=2)
+    if family == "qwen2_5_vl":
+        return dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=hidden_size,
+                    patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+                    fullatt_block_indexes=[1])
+    return dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, out_hidden_size=hidden_size,
+                patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                deepstack_visual_indexes=[1])
+
+
+def _classes(family: str):
+    if family == "qwen2_vl":
+        from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+        from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+        return Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor, Qwen2VLVideoProcessor
+    if family == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+        from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+        return Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, Qwen2VLVideoProcessor
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    return Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor, Qwen3VLVideoProcessor
+
+
+def make_tiny_vlm(
+    family: str = "qwen2_5_vl", hidden_size: int = 64, num_layers: int = 2, seed: int = 0,
+    max_pixels: int = 128 * 128,
+) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """A random-weight chat VLM of the real ``family`` class and its stock processor.
+
+    ``max_pixels`` bounds the image size the processor produces (the real models allow ~1M pixels; tiny tests want
+    a handful of vision tokens).
+    """
+    _check_family(family)
+    from transformers import Qwen2VLImageProcessor
+
+    config_cls, model_cls, processor_cls, video_processor_cls = _classes(family)
+    tokenizer = make_qwen_vl_tokenizer(family)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    config = config_cls(
+        text_config=_text_config(family, len(tokenizer), hidden_size, num_layers, ids),
+        vision_config=_vision_config(family, hidden_size),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_cls(config).eval()
+    # The real checkpoints stop on either end token and pad with <|endoftext|>.
+    model.generation_config = GenerationConfig(
+        eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]], pad_token_id=ids["<|endoftext|>"], bos_token_id=None,
+    )
+    patch = config.vision_config.patch_size
+    size = {"shortest_edge": (2 * patch) ** 2, "longest_edge": max_pixels}
+    processor = processor_cls(
+        image_processor=Qwen2VLImageProcessor(patch_size=patch, merge_size=2, temporal_patch_size=2, size=size),
+        tokenizer=tokenizer,
+        video_processor=video_processor_cls(patch_size=patch, merge_size=2, temporal_patch_size=2, size=size),
+        chat_template=tokenizer.chat_template,
+    )
+    return model, processor
+
+
+def save_tiny_vlm(path: str | Path, family: str = "qwen2_5_vl", **kwargs: Any) -> Path:
+    """Build a tiny VLM (see :func:`make_tiny_vlm`) and save model + processor to ``path`` (safetensors)."""
+    model, processor = make_tiny_vlm(family, **kwargs)
+    path = Path(path)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path

@@ -1,0 +1,114 @@
+"""SD1.x (epsilon, DDIM) and SD2.x (v-prediction, Euler): the rollout is the stock pipeline's own sampling."""
+import pytest
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+from promptloop.backbones import RefinementSchedule, SamplerSettings, StableDiffusionBackbone, auto_backbone, rollout
+from promptloop.testing.tiny_pipelines import tiny_sdxl_pipeline
+
+from .conftest import stock_images
+
+QUERIES, SEEDS = ["a red cat", "a blue house by the sea"], [7, 8]
+
+
+@pytest.mark.parametrize("family", ["sd_backbone", "sd2_backbone"])
+@pytest.mark.parametrize("guidance, negative, rescale", [(6.0, "blurry, dark", 0.0), (1.0, None, 0.0),
+                                                        (4.0, None, 0.7)])
+def test_no_refinement_equals_stock_pipeline(request, family, guidance, negative, rescale):
+    backbone = request.getfixturevalue(family)
+    settings = SamplerSettings(num_inference_steps=5, guidance_scale=guidance, negative_prompt=negative,
+                               extra={"guidance_rescale": rescale})
+    out = rollout(backbone, QUERIES, SEEDS, settings)
+    expected = stock_images(backbone.pipe, QUERIES, SEEDS, num_inference_steps=5, guidance_scale=guidance,
+                            negative_prompt=None if negative is None else [negative] * 2, guidance_rescale=rescale)
+    torch.testing.assert_close(out.images, expected, atol=1e-6, rtol=0)
+
+
+def test_default_settings_equal_default_call(sd2_backbone):
+    out = rollout(sd2_backbone, QUERIES[:1], SEEDS[:1], SamplerSettings(num_inference_steps=3))
+    expected = stock_images(sd2_backbone.pipe, QUERIES[:1], SEEDS[:1], num_inference_steps=3)
+    torch.testing.assert_close(out.images, expected, atol=1e-6, rtol=0)
+
+
+def test_v_prediction_switch_and_previews(sd2_backbone, record_steps):
+    """On SD2 (Euler, v-prediction) a switch at k leaves steps < k unchanged; previews decode the step's x0."""
+    settings = SamplerSettings(num_inference_steps=5, guidance_scale=5.0, preview_size=None)
+    base = record_steps(sd2_backbone)
+    rollout(sd2_backbone, QUERIES[:1], SEEDS[:1], settings)
+    base.close()
+    rec = record_steps(sd2_backbone)
+    seen = []
+    out = rollout(sd2_backbone, QUERIES[:1], SEEDS[:1], settings, RefinementSchedule.explicit([2]),
+                  refine=lambda obs: (seen.extend(obs), ["a green dragon"])[1])
+    assert all(torch.equal(base.latents[i], rec.latents[i]) for i in range(2))
+    assert all((base.latents[i] - rec.latents[i]).abs().max() > 1e-4 for i in range(2, 5))
+    expected_preview = sd2_backbone.decode(rec.x0[1], preview=True)
+    assert torch.equal(torch.tensor(list(seen[0].preview.getdata())),
+                       (expected_preview[0].permute(1, 2, 0) * 255).round().to(torch.uint8).reshape(-1, 3))
+    assert out.trajectories[0].prompts == ["a red cat", "a green dragon"]
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_x0_formula_matches_ddim_pred_original_sample(prediction_type):
+    """The fallback used for schedulers without pred_original_sample (DPM-Solver, UniPC, ...) agrees with DDIM."""
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                              prediction_type=prediction_type, clip_sample=False)
+    scheduler.set_timesteps(10)
+    g = torch.Generator().manual_seed(0)
+    sample, prediction = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    t = scheduler.timesteps[3]
+    out = scheduler.step(prediction, t, sample)
+    without = type("Out", (), {"prev_sample": out.prev_sample})()
+    x0 = StableDiffusionBackbone._x0(without, scheduler, sample, prediction, t)
+    torch.testing.assert_close(x0, out.pred_original_sample, atol=1e-5, rtol=1e-5)
+
+
+def test_scheduler_without_pred_original_sample(sd_backbone):
+    """A user-swapped DPM-Solver++ scheduler stays in effect (rollout == stock call) and previews still work."""
+    pipe = sd_backbone.pipe
+    original = pipe.scheduler
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(original.config)
+    try:
+        settings = SamplerSettings(num_inference_steps=4, guidance_scale=3.0, preview_size=16)
+        seen = []
+        out = rollout(sd_backbone, QUERIES[:1], SEEDS[:1], settings, RefinementSchedule.uniform(1),
+                      refine=lambda obs: (seen.extend(obs), [o.prompt for o in obs])[1])
+        expected = stock_images(pipe, QUERIES[:1], SEEDS[:1], num_inference_steps=4, guidance_scale=3.0)
+        torch.testing.assert_close(out.images, expected, atol=1e-6, rtol=0)
+        assert seen[0].preview.size == (16, 16)
+    finally:
+        pipe.scheduler = original
+
+
+def test_preview_decoder_is_used_for_previews_only(sd_backbone):
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(0)
+    tiny = AutoencoderTiny(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+                           num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1)).eval()
+    with_tiny = StableDiffusionBackbone.from_pipeline(sd_backbone.pipe, preview_decoder=tiny)
+    latents = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        preview = with_tiny.decode(latents, size=32, preview=True)
+        expected = (tiny.decode(latents).sample / 2 + 0.5).clamp(0, 1)
+        expected = torch.nn.functional.interpolate(expected, size=(32, 32), mode="bilinear", antialias=True)
+        torch.testing.assert_close(preview, expected.clamp(0, 1))
+        torch.testing.assert_close(with_tiny.decode(latents), sd_backbone.decode(latents))
+
+
+def test_from_pretrained_rejects_other_family(tmp_path):
+    tiny_sdxl_pipeline().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="holds a StableDiffusionXLPipeline.*auto_backbone"):
+        StableDiffusionBackbone.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="no model_index.json"):
+        StableDiffusionBackbone.from_pretrained(tmp_path / "unet")
+    assert type(auto_backbone(tmp_path)).__name__ == "StableDiffusionXLBackbone"
+
+
+def test_from_pipeline_keeps_the_users_pipeline_and_checks_the_class(sd_backbone, sdxl_backbone):
+    wrapped = auto_backbone(sd_backbone.pipe, clip_skip=1)
+    assert wrapped.pipe is sd_backbone.pipe and wrapped.clip_skip == 1
+    with pytest.raises(TypeError, match="expects one of \\('StableDiffusionPipeline',\\)"):
+        StableDiffusionBackbone.from_pipeline(sdxl_backbone.pipe)
+    with pytest.raises(ValueError, match="No promptloop backbone for"):
+        auto_backbone(object())

@@ -1,0 +1,241 @@
+import json
+
+import pytest
+import torch
+
+from policy_helpers import make_observation, mixed_observations, small_config
+from promptloop.policy import PolicySample, PromptPolicy
+from promptloop.testing.tiny_vlm import TINY_VLM_FAMILIES
+
+TOL = 1e-5
+
+
+def load(tiny_vlm_dirs, family="qwen2_5_vl", **overrides) -> PromptPolicy:
+    return PromptPolicy.from_pretrained(tiny_vlm_dirs[family], small_config(**overrides), device="cpu")
+
+
+def bias_logits(policy: PromptPolicy, token_ids, value: float) -> None:
+    """Give the output layer a bias that makes ``token_ids`` likely (random tiny models rarely emit them)."""
+    head = policy.base_model.get_output_embeddings()
+    bias = torch.zeros(head.weight.shape[0])
+    bias[list(token_ids)] = value
+    head.bias = torch.nn.Parameter(bias, requires_grad=False)
+
+
+def truncated(sample: PolicySample, length: int) -> PolicySample:
+    return PolicySample(sample.prompt_ids, sample.mm_token_type_ids, sample.completion_ids[:length],
+                        sample.pixel_values, sample.image_grid_thw)
+
+
+@pytest.mark.parametrize("family", TINY_VLM_FAMILIES)
+def test_teacher_forced_log_probs_equal_generation(tiny_vlm_dirs, family):
+    policy = load(tiny_vlm_dirs, family, max_new_tokens=16)
+    bias_logits(policy, policy.eos_token_ids, 3.0)  # completions of different lengths
+    observations = mixed_observations()
+    actions = policy.act(observations, seed=3)
+    lengths = actions.completion_mask.sum(1)
+    assert len(set(lengths.tolist())) > 1, "the test needs completions of different lengths"
+    assert len({len(s.prompt_ids) for s in actions.samples}) == len(observations)  # left padding in play
+    assert actions.log_probs.dtype == torch.float32
+    assert bool((actions.log_probs[actions.completion_mask] < 0).all())
+
+    with torch.no_grad():
+        scored = policy.log_probs(actions.samples)
+    assert torch.equal(scored.mask, actions.completion_mask)
+    assert scored.log_probs.dtype == torch.float32
+    torch.testing.assert_close(scored.log_probs, actions.log_probs, atol=TOL, rtol=0)
+
+    # Re-batched differently (reordered, a text-only row alone, shortened completions): same numbers.
+    order = [3, 2, 0, 1]
+    cut = [truncated(actions.samples[i], max(1, int(lengths[i]) - j)) for j, i in enumerate(order)]
+    with torch.no_grad():
+        rebatched = policy.log_probs(cut)
+        text_only = policy.log_probs([actions.samples[2]])
+    for row, i in enumerate(order):
+        n = len(cut[row].completion_ids)
+        torch.testing.assert_close(rebatched.log_probs[row, :n], actions.log_probs[i, :n], atol=TOL, rtol=0)
+        assert int(rebatched.mask[row].sum()) == n
+    n = int(lengths[2])
+    torch.testing.assert_close(text_only.log_probs[0, :n], actions.log_probs[2, :n], atol=TOL, rtol=0)
+
+
+def test_log_probs_are_those_of_the_sampling_distribution(tiny_vlm_dirs):
+    """The transform (temperature, suppressed tokens) equals what the sampler used (top_p = 1)."""
+    policy = load(tiny_vlm_dirs, temperature=0.7)
+    actions = policy.act(mixed_observations(), seed=0)
+    encoding, _ = policy._encode(mixed_observations())
+    config = policy._generation_config()
+    config.output_scores = True
+    torch.manual_seed(0)
+    with torch.no_grad():
+        output = policy.model.generate(**encoding, generation_config=config)
+    scores = torch.log_softmax(torch.stack(output.scores, 1).float(), -1)
+    prompt_len = encoding["input_ids"].shape[1]
+    generated = output.sequences[:, prompt_len:]
+    mask = actions.completion_mask
+    assert torch.equal(generated[mask], actions.completion_ids[mask])
+    expected = scores.gather(-1, generated[..., None]).squeeze(-1)
+    torch.testing.assert_close(actions.log_probs[mask], expected[mask], atol=TOL, rtol=0)
+
+
+def test_generation_never_emits_special_or_vision_tokens(tiny_vlm_dirs):
+    policy = load(tiny_vlm_dirs, max_new_tokens=16)
+    tokenizer = policy.processor.tokenizer
+    vision = [tokenizer.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|vision_start|>", "<|video_pad|>")]
+    assert set(vision) <= set(policy.suppressed_token_ids)
+    assert not set(policy.eos_token_ids) & set(policy.suppressed_token_ids)
+    bias_logits(policy, policy.suppressed_token_ids, 8.0)
+    encoding, _ = policy._encode(mixed_observations())
+
+    # Control: without suppression the biased model emits them almost always.
+    free = policy._generation_config()
+    free.suppress_tokens = None
+    with torch.no_grad():
+        unsuppressed = policy.model.generate(**encoding, generation_config=free).sequences
+    assert torch.isin(unsuppressed[:, encoding["input_ids"].shape[1]:], torch.tensor(vision)).any()
+
+    actions = policy.act(mixed_observations(), seed=0)
+    generated = actions.completion_ids[actions.completion_mask]
+    assert not torch.isin(generated, torch.tensor(policy.suppressed_token_ids)).any()
+    # The prompts keep one placeholder per vision token, flagged in mm_token_type_ids, and a second forward works.
+    image_token = policy.base_model.config.image_token_id
+    for sample in actions.samples:
+        placeholders = sample.prompt_ids == image_token
+        assert torch.equal(sample.mm_token_type_ids.bool(), placeholders)
+        expected = 0 if sample.image_grid_thw is None else int(sample.image_grid_thw.prod(-1).sum()) // 4
+        assert int(placeholders.sum()) == expected
+        assert not (sample.completion_ids == image_token).any()
+    with torch.no_grad():
+        torch.testing.assert_close(policy.log_probs(actions.samples).log_probs, actions.log_probs, atol=TOL, rtol=0)
+
+
+def test_sampling_is_reproducible_and_leaves_the_global_rng_alone(tiny_vlm_dirs):
+    policy = load(tiny_vlm_dirs, max_new_tokens=6)
+    observations = mixed_observations()[:2]
+    state = torch.get_rng_state()
+    first = policy.act(observations, seed=11)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(policy.act(observations, seed=11).completion_ids, first.completion_ids)
+    assert not torch.equal(policy.act(observations, seed=12).completion_ids, first.completion_ids)
+    from_generator = policy.act(observations, generator=torch.Generator().manual_seed(5))
+    again = policy.act(observations, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(from_generator.completion_ids, again.completion_ids)
+    assert len(first.prompts) == len(observations) and all(isinstance(p, str) and p for p in first.prompts)
+    with pytest.raises(ValueError, match="either seed or generator"):
+        policy.act(observations, seed=1, generator=torch.Generator())
+
+
+def test_greedy_decoding_ignores_the_seed(tiny_vlm_dirs):
+    policy = load(tiny_vlm_dirs, do_sample=False)
+    observations = mixed_observations()[:2]
+    assert torch.equal(policy.act(observations, seed=1).completion_ids, policy.act(observations, seed=2).completion_ids)
+
+
+def _train_one_step(policy: PromptPolicy, samples) -> None:
+    optimizer = torch.optim.Adam(policy.trainable_parameters(), lr=0.05)
+    policy.model.train()
+    scored = policy.log_probs(samples)
+    (-(scored.log_probs.sum() / scored.mask.sum())).backward()
+    optimizer.step()
+    policy.model.eval()
+
+
+def test_reference_is_the_base_model_and_differs_after_an_update(tiny_vlm_dirs):
+    policy = load(tiny_vlm_dirs)
+    base = PromptPolicy.from_pretrained(tiny_vlm_dirs["qwen2_5_vl"], small_config(), device="cpu", add_adapter=False)
+    samples = policy.act(mixed_observations(), seed=0).samples
+    with torch.no_grad():
+        base_lp = base.log_probs(samples).log_probs
+        initial = policy.log_probs(samples).log_probs
+    torch.testing.assert_close(initial, base_lp, atol=TOL, rtol=0)  # LoRA starts as the identity
+
+    trainable = {n for n, p in policy.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n and "language_model" in n for n in trainable)
+    _train_one_step(policy, samples)
+    with torch.no_grad():
+        trained = policy.log_probs(samples).log_probs
+        with policy.reference():
+            reference = policy.log_probs(samples).log_probs
+        after = policy.log_probs(samples).log_probs  # the adapter is back on
+    torch.testing.assert_close(reference, base_lp, atol=TOL, rtol=0)
+    assert (trained - reference).abs().max() > 1e-3
+    torch.testing.assert_close(after, trained, atol=0, rtol=0)
+    with pytest.raises(RuntimeError, match="no LoRA adapter"):
+        with base.reference():
+            pass
+
+
+def test_save_and_load_roundtrip_gives_identical_log_probs(tiny_vlm_dirs, tmp_path):
+    policy = load(tiny_vlm_dirs, temperature=0.9, system_prompt="Rewrite the prompt.")
+    samples = policy.act(mixed_observations(), seed=0).samples
+    _train_one_step(policy, samples)
+    policy.save_pretrained(tmp_path / "policy")
+    files = {p.name for p in (tmp_path / "policy").iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "policy_config.json"} <= files
+    assert not any(name.endswith((".bin", ".pt", ".pth")) for name in files)
+    assert any("chat_template" in name for name in files)
+    saved = json.loads((tmp_path / "policy" / "policy_config.json").read_text())
+    assert saved["model_name_or_path"] == str(tiny_vlm_dirs["qwen2_5_vl"])
+
+    loaded = PromptPolicy.from_pretrained(tmp_path / "policy", device="cpu")
+    assert loaded.config == policy.config
+    assert loaded.processor.chat_template == policy.processor.chat_template
+    assert loaded.trainable_parameters(), "a loaded adapter stays trainable by default"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.log_probs(samples).log_probs, policy.log_probs(samples).log_probs,
+                                   atol=1e-6, rtol=0)
+        with loaded.reference(), policy.reference():
+            torch.testing.assert_close(loaded.log_probs(samples).log_probs, policy.log_probs(samples).log_probs,
+                                       atol=1e-6, rtol=0)
+    assert torch.equal(loaded.act(mixed_observations(), seed=4).completion_ids,
+                       policy.act(mixed_observations(), seed=4).completion_ids)
+
+    # Sampling settings can be replaced at load time; the model and the adapter stay the saved ones.
+    greedy = PromptPolicy.from_pretrained(tmp_path / "policy", small_config(do_sample=False, model_name_or_path="x"),
+                                          device="cpu", is_trainable=False)
+    assert greedy.config.model_name_or_path == str(tiny_vlm_dirs["qwen2_5_vl"]) and not greedy.config.do_sample
+    assert not greedy.trainable_parameters()
+
+
+def test_gradients_reach_only_the_adapter_with_gradient_checkpointing(tiny_vlm_dirs):
+    policy = load(tiny_vlm_dirs, "qwen3_vl", gradient_checkpointing=True)
+    samples = policy.act(mixed_observations(), seed=0).samples
+    policy.model.train()
+    scored = policy.log_probs(samples)
+    scored.log_probs.sum().backward()
+    grads = {n: p.grad for n, p in policy.model.named_parameters() if p.requires_grad}
+    # LoRA starts with B = 0, so only the B matrices get a gradient at the first step.
+    assert grads and all(g is not None and g.abs().sum() > 0 for n, g in grads.items() if "lora_B" in n)
+    assert all(p.grad is None for p in policy.model.parameters() if not p.requires_grad)
+
+
+def test_one_shot_mode_rewrites_from_the_query_alone(tiny_vlm_dirs):
+    policy = load(tiny_vlm_dirs, mode="oneshot")
+    actions = policy.act(mixed_observations(), seed=0)
+    assert all(s.pixel_values is None and not s.mm_token_type_ids.any() for s in actions.samples)
+    with torch.no_grad():
+        torch.testing.assert_close(policy.log_probs(actions.samples).log_probs, actions.log_probs, atol=TOL, rtol=0)
+
+
+def test_a_priori_mode_writes_every_step_at_once(tiny_vlm_dirs, monkeypatch):
+    policy = load(tiny_vlm_dirs, mode="apriori", max_new_tokens=8)
+    observations = [make_observation(row, q, k=0, n=3) for row, q in enumerate(["a red cat", "a dog"])]
+    actions = policy.act(observations, seed=0)
+    assert [len(s.prompts) for s in actions.schedules] == [3, 3]
+    assert actions.prompts == [s.prompts[0] for s in actions.schedules]
+
+    refine = policy.as_refine_fn(seed=0)
+    first = refine(observations)
+    calls = []
+    monkeypatch.setattr(policy, "act", lambda *a, **k: calls.append(a) or actions)
+    later = refine([make_observation(row, q, k=2, n=3) for row, q in enumerate(["a red cat", "a dog"])])
+    assert calls == [], "later refinements read the schedule written at refinement 0"
+    assert len(first) == len(later) == 2 and all(isinstance(p, str) for p in later)
+
+
+def test_refine_fn_returns_one_prompt_per_observation_reproducibly(tiny_vlm_dirs):
+    policy = load(tiny_vlm_dirs, max_new_tokens=6)
+    observations = mixed_observations()[1:3]
+    prompts = policy.as_refine_fn(seed=7)(observations)
+    assert len(prompts) == len(observations) and all(isinstance(p, str) and p for p in prompts)
+    assert policy.as_refine_fn(seed=7)(observations) == prompts

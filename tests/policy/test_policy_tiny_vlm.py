@@ -1,0 +1,67 @@
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+import trl
+from policy_helpers import make_preview
+from promptloop.testing.tiny_vlm import TINY_VLM_FAMILIES, make_qwen_vl_tokenizer, qwen_vl_chat_template
+
+CLASSES = {
+    "qwen2_vl": ("Qwen2VLForConditionalGeneration", "Qwen2VLProcessor"),
+    "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor"),
+    "qwen3_vl": ("Qwen3VLForConditionalGeneration", "Qwen3VLProcessor"),
+}
+TRL_TEMPLATES = {"qwen2_vl": "qwen2_5_vl.jinja", "qwen2_5_vl": "qwen2_5_vl.jinja", "qwen3_vl": "qwen3_vl.jinja"}
+
+
+@pytest.mark.parametrize("family", TINY_VLM_FAMILIES)
+def test_saved_tiny_vlm_loads_through_the_auto_classes(tiny_vlm_dirs, family):
+    path = tiny_vlm_dirs[family]
+    assert (path / "model.safetensors").is_file()
+    model = AutoModelForImageTextToText.from_pretrained(path)
+    processor = AutoProcessor.from_pretrained(path)
+    assert (type(model).__name__, type(processor).__name__) == CLASSES[family]
+    assert processor.video_processor is not None  # the stock processor, built with torchvision
+    real_template = (Path(trl.__file__).parent / "chat_templates" / TRL_TEMPLATES[family]).read_text()
+    assert processor.chat_template == real_template
+
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "un chat rouge 🐱"}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    encoding = processor(text=[text], images=[make_preview(64, 64, 0)], return_tensors="pt")
+    image_tokens = encoding["input_ids"] == model.config.image_token_id
+    assert int(image_tokens.sum()) == int(encoding["image_grid_thw"].prod(-1).sum()) // 4
+    assert torch.equal(encoding["mm_token_type_ids"].bool(), image_tokens)
+    with torch.no_grad():
+        logits = model(**encoding).logits
+    assert logits.shape[-1] == len(processor.tokenizer)
+
+
+@pytest.mark.parametrize("family", TINY_VLM_FAMILIES)
+def test_byte_level_tokenizer_encodes_any_text_and_keeps_special_tokens_whole(family):
+    tokenizer = make_qwen_vl_tokenizer(family)
+    text = "Ünïcødé, 漢字 and emoji 🐱 <|im_end|>"
+    ids = tokenizer(text)["input_ids"]
+    assert ids[-1] == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert tokenizer.decode(ids) == text
+    assert tokenizer.decode(ids, skip_special_tokens=True) == text.replace("<|im_end|>", "")
+
+
+def test_fallback_template_renders_like_the_real_one(monkeypatch):
+    messages = [
+        {"role": "system", "content": [{"type": "text", "text": "be brief"}]},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "a cat"}]},
+    ]
+    tokenizer = make_qwen_vl_tokenizer("qwen2_5_vl")
+    real = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    real_no_system = tokenizer.apply_chat_template(messages[1:], add_generation_prompt=True, tokenize=False)
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    tokenizer.chat_template = qwen_vl_chat_template("qwen2_5_vl")
+    assert tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == real
+    assert tokenizer.apply_chat_template(messages[1:], add_generation_prompt=True, tokenize=False) == real_no_system
+
+
+def test_unknown_family_is_rejected():
+    with pytest.raises(ValueError, match="qwen2_5_vl"):
+        make_qwen_vl_tokenizer("llava")

@@ -104,6 +104,23 @@ def cmd_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+    from .configuration import ConfigError, load_config
+    from .eval import EvalConfig, load_prompt_set, run_evaluation
+    from .eval.results import markdown_table
+    from .eval.runner import check_config
+
+    try:
+        config = load_config(EvalConfig, args.config, overrides)
+        check_config(config)
+        queries = load_prompt_set(config.prompts.source, config.prompts.column, config.prompts.limit)
+    except (ConfigError, ValueError, FileNotFoundError, ImportError, RuntimeError) as e:  # before any model loads
+        raise SystemExit(f"error: {e}")
+    results = run_evaluation(config, queries=queries)
+    print(markdown_table(results))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="promptloop", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -118,6 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="YAML config (see configs/)")
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of the run")
     train.set_defaults(func=cmd_train, takes_overrides=True)
+
+    evaluate = sub.add_parser(
+        "eval", help="methods x backbones x rewards with fixed seeds: JSON, CSV, markdown and an HTML report",
+        description="Evaluate with CONFIG.yaml (see configs/eval_*.yaml); override any key with --section.key VALUE, "
+                    "e.g. --backbones.sd15.num_inference_steps 20.")
+    evaluate.add_argument("config", help="YAML config (see configs/eval_*.yaml)")
+    evaluate.set_defaults(func=cmd_eval, takes_overrides=True)
 
     sample = sub.add_parser("sample", help="sample images with a trained policy and any supported pipeline")
     sample.add_argument("--policy", required=True, help="saved policy folder or hub id")

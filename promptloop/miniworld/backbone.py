@@ -10,11 +10,17 @@ not the noise's low frequencies, decides background and layout.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from .domain import REFERENCE_SIZE
+
+
+SHIPPED_BACKBONE_A = Path(__file__).resolve().parent / "assets" / "backbone_a"
+"""The shipped backbone A: a ``StableDiffusionPipeline`` folder (UNet and VAE weights float16, loaded as float32).
+Its evaluation table is ``backbone_a.eval.json`` beside it; how it was trained is in docs/miniworld.md."""
 
 
 @dataclass

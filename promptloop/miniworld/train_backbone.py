@@ -28,9 +28,9 @@ from safetensors.torch import load_file, save_file
 
 from .backbone import TINY_SIZES, BackboneSizes, assemble_pipeline, build_text_encoder, build_unet, build_vae, \
     training_scheduler
-from .data import render_dataset
-from .domain import ATTRIBUTES, Scene, all_scenes, render
-from .evaluate_backbone import EvalSettings, evaluate_dir, format_table
+from .data import SceneDataset, render_dataset
+from .domain import ATTRIBUTE_VALUES, ATTRIBUTES, BACKGROUNDS, Scene, all_scenes, render
+from .evaluate_backbone import EvalSettings, evaluate_dir, evaluate_pipeline, format_table
 from .recognise import attribute_accuracy
 from .tokenizer import CaptionTokenizer, make_miniworld_tokenizer
 
@@ -65,6 +65,18 @@ class TrainBackboneConfig:
     """The VAE phase stops early once it has used this fraction of ``max_minutes``."""
     kl_weight: float = 1e-6
     """Weight of the VAE's KL term."""
+    decoder_steps: int = 0
+    """Steps of decoder fine-tuning after the VAE phase, encoder frozen (the UNet's latent space stays valid, so it
+    can run before, after or between UNet runs; ``--resume`` runs the steps not done yet)."""
+    decoder_batch: int = 64
+    """Decoder fine-tuning batch size."""
+    decoder_lr: float = 5e-4
+    """Decoder fine-tuning learning rate (AdamW)."""
+    decoder_object_weight: float = 10.0
+    """Extra L1 weight on object pixels in decoder fine-tuning (a small object is ~3 % of the image)."""
+    decoder_target: float = 1.0
+    """Decoder fine-tuning stops early once reconstruction accuracy reaches this on every attribute (checked at
+    each checkpoint, on all 1296 clean scenes)."""
     unet_steps: int = 1_000_000
     """UNet steps cap (the time budget usually stops training first)."""
     batch_size: int = 64
@@ -101,11 +113,19 @@ class TrainBackboneConfig:
     """Sampling steps in the evaluation."""
     eval_guidance: tuple[float, ...] = (4.0,)
     """Guidance scales evaluated (the first is also used for ``samples.png``)."""
+    curve_every: int = 0
+    """Every this many UNet steps, evaluate the EMA weights (first guidance scale, ``curve_captions`` x
+    ``curve_seeds``) and append the result to ``curve.jsonl`` (0: never)."""
+    curve_captions: int = 32
+    """Held-out captions in each ``curve_every`` evaluation."""
+    curve_seeds: int = 4
+    """Seeds per caption in each ``curve_every`` evaluation."""
 
     def __post_init__(self):
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"--device {self.device} but CUDA is not available; use --device cpu.")
-        for name in ("vae_batch", "batch_size", "variants", "eval_captions", "eval_seeds", "eval_steps"):
+        for name in ("vae_batch", "decoder_batch", "batch_size", "variants", "eval_captions", "eval_seeds",
+                     "eval_steps", "curve_captions", "curve_seeds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
         if self.max_minutes <= 0:
@@ -118,7 +138,8 @@ PRESETS: dict[str, dict] = {
     "gpu": dict(device="cuda", variants=8, vae_steps=4000, vae_batch=512, vae_lr=1e-3, vae_max_fraction=0.2,
                 batch_size=2048, lr=1e-3, warmup_steps=200, curriculum_steps=1500, bf16=True,
                 checkpoint_every=1000, log_every=100, eval_captions=64, eval_seeds=8, eval_guidance=(4.0, 2.0, 7.0)),
-    "tiny": dict(tiny=True, variants=1, vae_steps=2, vae_batch=4, batch_size=4, warmup_steps=1, curriculum_steps=2,
+    "tiny": dict(tiny=True, variants=1, vae_steps=2, vae_batch=4, decoder_batch=4, batch_size=4, warmup_steps=1,
+                 curriculum_steps=2,
                  ema_decay=0.9, checkpoint_every=2, log_every=1, eval_captions=2, eval_seeds=2, eval_steps=2),
 }
 
@@ -165,10 +186,18 @@ class Progress:
     """The VAE latent scaling factor (set when the VAE phase ends)."""
     trained_seconds: float = 0.0
     """Training wall time over all invocations."""
+    decoder_step: int = 0
+    """Decoder fine-tuning steps done (a phase of its own, counted separately: it may run after UNet steps)."""
+    decoder_done: bool = False
+    """Decoder fine-tuning reached ``decoder_target`` and stopped early."""
 
 
 class Checkpointer:
-    """Saves and restores the training state in ``<dir>``; each save replaces the folder atomically."""
+    """Saves and restores the training state in ``<dir>``; each save replaces the folder atomically.
+
+    A save writes the given modules and optimizers and carries over every other file of the previous checkpoint, so
+    a phase that trains one module (the decoder) keeps the others' state (UNet, EMA, its optimizer) intact.
+    """
 
     def __init__(self, directory: Path):
         self.dir = directory
@@ -177,7 +206,7 @@ class Checkpointer:
         return (self.readable_dir() / "state.json").is_file()
 
     def save(self, progress: Progress, modules: dict[str, torch.nn.Module], ema: EMA | None,
-             optimizer: torch.optim.Optimizer, config: TrainBackboneConfig):
+             optimizers: dict[str, torch.optim.Optimizer], config: TrainBackboneConfig):
         tmp = self.dir.with_name(self.dir.name + ".tmp")
         old = self.dir.with_name(self.dir.name + ".old")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -186,12 +215,18 @@ class Checkpointer:
             save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, tmp / f"{name}.safetensors")
         if ema is not None:
             save_file({str(i): t.contiguous() for i, t in enumerate(ema.shadow)}, tmp / "ema.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        for name, optimizer in optimizers.items():
+            torch.save(optimizer.state_dict(), tmp / f"{name}.pt")
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         torch.save(rng, tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps({"progress": asdict(progress), "config": asdict(config)}, indent=2))
+        if self.exists():
+            previous = self.readable_dir()
+            for path in previous.iterdir():
+                if not (tmp / path.name).exists():
+                    shutil.copy2(path, tmp / path.name)
         shutil.rmtree(old, ignore_errors=True)
         if self.dir.exists():
             os.replace(self.dir, old)
@@ -202,15 +237,16 @@ class Checkpointer:
         directory = self.readable_dir()
         return Progress(**json.loads((directory / "state.json").read_text())["progress"])
 
-    def load(self, modules: dict[str, torch.nn.Module], ema: EMA | None, optimizer: torch.optim.Optimizer,
-             device: torch.device):
+    def load(self, modules: dict[str, torch.nn.Module], ema: EMA | None,
+             optimizers: dict[str, torch.optim.Optimizer], device: torch.device):
         directory = self.readable_dir()
         for name, module in modules.items():
             module.load_state_dict(load_file(directory / f"{name}.safetensors", device=str(device)))
         if ema is not None and (directory / "ema.safetensors").is_file():
             saved = load_file(directory / "ema.safetensors", device=str(device))
             ema.shadow = [saved[str(i)] for i in range(len(saved))]
-        optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location=device, weights_only=True))
+        for name, optimizer in optimizers.items():
+            optimizer.load_state_dict(torch.load(directory / f"{name}.pt", map_location=device, weights_only=True))
         rng = torch.load(directory / "rng.pt", weights_only=True)
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and torch.cuda.is_available():
@@ -240,7 +276,7 @@ def _autocast(config: TrainBackboneConfig, device: torch.device):
 def train_vae(config, vae, data, progress, checkpointer, deadline, stop, log, device):
     optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_lr, weight_decay=0.0)
     if config.resume and checkpointer.exists() and progress.phase == "vae" and progress.step > 0:
-        checkpointer.load({"vae": vae}, None, optimizer, device)
+        checkpointer.load({"vae": vae}, None, {"optimizer": optimizer}, device)
         log(f"resumed VAE phase at step {progress.step}")
     vae.train()
     started = time.monotonic()
@@ -259,7 +295,7 @@ def train_vae(config, vae, data, progress, checkpointer, deadline, stop, log, de
             rate = progress.step / max(time.monotonic() - started, 1e-6)
             log(f"vae step {progress.step} loss {loss.item():.4f} ({rate:.1f} steps/s this run)")
         if progress.step % config.checkpoint_every == 0:
-            checkpointer.save(progress, {"vae": vae}, None, optimizer, config)
+            checkpointer.save(progress, {"vae": vae}, None, {"optimizer": optimizer}, config)
     return optimizer
 
 
@@ -272,13 +308,82 @@ def encode_latents(vae, images: torch.Tensor, batch: int = 1024) -> torch.Tensor
 
 @torch.no_grad()
 def vae_reconstruction_accuracy(vae, scaling_factor: float, device, n: int = 256) -> dict:
-    """Recogniser accuracy on VAE reconstructions of clean renders (the ceiling for the backbone)."""
+    """Recogniser accuracy on VAE reconstructions of ``n`` clean renders spread over all scenes (the ceiling for
+    the backbone)."""
     scenes: list[Scene] = all_scenes()[:: max(1, len(all_scenes()) // n)]
     images = render_clean(scenes).to(device)
     latents = encode_latents(vae, images) * scaling_factor
     decoded = vae.decode(latents / scaling_factor).sample
     pil = [_to_pil(x) for x in decoded]
     return attribute_accuracy(pil, scenes)
+
+
+def object_mask(data: SceneDataset) -> torch.Tensor:
+    """(N, 1, H, W) bool: pixels that differ visibly from each image's background colour."""
+    palette = torch.tensor([BACKGROUNDS[name] for name in ATTRIBUTE_VALUES["background"]], dtype=torch.float32)
+    background = (palette / 127.5 - 1.0).to(data.images.device)[data.values[:, ATTRIBUTES.index("background")]]
+    return (data.images - background[:, :, None, None]).abs().amax(dim=1, keepdim=True) > 0.1
+
+
+def finetune_decoder(config, vae, data, progress, checkpointer, deadline, stop, log, device):
+    """Train ``vae.decoder`` and ``vae.post_quant_conv`` on the frozen encoder's posterior samples.
+
+    The encoder is untouched, so latents the UNet was trained on (and generates) keep their meaning; only how they
+    are drawn improves. Stops at ``config.decoder_steps``, the deadline, or once every attribute's reconstruction
+    accuracy reaches ``config.decoder_target``.
+    """
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    optimizer = torch.optim.AdamW(params, lr=config.decoder_lr, weight_decay=0.0)
+    if progress.decoder_step > 0:
+        checkpointer.load({"vae": vae}, None, {"decoder_optimizer": optimizer}, device)
+        log(f"resumed decoder fine-tuning at step {progress.decoder_step}")
+    vae.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    with torch.no_grad():
+        vae.eval()
+        posterior = [vae.encode(data.images[i:i + 1024]).latent_dist for i in range(0, len(data), 1024)]
+        mean, std = torch.cat([d.mean for d in posterior]), torch.cat([d.std for d in posterior])
+    weight = 1.0 + config.decoder_object_weight * object_mask(data).float()
+    vae.decoder.train()
+
+    def save_and_check() -> bool:
+        checkpointer.save(progress, {"vae": vae}, None, {"decoder_optimizer": optimizer}, config)
+        accuracy = vae_reconstruction_accuracy(vae, progress.scaling_factor, device, n=len(all_scenes()))
+        vae.decoder.train()
+        log(f"decoder step {progress.decoder_step} reconstruction accuracy: " + _format_accuracy(accuracy))
+        return all(v["accuracy"] >= config.decoder_target for v in accuracy.values())
+
+    started, start_step = time.monotonic(), progress.decoder_step
+    last_time = started
+    while progress.decoder_step < config.decoder_steps and time.monotonic() < deadline and not stop.stop:
+        idx = torch.randint(len(data), (config.decoder_batch,), device=device)
+        z = mean[idx] + std[idx] * torch.randn_like(mean[idx])
+        with _autocast(config, device):
+            recon = vae.decode(z).sample
+        w = weight[idx]
+        loss = (w * (recon.float() - data.images[idx]).abs()).sum() / (3 * w.sum())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        progress.decoder_step += 1
+        progress.trained_seconds += time.monotonic() - last_time
+        last_time = time.monotonic()
+        if progress.decoder_step % config.log_every == 0:
+            rate = (progress.decoder_step - start_step) / max(time.monotonic() - started, 1e-6)
+            log(f"decoder step {progress.decoder_step} loss {loss.item():.4f} ({rate:.2f} steps/s this run)")
+        if progress.decoder_step % config.checkpoint_every == 0 and save_and_check():
+            log(f"decoder reached reconstruction accuracy {config.decoder_target} on every attribute; stopping")
+            progress.decoder_done = True
+            checkpointer.save(progress, {"vae": vae}, None, {"decoder_optimizer": optimizer}, config)
+            break
+    if progress.decoder_step % config.checkpoint_every and not progress.decoder_done:
+        save_and_check()
+    vae.eval().requires_grad_(False)
+
+
+def _format_accuracy(accuracy: dict) -> str:
+    return ", ".join(f"{k} {v['accuracy']:.3f}" for k, v in accuracy.items())
 
 
 def render_clean(scenes: list[Scene]) -> torch.Tensor:
@@ -312,20 +417,45 @@ def sample_token_ids(config, caption_tokenizer: CaptionTokenizer, values: torch.
     return caption_tokenizer(values, named, order_key)
 
 
+def ema_pipeline(vae, text_encoder, tokenizer, unet, ema: EMA | None):
+    """A pipeline around copies of ``unet`` and ``text_encoder`` that hold the EMA weights (the modules themselves,
+    and their train/eval mode, are left as they are)."""
+    unet, text_encoder = copy.deepcopy(unet), copy.deepcopy(text_encoder)
+    if ema is not None:
+        ema.copy_to(list(unet.parameters()) + list(text_encoder.parameters()))
+    return assemble_pipeline(vae.eval(), text_encoder.eval(), tokenizer, unet.eval())
+
+
+def record_curve_point(config, out: Path, pipe, progress: Progress, log):
+    """Evaluate ``pipe`` with the curve settings; log it and append it to ``out/curve.jsonl``."""
+    settings = EvalSettings(captions=config.curve_captions, seeds=config.curve_seeds, steps=config.eval_steps,
+                            guidance_scales=[config.eval_guidance[0]])
+    t0 = time.monotonic()
+    accuracy = evaluate_pipeline(pipe, settings)["by_guidance"][str(config.eval_guidance[0])]
+    point = {"unet_step": progress.step, "decoder_step": progress.decoder_step,
+             "trained_seconds": round(progress.trained_seconds, 1), "settings": asdict(settings),
+             "accuracy": {k: round(v["accuracy"], 4) for k, v in accuracy.items()}}
+    with (out / "curve.jsonl").open("a") as f:
+        f.write(json.dumps(point) + "\n")
+    log(f"curve at unet step {progress.step} ({config.curve_captions} captions x {config.curve_seeds} seeds, "
+        f"{time.monotonic() - t0:.0f}s): " + _format_accuracy(accuracy))
+
+
 def train_unet(config, unet, text_encoder, latents, values, caption_tokenizer, progress, checkpointer, deadline,
-               stop, log, device, vae):
+               stop, log, device, vae, tokenizer):
     params = list(unet.parameters()) + list(text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     ema = EMA(params, config.ema_decay) if config.ema_decay > 0 else None
     modules = {"vae": vae, "unet": unet, "text_encoder": text_encoder}
     if config.resume and checkpointer.exists() and progress.step > 0:
-        checkpointer.load(modules, ema, optimizer, device)
+        checkpointer.load(modules, ema, {"optimizer": optimizer}, device)
         log(f"resumed UNet phase at step {progress.step}")
     noise_scheduler = training_scheduler()
     noise_scheduler.alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
     unet.train()
     text_encoder.train()
     started, start_step = time.monotonic(), progress.step
+    last_time = started  # trained_seconds counts training, not the curve evaluations
     while progress.step < config.unet_steps and time.monotonic() < deadline and not stop.stop:
         for group in optimizer.param_groups:
             group["lr"] = config.lr * min(1.0, (progress.step + 1) / config.warmup_steps)
@@ -352,7 +482,13 @@ def train_unet(config, unet, text_encoder, latents, values, caption_tokenizer, p
             log(f"unet step {progress.step} loss {loss.item():.4f} p_name {p_name_at(config, progress.step):.2f} "
                 f"({rate:.1f} steps/s, {rate * config.batch_size:.0f} samples/s this run)")
         if progress.step % config.checkpoint_every == 0:
-            checkpointer.save(progress, modules, ema, optimizer, config)
+            checkpointer.save(progress, modules, ema, {"optimizer": optimizer}, config)
+        if config.curve_every and progress.step % config.curve_every == 0:
+            progress.trained_seconds += time.monotonic() - last_time
+            record_curve_point(config, Path(config.out), ema_pipeline(vae, text_encoder, tokenizer, unet, ema),
+                               progress, log)
+            last_time = time.monotonic()
+    progress.trained_seconds += time.monotonic() - last_time
     return optimizer, ema
 
 
@@ -393,27 +529,25 @@ def train(config: TrainBackboneConfig) -> dict:
         progress = Progress(phase="unet", step=0, scaling_factor=1.0 / std,
                             trained_seconds=progress.trained_seconds + time.monotonic() - t_start)
         vae.register_to_config(scaling_factor=progress.scaling_factor)
-        checkpointer.save(progress, {"vae": vae}, None, vae_optimizer, config)
+        checkpointer.save(progress, {"vae": vae}, None, {"optimizer": vae_optimizer}, config)
         log(f"vae done; latent std {std:.3f}, scaling_factor {progress.scaling_factor:.4f}")
     else:
         vae.load_state_dict(load_file(checkpointer.readable_dir() / "vae.safetensors", device=str(device)))
         vae.register_to_config(scaling_factor=progress.scaling_factor)
     vae.requires_grad_(False)
+    if progress.decoder_step < config.decoder_steps and not progress.decoder_done:
+        finetune_decoder(config, vae, data, progress, checkpointer, deadline, stop, log, device)
     recon = vae_reconstruction_accuracy(vae, progress.scaling_factor, device)
-    log("vae reconstruction accuracy: " + ", ".join(f"{k} {v['accuracy']:.3f}" for k, v in recon.items()))
+    log("vae reconstruction accuracy: " + _format_accuracy(recon))
 
     latents = encode_latents(vae, data.images) * progress.scaling_factor
-    unet_started = time.monotonic()
     optimizer, ema = train_unet(config, unet, text_encoder, latents, data.values, CaptionTokenizer(tokenizer, device),
-                                progress, checkpointer, deadline, stop, log, device, vae)
-    progress.trained_seconds += time.monotonic() - unet_started
-    checkpointer.save(progress, {"vae": vae, "unet": unet, "text_encoder": text_encoder}, ema, optimizer, config)
+                                progress, checkpointer, deadline, stop, log, device, vae, tokenizer)
+    checkpointer.save(progress, {"vae": vae, "unet": unet, "text_encoder": text_encoder}, ema, {"optimizer": optimizer},
+                      config)
     log(f"checkpoint saved at unet step {progress.step}")
 
-    if ema is not None:
-        unet, text_encoder = copy.deepcopy(unet), copy.deepcopy(text_encoder)
-        ema.copy_to(list(unet.parameters()) + list(text_encoder.parameters()))
-    pipe = assemble_pipeline(vae.eval(), text_encoder.eval(), tokenizer, unet.eval())
+    pipe = ema_pipeline(vae, text_encoder, tokenizer, unet, ema)
     pipe.save_pretrained(out / "pipeline", safe_serialization=True)
     log(f"pipeline saved to {out / 'pipeline'}")
     settings = EvalSettings(captions=config.eval_captions, seeds=config.eval_seeds, steps=config.eval_steps,

@@ -87,6 +87,11 @@ class _ActionRecorder:
         return out.prompts
 
 
+def reward_metadata(trajectories: Sequence[Trajectory]) -> list[dict[str, Any]]:
+    """What a reward may read besides the image and the query: the final prompt and every prompt in force."""
+    return [{"prompt": t.prompts[-1], "prompts": list(t.prompts)} for t in trajectories]
+
+
 def _step_seed(*parts: int) -> int:
     seed = 0
     for p in parts:
@@ -162,6 +167,7 @@ class GRPOTrainer:
             dtype = "bfloat16" if device.type == "cuda" else "float32"
         backbone = auto_backbone(config.backbone.name_or_path, torch_dtype=getattr(torch, dtype))
         backbone.pipe.to(device)
+        torch.manual_seed(config.grpo.seed)  # a fresh LoRA adapter's init is part of the run's reproducibility
         policy = PromptPolicy.from_pretrained(config.policy.model_name_or_path, config.policy, device=device)
         reward = load_reward(config.reward.spec, device=config.reward.device or device)
         return cls(config, policy, backbone, reward, queries, eval_queries, accelerator=accelerator)
@@ -204,8 +210,7 @@ class GRPOTrainer:
                               schedules[start:stop], refine=recorder)
                 times["rollout"] += time.perf_counter() - t0
                 pil = out.pil()
-                metadata = [{"prompt": t.prompts[-1], "prompts": list(t.prompts)} for t in out.trajectories]
-                jobs.append((stop - start, worker.submit(pil, expanded[start:stop], metadata)))  # overlaps sampling
+                jobs.append((stop - start, worker.submit(pil, expanded[start:stop], reward_metadata(out.trajectories))))
                 trajectories += out.trajectories
                 images += pil
                 actions += recorder.actions
@@ -400,7 +405,7 @@ class GRPOTrainer:
         refine = self.policy.as_refine_fn(seed=self.config.grpo.seed)
         out = rollout(self.backbone, self.eval_queries, list(range(len(self.eval_queries))), self._settings(),
                       RefinementSchedule.uniform(n), refine=refine)
-        scores = self.reward(out.pil(), self.eval_queries).scores
+        scores = self.reward(out.pil(), self.eval_queries, reward_metadata(out.trajectories)).scores
         finite = scores[torch.isfinite(scores)]
         return {"eval/reward_mean": float(finite.mean()) if len(finite) else float("nan")}
 

@@ -1,9 +1,12 @@
 """The training command end to end at tiny sizes: phases, checkpoint, resume, save, load, sample, evaluate."""
 import json
+import shutil
 
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from safetensors.torch import load as load_file_bytes
+from safetensors.torch import load_file
 
 from promptloop.miniworld.train_backbone import Checkpointer, main, parse_args
 
@@ -62,3 +65,56 @@ def test_bad_flags_fail_before_training(tmp_path):
         parse_args(["--out", str(tmp_path), "--batch-size", "0"])
     with pytest.raises(SystemExit):
         parse_args(["--out", str(tmp_path), "--preset", "huge"])
+
+
+@pytest.fixture(scope="module")
+def decoder_tuned(trained, tmp_path_factory):
+    """The trained folder, copied, then resumed with decoder fine-tuning only (UNet step cap already reached)."""
+    source, _, _ = trained
+    out = tmp_path_factory.mktemp("decoder") / "run"
+    shutil.copytree(source, out)
+    before = {p.name: p.read_bytes() for p in (out / "checkpoint").iterdir()}
+    main(["--out", str(out), "--preset", "tiny", "--resume", "--unet-steps", "4", "--decoder-steps", "3"])
+    return out, before
+
+
+def test_decoder_finetuning_trains_the_decoder_only(decoder_tuned):
+    out, before = decoder_tuned
+    old = load_file_bytes(before["vae.safetensors"])
+    new = load_file(out / "checkpoint" / "vae.safetensors")
+    encoder_keys = [k for k in new if k.startswith(("encoder.", "quant_conv."))]
+    decoder_keys = [k for k in new if k.startswith(("decoder.", "post_quant_conv."))]
+    assert encoder_keys and decoder_keys
+    assert all(torch.equal(old[k], new[k]) for k in encoder_keys)
+    assert any(not torch.equal(old[k], new[k]) for k in decoder_keys)
+
+
+def test_decoder_finetuning_keeps_the_unet_state_and_records_its_progress(decoder_tuned):
+    out, before = decoder_tuned
+    progress = Checkpointer(out / "checkpoint").load_progress()
+    assert progress.phase == "unet" and progress.step == 4 and progress.decoder_step == 3
+    for name in ("unet.safetensors", "text_encoder.safetensors", "ema.safetensors", "optimizer.pt"):
+        assert (out / "checkpoint" / name).read_bytes() == before[name], name
+    assert (out / "checkpoint" / "decoder_optimizer.pt").is_file()
+    log = (out / "train_log.txt").read_text()
+    assert "decoder step 3 reconstruction accuracy" in log
+    assert "resumed UNet phase at step 4" in log
+
+
+def test_decoder_finetuning_resumes_from_its_step(decoder_tuned, tmp_path):
+    out, _ = decoder_tuned
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
+    main(["--out", str(again), "--preset", "tiny", "--resume", "--unet-steps", "4", "--decoder-steps", "4"])
+    assert Checkpointer(again / "checkpoint").load_progress().decoder_step == 4
+    assert "resumed decoder fine-tuning at step 3" in (again / "train_log.txt").read_text()
+    assert "decoder step 1 " not in (again / "train_log.txt").read_text().split("resumed decoder")[-1]
+
+
+def test_curve_points_are_recorded(tmp_path):
+    out = tmp_path / "curve"
+    main(["--out", str(out), "--preset", "tiny", "--unet-steps", "2", "--curve-every", "1", "--curve-captions", "2",
+          "--curve-seeds", "1"])
+    points = [json.loads(line) for line in (out / "curve.jsonl").read_text().splitlines()]
+    assert [p["unet_step"] for p in points] == [1, 2]
+    assert all(p["settings"]["captions"] == 2 and 0.0 <= p["accuracy"]["all_named"] <= 1.0 for p in points)

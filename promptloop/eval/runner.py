@@ -1,0 +1,199 @@
+"""``run_evaluation(config)``: every method on every backbone, scored by every reward, with fixed seeds."""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from ..backbones import Backbone, RefinementSchedule, SamplerSettings, auto_backbone
+from ..configuration import to_dict
+from ..policy import PromptPolicy
+from ..rewards import Reward, load_reward
+from ..visualize import trajectory_strip
+from .config import BackboneEntry, EvalConfig, MethodVariant, PolicySamplingSection
+from .methods import sample_batch
+from .prompt_sets import load_prompt_set
+from .report import write_report
+from .results import PROMPT_METRICS, EvalResults, Sample, summarise, write_results
+from .text_similarity import TextEmbedder, cosine_similarities, load_text_embedder
+
+Log = Callable[[str], None]
+
+
+def resolve_device(device: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _looks_local(path: str) -> bool:
+    """A path (not a hub id ``org/name``): absolute, relative with ./ or ../, ~, or more than one '/'."""
+    return path.startswith(("/", "./", "../", "~", ".\\")) or path.count("/") > 1 or Path(path).exists()
+
+
+def check_config(config: EvalConfig) -> list[MethodVariant]:
+    """Errors that need no model: N_R against each backbone's steps, missing local paths."""
+    variants = config.method_variants()
+    for label, backbone in config.backbones.items():
+        if _looks_local(backbone.name_or_path) and not Path(backbone.name_or_path).expanduser().exists():
+            raise ValueError(f"backbones.{label}.name_or_path {backbone.name_or_path!r} does not exist.")
+        for v in variants:
+            try:
+                RefinementSchedule.uniform(v.num_refinements).steps(backbone.num_inference_steps)
+            except ValueError as e:
+                raise ValueError(f"method {v.label!r} on backbone {label!r}: {e}") from e
+    for v in variants:
+        if v.kind != "base" and _looks_local(v.policy) and not Path(v.policy).expanduser().exists():
+            raise ValueError(f"methods.{v.method}.policy {v.policy!r} does not exist.")
+    return variants
+
+
+def load_backbone(entry: BackboneEntry, device: torch.device) -> Backbone:
+    dtype = entry.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" else "float32"
+    backbone = auto_backbone(entry.name_or_path, torch_dtype=getattr(torch, dtype))
+    backbone.pipe.to(device)
+    return backbone
+
+
+def sampler_settings(entry: BackboneEntry) -> SamplerSettings:
+    return SamplerSettings(num_inference_steps=entry.num_inference_steps, guidance_scale=entry.guidance_scale,
+                           negative_prompt=entry.negative_prompt, height=entry.height, width=entry.width,
+                           preview_size=entry.preview_size)
+
+
+class PolicyCache:
+    """Each policy path loaded once (adapter included; methods switch it off where asked), decoding settings
+    replaced by the evaluation's."""
+
+    def __init__(self, sampling: PolicySamplingSection, device: torch.device):
+        self.sampling, self.device = sampling, device
+        self.policies: dict[str, PromptPolicy] = {}
+
+    def get(self, path: str) -> PromptPolicy:
+        if path not in self.policies:
+            policy = PromptPolicy.from_pretrained(path, device=self.device, add_adapter=False, is_trainable=False)
+            overrides: dict[str, Any] = dict(do_sample=self.sampling.do_sample, temperature=self.sampling.temperature,
+                                             top_p=self.sampling.top_p)
+            if self.sampling.max_new_tokens is not None:
+                overrides["max_new_tokens"] = self.sampling.max_new_tokens
+            policy.config = dataclasses.replace(policy.config, **overrides)
+            self.policies[path] = policy
+        return self.policies[path]
+
+
+def _policy_seed(seed: int, start: int) -> int:
+    return seed * 1_000_003 + start
+
+
+class _Evaluator:
+    """Runs one backbone x method over the prompts and seeds; saves images and strips; measures."""
+
+    def __init__(self, config: EvalConfig, queries: list[str], rewards: dict[str, Reward], embedder: TextEmbedder,
+                 out_dir: Path, log: Log):
+        self.config, self.queries, self.rewards, self.embedder = config, queries, rewards, embedder
+        self.out_dir, self.log = out_dir, log
+
+    def run(self, backbone_label: str, backbone: Backbone, entry: BackboneEntry, variant: MethodVariant,
+            policy: Optional[PromptPolicy]) -> list[Sample]:
+        settings = sampler_settings(entry)
+        if self.config.warmup:
+            sample_batch(variant, backbone, policy, self.queries[:1], [self.config.seeds[0]], settings, 0)
+        folder = Path("images") / backbone_label / variant.folder_name
+        strip_folder = Path("strips") / backbone_label / variant.folder_name
+        (self.out_dir / folder).mkdir(parents=True, exist_ok=True)
+        samples = []
+        for seed in self.config.seeds:
+            for start in range(0, len(self.queries), entry.batch_size):
+                queries = self.queries[start:start + entry.batch_size]
+                began = time.perf_counter()
+                out = sample_batch(variant, backbone, policy, queries, [seed] * len(queries), settings,
+                                   _policy_seed(seed, start))
+                per_image = (time.perf_counter() - began) / len(queries)
+                samples += self._measure(backbone_label, variant, out, queries, start, seed, per_image, folder,
+                                         strip_folder)
+            self.log(f"  {backbone_label} / {variant.label}: seed {seed} done")
+        return samples
+
+    def _measure(self, backbone_label, variant, out, queries, start, seed, per_image, folder, strip_folder):
+        images = out.pil()
+        finals = [t.prompts[-1] for t in out.trajectories]
+        rewards = {label: reward(out.images, queries).scores.tolist() for label, reward in self.rewards.items()}
+        similarity = cosine_similarities(self.embedder, queries, finals)
+        samples = []
+        for i, (image, trajectory) in enumerate(zip(images, out.trajectories)):
+            index = start + i
+            image_path = folder / f"p{index:04d}_s{seed}.png"
+            image.save(self.out_dir / image_path)
+            strip_path = None
+            if variant.kind != "base" and index < self.config.output.strips and seed == self.config.seeds[0]:
+                strip_path = strip_folder / f"p{index:04d}_s{seed}.png"
+                (self.out_dir / strip_folder).mkdir(parents=True, exist_ok=True)
+                trajectory_strip(trajectory, image, tile=128).save(self.out_dir / strip_path)
+            metrics = {f"reward/{label}": scores[i] for label, scores in rewards.items()}
+            metrics.update(prompt_words=float(len(finals[i].split())), drift=1.0 - similarity[i],
+                           seconds_per_image=per_image)
+            samples.append(Sample(
+                backbone=backbone_label, method=variant.label, prompt_index=index, seed=seed, query=queries[i],
+                final_prompt=finals[i], prompts=list(trajectory.prompts),
+                decision_steps=list(trajectory.decision_steps), image=image_path.as_posix(),
+                strip=strip_path.as_posix() if strip_path else None, metrics=metrics,
+            ))
+        return samples
+
+
+def run_evaluation(config: EvalConfig, queries: Optional[Sequence[str]] = None,
+                   log: Optional[Log] = print) -> EvalResults:
+    """Evaluate, write results.json / samples.csv / summary.csv / results.md (and report.html) into
+    ``config.output.output_dir``, and return the results.
+
+    ``queries`` (default: loaded from ``config.prompts``) are the prompts. Cheap checks run first (prompt set, N_R
+    against steps, local paths), then rewards and the text embedder load once, then each backbone in turn (freed
+    before the next) with every method; policies load once per path.
+    """
+    log = log or (lambda message: None)
+    if queries is None:
+        queries = load_prompt_set(config.prompts.source, config.prompts.column, config.prompts.limit)
+    queries = list(queries)
+    variants = check_config(config)
+    device = resolve_device(config.device)
+    out_dir = Path(config.output.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log(f"{len(queries)} prompts x {len(config.seeds)} seeds; {len(config.backbones)} backbone(s) x "
+        f"{len(variants)} method(s): {[v.label for v in variants]}")
+    rewards = {label: load_reward(entry.spec, device=entry.device or device, **entry.kwargs)
+               for label, entry in config.rewards.items()}
+    embedder = load_text_embedder(config.text_embedder, device=device)
+    policies = PolicyCache(config.policy_sampling, device)
+    evaluator = _Evaluator(config, queries, rewards, embedder, out_dir, log)
+    samples: list[Sample] = []
+    for label, entry in config.backbones.items():
+        backbone = load_backbone(entry, device)
+        for variant in variants:
+            policy = policies.get(variant.policy) if variant.kind != "base" else None
+            samples += evaluator.run(label, backbone, entry, variant, policy)
+        del backbone
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    results = EvalResults(
+        config=to_dict(config), prompt_set={"source": config.prompts.source, "num_prompts": len(queries)},
+        seeds=list(config.seeds), baseline=config.baseline, confidence=config.confidence,
+        metrics=[f"reward/{label}" for label in config.rewards] + list(PROMPT_METRICS),
+        backbones=list(config.backbones), methods=[dataclasses.asdict(v) for v in variants], samples=samples,
+    )
+    summarise(results)
+    paths = write_results(results, out_dir)
+    if config.output.html:
+        paths["html"] = write_report(results, out_dir, config.output.embed_images, config.output.grid_prompts)
+    log("wrote " + ", ".join(str(p) for p in paths.values()))
+    return results
+
+
+__all__ = ["PolicyCache", "check_config", "load_backbone", "resolve_device", "run_evaluation", "sampler_settings"]

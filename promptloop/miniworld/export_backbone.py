@@ -1,0 +1,75 @@
+"""Ship a trained mini-world backbone: a compact copy of its pipeline folder, evaluated as shipped.
+
+    python -m promptloop.miniworld.export_backbone RUN_DIR DEST [--captions 32] [--seeds 4] [--guidance 4]
+
+Reads ``RUN_DIR/pipeline`` (written by ``train_backbone``), writes ``DEST`` with the UNet and VAE weights in float16
+(half the size) and the text encoder in float32, evaluates the copy as loaded back, and writes
+``DEST.eval.json`` / ``DEST.eval.md`` beside it (with ``RUN_DIR/checkpoint/state.json``'s progress as provenance).
+
+The text encoder stays float32 because transformers loads a model in its saved dtype by default while diffusers
+loads in float32: a float16 text encoder would make ``StableDiffusionPipeline.from_pretrained(DEST)`` (no dtype
+given) mix dtypes and fail. With this split a plain load gives an all-float32 pipeline.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline
+
+from .evaluate_backbone import EvalSettings, evaluate_dir, format_table
+
+HALF_PRECISION_COMPONENTS = ("unet", "vae")
+"""Pipeline components stored in float16 (diffusers upcasts them to float32 on a plain load)."""
+
+
+def export_pipeline(pipeline_dir: str | Path, dest: str | Path) -> Path:
+    """Copy the pipeline in ``pipeline_dir`` to ``dest`` (replaced), ``HALF_PRECISION_COMPONENTS`` in float16."""
+    pipeline_dir, dest = Path(pipeline_dir), Path(dest)
+    if not (pipeline_dir / "model_index.json").is_file():
+        raise ValueError(f"{pipeline_dir} holds no model_index.json; pass a folder written by save_pretrained.")
+    pipe = StableDiffusionPipeline.from_pretrained(pipeline_dir, safety_checker=None, feature_extractor=None,
+                                                   requires_safety_checker=False)
+    for name in HALF_PRECISION_COMPONENTS:
+        getattr(pipe, name).to(torch.float16)
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return dest
+
+
+def export_run(run_dir: str | Path, dest: str | Path, settings: EvalSettings) -> dict:
+    """Export ``run_dir/pipeline`` to ``dest``, evaluate the exported copy, write ``dest.eval.json`` and ``.md``."""
+    run_dir, dest = Path(run_dir), Path(dest)
+    export_pipeline(run_dir / "pipeline", dest)
+    result = evaluate_dir(dest, settings)
+    state = run_dir / "checkpoint" / "state.json"
+    if state.is_file():
+        result["training"] = json.loads(state.read_text())["progress"]
+    json_path, md_path = dest.with_name(dest.name + ".eval.json"), dest.with_name(dest.name + ".eval.md")
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    md_path.write_text(format_table(result) + "\n")
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", help="a train_backbone output folder (holds pipeline/ and checkpoint/)")
+    parser.add_argument("dest", help="the pipeline folder to write, e.g. promptloop/miniworld/assets/backbone_a")
+    parser.add_argument("--captions", type=int, default=32)
+    parser.add_argument("--seeds", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--guidance", type=float, nargs="+", default=[4.0])
+    args = parser.parse_args(argv)
+    settings = EvalSettings(captions=args.captions, seeds=args.seeds, steps=args.steps,
+                            guidance_scales=args.guidance)
+    return export_run(args.run_dir, args.dest, settings)
+
+
+if __name__ == "__main__":
+    main()

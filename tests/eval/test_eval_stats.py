@@ -1,0 +1,60 @@
+"""Confidence intervals against hand computation and printed t-tables."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from promptloop.eval.stats import mean_ci, paired_ci, paired_differences, student_t_cdf, t_quantile
+
+# Two-sided 95% critical values t_{0.975, df} from a printed Student t-table.
+T_TABLE_975 = {1: 12.7062, 2: 4.3027, 3: 3.1824, 4: 2.7764, 5: 2.5706, 10: 2.2281, 30: 2.0423, 120: 1.9799}
+
+
+@pytest.mark.parametrize("df,expected", sorted(T_TABLE_975.items()))
+def test_t_quantile_matches_the_printed_table(df, expected):
+    assert t_quantile(0.975, df) == pytest.approx(expected, abs=5e-5)
+    assert t_quantile(0.025, df) == pytest.approx(-expected, abs=5e-5)
+
+
+def test_t_quantile_inverts_the_cdf_and_tends_to_the_normal():
+    for df in (1, 2, 7, 50, 1999, 2001, 10_000):
+        for p in (0.6, 0.9, 0.975, 0.995):
+            assert student_t_cdf(t_quantile(p, df), df) == pytest.approx(p, abs=1e-9)
+    assert t_quantile(0.975, 10**6) == pytest.approx(1.959966, abs=1e-5)
+    assert t_quantile(0.995, 60) == pytest.approx(2.6603, abs=5e-5)  # printed table, 99% two-sided
+    with pytest.raises(ValueError, match="degrees of freedom"):
+        t_quantile(0.975, 0)
+
+
+def test_mean_ci_by_hand():
+    # values 1..5: mean 3, sample variance 2.5, se = sqrt(2.5 / 5) = 0.70711; t_{0.975,4} = 2.77645
+    interval = mean_ci([1, 2, 3, 4, 5])
+    assert interval.mean == 3 and interval.n == 5
+    assert interval.std == pytest.approx(math.sqrt(2.5))
+    assert interval.half_width == pytest.approx(2.776445 * 0.7071068, abs=1e-5)  # 1.963243
+    assert (interval.low, interval.high) == pytest.approx((3 - 1.963243, 3 + 1.963243), abs=1e-5)
+    ninety = mean_ci([1, 2, 3, 4, 5], confidence=0.90)  # t_{0.95,4} = 2.131847
+    assert ninety.half_width == pytest.approx(2.131847 * 0.7071068, abs=1e-5)
+
+
+def test_non_finite_values_are_left_out_and_tiny_samples_have_no_interval():
+    with_nan = mean_ci([1.0, float("nan"), 3.0, None, float("inf")])
+    assert with_nan.n == 2 and with_nan.mean == 2.0
+    assert with_nan.half_width == pytest.approx(12.706205 * math.sqrt(2) / math.sqrt(2), abs=1e-5)
+    one = mean_ci([4.0])
+    assert one.mean == 4.0 and one.n == 1 and math.isnan(one.low) and math.isnan(one.high)
+    empty = mean_ci([])
+    assert empty.n == 0 and math.isnan(empty.mean)
+
+
+def test_paired_difference_matches_keys_not_positions():
+    method = {("p0", 0): 2.0, ("p1", 0): 5.0, ("p2", 0): 4.0, ("p3", 0): float("nan")}
+    base = {("p2", 0): 1.0, ("p0", 0): 1.5, ("p1", 0): 3.0, ("p3", 0): 0.0, ("p9", 0): 9.0}
+    assert paired_differences(method, base) == [0.5, 2.0, 3.0]
+    # differences 0.5, 2, 3: mean 11/6, sample sd sqrt(((−4/3)² + (1/6)² + (7/6)²) / 2) = 1.258306
+    interval = paired_ci(method, base)
+    assert interval.n == 3
+    assert interval.mean == pytest.approx(11 / 6)
+    assert interval.std == pytest.approx(1.2583057, abs=1e-6)
+    assert interval.half_width == pytest.approx(4.302653 * 1.2583057 / math.sqrt(3), abs=1e-5)

@@ -1,0 +1,96 @@
+"""GRPO trainer end to end on a tiny SD pipeline and a tiny Qwen2.5-VL policy (CPU, fp32)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from promptloop.rewards import Reward
+from promptloop.rl.checkpoint import latest_checkpoint, list_checkpoints, read_meta
+from promptloop.testing.tiny_vlm import save_tiny_vlm
+from trainer_helpers import adapter_state, tiny_trainer
+
+
+@pytest.fixture(scope="module")
+def vlm_dir(tmp_path_factory) -> Path:
+    return save_tiny_vlm(tmp_path_factory.mktemp("vlm") / "qwen2_5_vl", "qwen2_5_vl")
+
+
+def test_training_raises_a_learnable_reward_and_changes_the_adapter(tmp_path, vlm_dir):
+    torch.manual_seed(0)
+    trainer = tiny_trainer(tmp_path / "run", vlm_dir, max_steps=12)
+    before = adapter_state(trainer)
+    history = trainer.train()
+    rewards = [h["reward/mean"] for h in history]
+    early, late = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
+    assert late > early + 0.15, rewards
+    after = adapter_state(trainer)
+    assert max(float((after[k] - before[k]).abs().max()) for k in before) > 1e-3
+    assert trainer.on_policy_ratio_deviation < 1e-5  # fp32: training log-probs reproduce sampling's
+    assert all(h["train/nonfinite_skips"] == 0 for h in history)
+
+
+def test_resume_continues_exactly(tmp_path, vlm_dir):
+    straight = tiny_trainer(tmp_path / "straight", vlm_dir, max_steps=4)
+    straight.train()
+    first = tiny_trainer(tmp_path / "split", vlm_dir, max_steps=2)
+    first.train()
+    assert read_meta(latest_checkpoint(tmp_path / "split"))["step"] == 2
+    second = tiny_trainer(tmp_path / "split", vlm_dir, max_steps=4)  # a fresh LoRA init, replaced on resume
+    second.train(resume=True)
+    a, b = adapter_state(straight), adapter_state(second)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+    assert second.stream.position == straight.stream.position
+    assert [p.name for p in list_checkpoints(tmp_path / "split")] == ["step-00000002", "step-00000004"]
+
+
+class _FlakyReward(Reward):
+    """NaN for every third image, and raises on the second call."""
+
+    name = "flaky"
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def score_batch(self, images, queries, metadata):
+        self.calls += 1
+        if self.calls == 2:
+            raise RuntimeError("reward server went away")
+        scores = torch.tensor([float(i % 2) for i in range(len(images))])
+        scores[::3] = float("nan")
+        return scores
+
+
+def test_nan_and_failing_rewards_are_dropped_and_counted(tmp_path, vlm_dir):
+    trainer = tiny_trainer(tmp_path / "run", vlm_dir, reward=_FlakyReward(), max_steps=2)
+    with pytest.warns(RuntimeWarning, match="NaN"):
+        history = trainer.train()
+    assert history[0]["reward/dropped"] == 6  # 16 images, indices 0, 3, ..., 15
+    assert history[1]["reward/failures"] == 16 and history[1]["reward/dropped"] == 16
+    assert all(torch.isfinite(p).all() for p in adapter_state(trainer).values())
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path, vlm_dir):
+    trainer = tiny_trainer(tmp_path / "empty", vlm_dir)
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        trainer.train(resume=True)
+
+
+def test_checkpoint_write_failure_keeps_the_previous_one(tmp_path, vlm_dir, monkeypatch):
+    trainer = tiny_trainer(tmp_path / "run", vlm_dir, max_steps=2)
+    trainer.train()
+    good = latest_checkpoint(tmp_path / "run")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    trainer.step = 3
+    with pytest.raises(OSError, match="earlier checkpoints .* are intact"):
+        trainer.save_checkpoint()
+    assert latest_checkpoint(tmp_path / "run") == good
+    assert not any(p.name.startswith(".tmp") for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert math.isclose(read_meta(good)["step"], 2)

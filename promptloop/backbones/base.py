@@ -91,7 +91,8 @@ class Backbone(ABC):
     @property
     @abstractmethod
     def text_budget(self) -> int:
-        """Tokens the primary text encoder reads (77 for CLIP; the T5 budget for SD3/FLUX)."""
+        """Content tokens the primary text encoder reads, compared with :meth:`count_tokens` (no special tokens):
+        77 - 2 = 75 for CLIP, ``max_sequence_length - 1`` for T5 (SD3/FLUX)."""
 
     @abstractmethod
     def count_tokens(self, prompt: str) -> int:

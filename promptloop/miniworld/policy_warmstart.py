@@ -4,9 +4,11 @@
 
 Before RL the policy must write grammatical mini-world prompts (at most ``MAX_CAPTION_WORDS`` domain words, one per
 attribute) that keep every attribute the query names. The warm start teaches exactly that and nothing about what
-makes a good image: inputs are the policy's real chats (``build_chat``: closed loop with x0-preview-like images,
-one-shot and a-priori), targets keep the query's words and fill a random number of the free slots with random values
-(canonical word order). Which free choices are good, and how to use the preview, is left for RL to find.
+makes a good image: inputs are the policy's real chats (``build_chat`` with the mini world's system prompts, see
+``miniworld_policy_config``: closed loop with x0-preview-like images, one-shot and a-priori), targets copy the
+query's words and add random values for a random number of its free attributes. Which free choices are good, and
+how to use the preview, is left for RL to find. Use the policy with ``miniworld_policy_config(mode)``: it was
+trained with those system prompts.
 
 The tokenizer is a byte-level ``Qwen2Tokenizer`` whose merges are learned (``tokenizers`` BPE) from the chats, so
 the system prompts and the domain words are a few tokens each and any other text still encodes byte by byte. The
@@ -50,10 +52,30 @@ PREVIEW_PIXELS = 112 * 112
 METRICS_NAME = "warmstart_metrics.json"
 
 
+_RULES = (f"Each prompt has at most {MAX_CAPTION_WORDS} words, each one of: {' '.join(VOCABULARY)}. "
+          "Keep every word of the user's query.")
+MINIWORLD_SYSTEM_PROMPTS = {
+    "closed": "You refine the prompt of a text-to-image model while it generates. You see the user's query, the "
+              "current prompt and the model's current estimate of the image. Write the next prompt. " + _RULES +
+              " Answer with the prompt only.",
+    "oneshot": "You rewrite the prompt of a text-to-image model before it generates. Write one prompt. " + _RULES +
+               " Answer with the prompt only.",
+    "apriori": "You write the prompts of a text-to-image model before it generates, one per refinement, the first "
+               "used from pure noise, the last for fine details. " + _RULES +
+               ' Answer with one line per prompt, numbered "1: ...", and nothing else.',
+}
+"""The mini world's system prompts: its vocabulary and text budget, in place of the defaults written for real
+models (which ask for up to 50 words of style and lighting, and cost a tiny model hundreds of tokens)."""
+
+
 def miniworld_policy_config(mode: str = "closed", model_name_or_path: str | Path = DEFAULT_POLICY_DIR,
                             **overrides) -> PolicyConfig:
-    """The ``PolicyConfig`` the mini world uses (preview size, short answers, the text budget, a small LoRA)."""
-    values = dict(model_name_or_path=str(model_name_or_path), mode=mode, min_pixels=PREVIEW_PIXELS,
+    """The ``PolicyConfig`` the mini world uses (its system prompt, preview size, short answers, the text budget,
+    a small LoRA)."""
+    if mode not in MINIWORLD_SYSTEM_PROMPTS:
+        raise ValueError(f"mode={mode!r} is not one of {tuple(MINIWORLD_SYSTEM_PROMPTS)}.")
+    values = dict(model_name_or_path=str(model_name_or_path), mode=mode, system_prompt=MINIWORLD_SYSTEM_PROMPTS[mode],
+                  min_pixels=PREVIEW_PIXELS,
                   max_pixels=PREVIEW_PIXELS, max_new_tokens=48, max_prompt_words=MAX_CAPTION_WORDS, lora_r=8,
                   lora_alpha=16.0)
     values.update(overrides)
@@ -72,14 +94,16 @@ def caption_check(prompt: str, query: str) -> tuple[bool, bool]:
 
 
 def target_prompt(query: str, rng: random.Random) -> str:
-    """A warm-start target: the query's words plus random values for a random number of its free attributes."""
+    """A warm-start target: the query's words (in the query's order) followed by random values for a random number
+    of its free attributes (in canonical order). Copying first is what a small model learns fastest; word order
+    carries no meaning in the mini world."""
     named = parse_caption(query)
     if len(named) > MAX_CAPTION_WORDS:
         raise ValueError(f"query {query!r} names {len(named)} attributes, over the budget of {MAX_CAPTION_WORDS}.")
     free = [name for name in ATTRIBUTES if name not in named]
-    extra = rng.sample(free, rng.randint(0, MAX_CAPTION_WORDS - len(named)))
-    chosen = {**named, **{name: rng.choice(ATTRIBUTE_VALUES[name]) for name in extra}}
-    return " ".join(chosen[name] for name in ATTRIBUTES if name in chosen)
+    extra = set(rng.sample(free, rng.randint(0, MAX_CAPTION_WORDS - len(named))))
+    kept = list(dict.fromkeys(word for word in query.split() if word in named.values()))
+    return " ".join(kept + [rng.choice(ATTRIBUTE_VALUES[name]) for name in free if name in extra])
 
 
 def sample_query(rng: random.Random) -> str:
@@ -128,8 +152,10 @@ def sample_example(mode: str, rng: random.Random) -> tuple[Observation, str]:
 
 # ----------------------------------------------------------------------------------------------- model and tokens
 def chat_corpus(rng: random.Random, size: int) -> Iterable[str]:
-    """Texts the policy reads and writes: system prompts, user turns of every mode, targets, domain words."""
+    """Texts the policy reads and writes: system prompts (the mini world's and the defaults), user turns of every
+    mode, targets, domain words."""
     yield from DEFAULT_SYSTEM_PROMPTS.values()
+    yield from MINIWORLD_SYSTEM_PROMPTS.values()
     for word in VOCABULARY:
         yield f"{word}\n {word}"
     for i in range(size):
@@ -208,13 +234,13 @@ class WarmStartConfig:
     """Text (and vision output) width of the model."""
     num_layers: int = 3
     """Decoder layers."""
-    steps: int = 300
+    steps: int = 500
     """Optimizer steps."""
     batch_size: int = 12
     """Examples per step (a third per mode)."""
     lr: float = 3e-3
     """AdamW learning rate (linear warm-up over 20 steps, cosine decay to 0)."""
-    eval_examples: int = 48
+    eval_examples: int = 32
     """Held-out observations per mode for the before/after measurement."""
 
     def __post_init__(self):
@@ -343,7 +369,7 @@ def main(argv=None) -> None:
 
 
 __all__ = ["DEFAULT_POLICY_DIR", "MODES", "PREVIEW_PIXELS", "WarmStartConfig", "build_policy_model", "caption_check",
-           "make_policy_tokenizer", "measure_prompts", "miniworld_policy_config", "sample_example", "save_policy",
+           "MINIWORLD_SYSTEM_PROMPTS", "make_policy_tokenizer", "measure_prompts", "miniworld_policy_config", "sample_example", "save_policy",
            "target_prompt", "warm_start"]
 
 if __name__ == "__main__":

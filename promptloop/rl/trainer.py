@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,6 +88,19 @@ class _ActionRecorder:
         return out.prompts
 
 
+def make_accelerator(config: TrainConfig):
+    """The run's ``accelerate.Accelerator``. Processes started by ``accelerate launch --multi_gpu`` (torchrun) on a
+    machine without CUDA must ask for the CPU explicitly to form a gloo process group (MULTI_CPU)."""
+    from accelerate import Accelerator
+
+    launched = "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(
+        cpu=launched and not torch.cuda.is_available(),
+        log_with=None if config.logging.report_to == "none" else config.logging.report_to,
+        project_dir=config.logging.output_dir,
+    )
+
+
 def reward_metadata(trajectories: Sequence[Trajectory]) -> list[dict[str, Any]]:
     """What a reward may read besides the image and the query: the final prompt and every prompt in force."""
     return [{"prompt": t.prompts[-1], "prompts": list(t.prompts)} for t in trajectories]
@@ -119,13 +133,8 @@ class GRPOTrainer:
 
     def __init__(self, config: TrainConfig, policy: PromptPolicy, backbone: Backbone, reward: RewardFn,
                  queries: Sequence[str], eval_queries: Optional[Sequence[str]] = None, accelerator=None):
-        from accelerate import Accelerator
-
         self.config = config
-        self.accelerator = accelerator or Accelerator(
-            log_with=None if config.logging.report_to == "none" else config.logging.report_to,
-            project_dir=config.logging.output_dir,
-        )
+        self.accelerator = accelerator or make_accelerator(config)
         self.sizes: DerivedSizes = derive_sizes(config.grpo, self.accelerator.num_processes)
         self.policy = policy
         self.backbone = backbone
@@ -149,8 +158,6 @@ class GRPOTrainer:
     @classmethod
     def from_config(cls, config: TrainConfig, accelerator=None) -> "GRPOTrainer":
         """Load the queries (first: cheap errors), then the backbone, the policy and the reward."""
-        from accelerate import Accelerator
-
         from ..backbones import auto_backbone
         from ..rewards import load_reward
         from .data import load_queries
@@ -158,9 +165,7 @@ class GRPOTrainer:
         queries = load_queries(config.data.prompts, config.data.column)
         eval_queries = load_queries(config.data.eval_prompts, config.data.column) if config.data.eval_prompts \
             else None
-        accelerator = accelerator or Accelerator(
-            log_with=None if config.logging.report_to == "none" else config.logging.report_to,
-            project_dir=config.logging.output_dir)
+        accelerator = accelerator or make_accelerator(config)
         device = accelerator.device
         dtype = config.backbone.dtype
         if dtype == "auto":

@@ -46,7 +46,7 @@ def test_tokenizer_makes_domain_words_and_system_prompts_short():
     assert tokenizer.decode(tokenizer("Ünïcode façade 42%").input_ids) == "Ünïcode façade 42%"  # bytes fall back
 
 
-def test_warm_start_runs_and_improves_the_loss_path():
+def test_warm_start_runs_end_to_end():
     config = WarmStartConfig(hidden_size=32, num_layers=1, steps=2, batch_size=3, eval_examples=2)
     model, processor, metrics = warm_start(config, log=lambda _: None)
     assert set(metrics["after"]) == set(MODES)
@@ -77,3 +77,12 @@ def test_shipped_policy_prompts_fit_the_text_budget():
     for prompt, (observation, _) in zip(actions.prompts, examples):
         assert len(prompt.split()) <= MAX_CAPTION_WORDS
         assert set(parse_caption(prompt)) or prompt == observation.prompt
+
+
+def test_miniworld_config_states_the_vocabulary_and_budget():
+    for mode in MODES:
+        config = miniworld_policy_config(mode)
+        assert all(word in config.system_prompt for word in VOCABULARY)
+        assert config.max_prompt_words == MAX_CAPTION_WORDS and config.mode == mode
+    with pytest.raises(ValueError, match="mode"):
+        miniworld_policy_config("sometimes")

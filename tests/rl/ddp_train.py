@@ -1,0 +1,29 @@
+"""Run by tests/rl/test_trainer_distributed.py under `accelerate launch --num_processes 2 --cpu`."""
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+from trainer_helpers import adapter_state, tiny_trainer  # noqa: E402
+
+out, vlm_dir = Path(sys.argv[1]), Path(sys.argv[2])
+trainer = tiny_trainer(out / "run", vlm_dir, max_steps=2, prompts_per_step=2, group_size=4, micro_batch_size=4)
+seeds = []
+collect = trainer.collect
+
+
+def recording_collect(queries, step):
+    batch = collect(queries, step)
+    seeds.append([t.seed for t in batch.trajectories])
+    return batch
+
+
+trainer.collect = recording_collect
+trainer.train()
+rank = trainer.accelerator.process_index
+save_file({k: v.contiguous() for k, v in adapter_state(trainer).items()}, str(out / f"adapter_rank{rank}.safetensors"))
+(out / f"rank{rank}.json").write_text(json.dumps({"seeds": seeds, "world": trainer.accelerator.num_processes,
+                                                  "torch_threads": torch.get_num_threads()}))

@@ -1,0 +1,37 @@
+"""Two CPU processes under `accelerate launch`: gradients of the LoRA parameters are synchronised.
+
+On a machine without GPUs, `accelerate launch --multi_gpu --num_processes 2` starts two gloo processes through
+torchrun (accelerate reports MULTI_CPU); `--cpu --num_processes 2` alone starts one process unless MPI is set up.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from promptloop.testing.tiny_vlm import save_tiny_vlm
+
+
+def test_two_processes_end_with_identical_adapters_and_distinct_seeds(tmp_path):
+    launcher = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
+    assert launcher, "accelerate's launcher is a dependency of promptloop"
+    vlm_dir = save_tiny_vlm(tmp_path / "vlm", "qwen2_5_vl")
+    script = Path(__file__).with_name("ddp_train.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
+    result = subprocess.run(
+        [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", str(script), str(tmp_path), str(vlm_dir)],
+        env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["world"] == 2 for r in ranks)
+    a, b = (load_file(str(tmp_path / f"adapter_rank{r}.safetensors")) for r in (0, 1))
+    assert a.keys() == b.keys()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) == 0.0
+    assert any(float(v.abs().max()) > 0 for k, v in a.items() if "lora_B" in k)  # B starts at zero: it moved
+    assert set(sum(ranks[0]["seeds"], [])).isdisjoint(sum(ranks[1]["seeds"], []))

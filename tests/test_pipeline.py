@@ -1,0 +1,118 @@
+"""The inference API (PromptLoopPipeline) and the command line, on tiny random models."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from promptloop.backbones import RefinementSchedule, SamplerSettings, auto_backbone, rollout
+from promptloop.cli import main as cli_main
+from promptloop.pipeline import PromptLoopPipeline
+from promptloop.policy import PolicyConfig, PromptPolicy
+from promptloop.testing.tiny_pipelines import tiny_sd_pipeline
+from promptloop.testing.tiny_vlm import save_tiny_vlm
+
+QUERIES = ["a red cat", "a blue dog on the grass"]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    vlm = save_tiny_vlm(root / "vlm", "qwen2_5_vl")
+    config = PolicyConfig(model_name_or_path=str(vlm), max_new_tokens=6, min_pixels=28 * 28, max_pixels=56 * 56)
+    torch.manual_seed(0)
+    PromptPolicy.from_pretrained(str(vlm), config, device="cpu").save_pretrained(root / "policy")
+    tiny_sd_pipeline(seed=0).save_pretrained(root / "sd")
+    return root
+
+
+@pytest.fixture()
+def loop(saved):
+    return PromptLoopPipeline.from_pretrained(str(saved / "policy"), str(saved / "sd"), device="cpu")
+
+
+def test_closed_loop_equals_the_rollout_and_is_reproducible(loop):
+    out = loop(QUERIES, num_refinements=2, num_inference_steps=5, seed=3, preview_size=32, output_type="pt")
+    reference = rollout(loop.backbone, QUERIES, [3, 4], SamplerSettings(num_inference_steps=5, preview_size=32),
+                        RefinementSchedule.uniform(2), refine=loop.policy.as_refine_fn(seed=3))
+    assert torch.equal(out.images, reference.images)
+    assert [t.prompts for t in out.trajectories] == [t.prompts for t in reference.trajectories]
+    again = loop(QUERIES, num_refinements=2, num_inference_steps=5, seed=3, preview_size=32, output_type="pt")
+    assert torch.equal(out.images, again.images)
+    assert all(len(t.decision_steps) == 2 and all(p is not None for p in t.previews) for t in out.trajectories)
+
+
+def test_apriori_makes_one_policy_call_and_no_previews(loop, monkeypatch):
+    calls = []
+    act = loop.policy.act
+    monkeypatch.setattr(loop.policy, "act", lambda obs, **kw: calls.append(len(obs)) or act(obs, **kw))
+    out = loop(QUERIES, num_refinements=3, mode="apriori", num_inference_steps=6, seed=0)
+    assert calls == [len(QUERIES)]
+    assert all(p is None for t in out.trajectories for p in t.previews)
+    assert all(len(t.prompts) == 4 for t in out.trajectories)
+    assert loop.policy.config.mode == "closed"  # the temporary mode switch was undone
+
+
+def test_mode_none_is_plain_sampling(loop):
+    out = loop(QUERIES, mode="none", num_inference_steps=4, seed=0, output_type="pt")
+    plain = rollout(loop.backbone, QUERIES, [0, 1], SamplerSettings(num_inference_steps=4))
+    assert torch.equal(out.images, plain.images)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(mode="loop"), "mode='loop' is not one of"),
+    (dict(num_refinements=-1), "num_refinements must be an int >= 0"),
+    (dict(num_refinements=5, num_inference_steps=4), "at least 6 sampling steps"),
+])
+def test_bad_arguments_are_clear_errors(loop, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        loop(QUERIES, **kwargs)
+
+
+def test_policy_must_be_a_prompt_policy():
+    with pytest.raises(TypeError, match="PromptPolicy"):
+        PromptLoopPipeline("not a policy", tiny_sd_pipeline())
+
+
+def test_sample_command_writes_images_trajectories_and_strips(saved, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat\n\n  a green tree \n", encoding="utf-8")
+    code = cli_main(["sample", "--policy", str(saved / "policy"), "--backbone", str(saved / "sd"),
+                     "--prompts", str(prompts), "--refinements", "2", "--steps", "4", "--preview-size", "32",
+                     "--out", str(tmp_path / "out")])
+    assert code == 0
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == ["000.json", "000.png", "000_strip.png", "001.json", "001.png", "001_strip.png"]
+    record = json.loads((tmp_path / "out" / "001.json").read_text())
+    assert record["query"] == "a green tree" and len(record["decision_steps"]) == 2
+    assert "wrote 6 files" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args,match", [
+    ([], "exactly one of --prompt TEXT or --prompts FILE"),
+    (["--prompts", "/nonexistent/prompts.txt"], "does not exist"),
+])
+def test_sample_command_bad_arguments(saved, args, match):
+    with pytest.raises(SystemExit, match=match):
+        cli_main(["sample", "--policy", str(saved / "policy"), "--backbone", str(saved / "sd"), *args])
+
+
+def test_train_command_config_errors_name_the_key(tmp_path):
+    config = tmp_path / "train.yaml"
+    config.write_text("backbone: {name_or_path: x}\ndata: {prompts: p.txt}\n")
+    with pytest.raises(SystemExit, match=r"unknown key\(s\) \['grpo.groupsize'\]"):
+        cli_main(["train", str(config), "--grpo.groupsize", "4"])
+    with pytest.raises(SystemExit, match="must be divisible by grpo.micro_batch_size=7"):
+        cli_main(["train", str(config), "--grpo.micro_batch_size", "7"])
+    with pytest.raises(SystemExit, match="config file .* does not exist"):
+        cli_main(["train", str(tmp_path / "missing.yaml")])
+    with pytest.raises(FileNotFoundError, match="prompt file 'p.txt' does not exist"):
+        cli_main(["train", str(config)])
+
+
+def test_demo_quick_runs_end_to_end(tmp_path, capsys):
+    assert cli_main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 0
+    assert (tmp_path / "demo" / "000_strip.png").is_file()
+    assert "wrote" in capsys.readouterr().out

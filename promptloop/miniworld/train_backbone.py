@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from transformers import CLIPTokenizer
 
 from .backbone import TINY_SIZES, BackboneSizes, assemble_pipeline, build_text_encoder, build_unet, build_vae, \
     training_scheduler
@@ -197,10 +198,24 @@ class Checkpointer:
 
     A save writes the given modules and optimizers and carries over every other file of the previous checkpoint, so
     a phase that trains one module (the decoder) keeps the others' state (UNet, EMA, its optimizer) intact.
+
+    The checkpoint also holds the run's tokenizer (``tokenizer/``): the text encoder's embedding rows mean the ids of
+    the tokenizer it was trained with, so a resumed run must use that one, not a newly built one.
     """
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, tokenizer: CLIPTokenizer | None = None):
         self.dir = directory
+        self.tokenizer = tokenizer
+        """Written into every save (set it before the first save)."""
+
+    def load_tokenizer(self) -> CLIPTokenizer:
+        path = self.readable_dir() / "tokenizer"
+        if not (path / "tokenizer_config.json").is_file():
+            raise ValueError(
+                f"{self.readable_dir()} holds no tokenizer/ folder (checkpoints written before it was saved there). "
+                "Copy in the tokenizer/ folder of the pipeline that the same run saved (<out>/pipeline/tokenizer "
+                "written by the run that made this checkpoint), then resume.")
+        return CLIPTokenizer.from_pretrained(path)
 
     def exists(self) -> bool:
         return (self.readable_dir() / "state.json").is_file()
@@ -222,11 +237,13 @@ class Checkpointer:
             rng["cuda"] = torch.cuda.get_rng_state_all()
         torch.save(rng, tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps({"progress": asdict(progress), "config": asdict(config)}, indent=2))
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(tmp / "tokenizer")
         if self.exists():
             previous = self.readable_dir()
             for path in previous.iterdir():
                 if not (tmp / path.name).exists():
-                    shutil.copy2(path, tmp / path.name)
+                    (shutil.copytree if path.is_dir() else shutil.copy2)(path, tmp / path.name)
         shutil.rmtree(old, ignore_errors=True)
         if self.dir.exists():
             os.replace(self.dir, old)
@@ -506,13 +523,14 @@ def train(config: TrainBackboneConfig) -> dict:
     checkpointer = Checkpointer(out / "checkpoint")
     resuming = config.resume and checkpointer.exists()
     progress = checkpointer.load_progress() if resuming else Progress()
+    tokenizer = checkpointer.load_tokenizer() if resuming else make_miniworld_tokenizer()
+    checkpointer.tokenizer = tokenizer
     if not resuming:
         torch.manual_seed(config.seed)
     log(f"config {json.dumps(asdict(config))}")
     log(f"{'resuming' if resuming else 'starting'}: phase {progress.phase} step {progress.step}")
 
     sizes = TINY_SIZES if config.tiny else BackboneSizes()
-    tokenizer = make_miniworld_tokenizer()
     vae, text_encoder, unet = build_vae(sizes), build_text_encoder(sizes, tokenizer), build_unet(sizes)
     vae, text_encoder, unet = vae.to(device), text_encoder.to(device), unet.to(device)
     log("params: vae {} text_encoder {} unet {}".format(

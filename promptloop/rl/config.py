@@ -86,6 +86,10 @@ class GRPOSection:
     loss_normalisation: Literal["token", "sequence"] = _help(
         "Average the per-token loss over all tokens of a mini-batch, or per action then over actions.",
         default="token")
+    old_logprobs: Literal["auto", "sampling", "recompute"] = _help(
+        "Old-policy log-probs in the ratio: those recorded while sampling ('sampling'; exact in fp32), or recomputed "
+        "by a forward shaped like the training micro-batch ('recompute'; needed in bf16, where generation and a full "
+        "forward differ by ~1e-3). 'auto' recomputes unless the policy runs in float32.", default="auto")
     ratio_tolerance: float = _help("Largest |ratio - 1| allowed on the first, on-policy micro-batch; above it "
                                    "training stops with an error (log-prob mismatch).", default=1e-3)
     max_steps: int = _help("Training steps (one rollout + update each).", default=100)

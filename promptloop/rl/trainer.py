@@ -54,6 +54,8 @@ class Action:
     """``(C,)`` float32 log-probs of the completion tokens at sampling time (the behaviour policy)."""
     kept_previous: bool
     advantage: float = 0.0
+    old_logps: Optional[torch.Tensor] = None
+    """Old-policy log-probs recomputed by a training-shaped forward (``grpo.old_logprobs``); else sampling's."""
 
 
 @dataclass
@@ -240,8 +242,30 @@ class GRPOTrainer:
             out = self.policy.log_probs([a.sample for a in actions])
         old = torch.zeros_like(out.log_probs)
         for i, a in enumerate(actions):
-            old[i, : len(a.sampling_logps)] = a.sampling_logps.to(old.device)
+            behaviour = a.sampling_logps if a.old_logps is None else a.old_logps
+            old[i, : len(behaviour)] = behaviour.to(old.device)
         return out.log_probs, old, out.mask
+
+    def _recompute_old_logps(self) -> bool:
+        mode = self.config.grpo.old_logprobs
+        if mode == "auto":
+            return self.policy.base_model.dtype != torch.float32
+        return mode == "recompute"
+
+    @torch.no_grad()
+    def _store_old_logps(self, actions: Sequence[Action], micro_batches: Sequence[Sequence[int]]) -> float:
+        """Old-policy log-probs from forwards shaped exactly like the first epoch's training micro-batches, so the
+        first ratio is 1 even where sampling's log-probs differ (bf16). Returns the largest |sampling - old| gap."""
+        gap = 0.0
+        for mb in micro_batches:
+            chunk = [actions[i] for i in mb]
+            with _forward_through(self.policy, self.model):
+                out = self.policy.log_probs([a.sample for a in chunk])
+            for row, a in enumerate(chunk):
+                a.old_logps = out.log_probs[row][out.mask[row]].float().cpu()
+                if len(a.old_logps) == len(a.sampling_logps) and len(a.old_logps):
+                    gap = max(gap, float((a.old_logps - a.sampling_logps).abs().max()))
+        return gap
 
     def update(self, batch: RolloutBatch) -> dict[str, float]:
         """Advantages, then ``inner_epochs`` x ``mini_batches`` optimizer steps over the batch's actions."""
@@ -263,12 +287,19 @@ class GRPOTrainer:
         n = len(batch.actions)
         per_step = n // g.mini_batches
         self.model.train()
-        for epoch in range(g.inner_epochs):
+        partitions = []  # per epoch: mini-batches, each a list of micro-batches of action indices
+        for _ in range(g.inner_epochs):
             order = torch.randperm(n, generator=order_gen).tolist()
-            for m in range(g.mini_batches):
-                idx = order[m * per_step:(m + 1) * per_step]
+            minis = [order[m * per_step:(m + 1) * per_step] for m in range(g.mini_batches)]
+            partitions.append([[mini[k:k + g.micro_batch_size] for k in range(0, per_step, g.micro_batch_size)]
+                               for mini in minis])
+        if self._recompute_old_logps():
+            metrics["policy/sampling_logprob_gap"] = self._store_old_logps(
+                batch.actions, [mb for mini in partitions[0] for mb in mini])
+        for epoch_partition in partitions:
+            for micro in epoch_partition:
+                idx = [i for mb in micro for i in mb]
                 tokens = sum(len(batch.actions[i].sampling_logps) for i in idx if valid[i])
-                micro = [idx[k:k + g.micro_batch_size] for k in range(0, len(idx), g.micro_batch_size)]
                 finite = True
                 for k, mb in enumerate(micro):
                     actions = [batch.actions[i] for i in mb]

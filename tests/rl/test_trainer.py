@@ -94,3 +94,17 @@ def test_checkpoint_write_failure_keeps_the_previous_one(tmp_path, vlm_dir, monk
     assert latest_checkpoint(tmp_path / "run") == good
     assert not any(p.name.startswith(".tmp") for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert math.isclose(read_meta(good)["step"], 2)
+
+
+def test_recomputed_old_logprobs_match_sampling_in_fp32_and_logs_are_written(tmp_path, vlm_dir):
+    trainer = tiny_trainer(tmp_path / "run", vlm_dir, max_steps=2, old_logprobs="recompute")
+    trainer.config.logging.report_to = "tensorboard"
+    trainer.config.logging.image_every = 1
+    from promptloop.rl.trainer import make_accelerator
+
+    trainer.accelerator = make_accelerator(trainer.config)  # a tracker-enabled accelerator for this run
+    history = trainer.train()
+    assert all(h["policy/sampling_logprob_gap"] < 1e-5 for h in history)
+    assert trainer.on_policy_ratio_deviation == 0.0  # identical forward shapes: the ratio is exactly 1
+    assert sorted(p.name for p in (tmp_path / "run" / "images").iterdir()) == ["step-000001.png", "step-000002.png"]
+    assert list((tmp_path / "run").rglob("events.out.tfevents.*")), "no TensorBoard event file"

@@ -1,7 +1,11 @@
 """Train mini-world backbone A: the VAE first, then the UNet and text encoder jointly; save, then evaluate.
 
     python -m promptloop.miniworld.train_backbone --out DIR [--preset gpu|cpu|tiny] [--device cuda]
-        [--max-minutes M] [--resume]
+        [--max-minutes M] [--resume] [--decoder-steps N] [--curve-every N]
+
+``--decoder-steps N`` fine-tunes the VAE decoder alone (encoder frozen) after the VAE phase, before the UNet phase
+continues; it may be added to a run that has already trained its UNet. ``--curve-every N`` evaluates the EMA
+weights every N UNet steps into ``curve.jsonl``.
 
 Writes into DIR: ``checkpoint/`` (training state, replaced atomically every ``--checkpoint-every`` steps and at
 exit; ``--resume`` continues from it), ``pipeline/`` (``StableDiffusionPipeline.save_pretrained``, EMA weights,
@@ -369,7 +373,7 @@ def finetune_decoder(config, vae, data, progress, checkpointer, deadline, stop, 
         accuracy = vae_reconstruction_accuracy(vae, progress.scaling_factor, device, n=len(all_scenes()))
         vae.decoder.train()
         log(f"decoder step {progress.decoder_step} reconstruction accuracy: " + _format_accuracy(accuracy))
-        return all(v["accuracy"] >= config.decoder_target for v in accuracy.values())
+        return all(accuracy[name]["accuracy"] >= config.decoder_target for name in ATTRIBUTES)
 
     started, start_step = time.monotonic(), progress.decoder_step
     last_time = started
@@ -384,8 +388,7 @@ def finetune_decoder(config, vae, data, progress, checkpointer, deadline, stop, 
         loss.backward()
         optimizer.step()
         progress.decoder_step += 1
-        progress.trained_seconds += time.monotonic() - last_time
-        last_time = time.monotonic()
+        progress.trained_seconds += time.monotonic() - last_time  # the checks below are not training time
         if progress.decoder_step % config.log_every == 0:
             rate = (progress.decoder_step - start_step) / max(time.monotonic() - started, 1e-6)
             log(f"decoder step {progress.decoder_step} loss {loss.item():.4f} ({rate:.2f} steps/s this run)")
@@ -394,6 +397,7 @@ def finetune_decoder(config, vae, data, progress, checkpointer, deadline, stop, 
             progress.decoder_done = True
             checkpointer.save(progress, {"vae": vae}, None, {"decoder_optimizer": optimizer}, config)
             break
+        last_time = time.monotonic()
     if progress.decoder_step % config.checkpoint_every and not progress.decoder_done:
         save_and_check()
     vae.eval().requires_grad_(False)

@@ -32,7 +32,7 @@ def make_clip_tokenizer(model_max_length: int = 77, words: tuple[str, ...] = ())
     for c in chars:
         vocab.setdefault(c + "</w>", len(vocab))
     merges: list[tuple[str, str]] = []
-    for word in sorted(set(words), key=len, reverse=True):
+    for word in sorted(set(words), key=lambda w: (-len(w), w)):  # deterministic across processes
         symbols = list(word[:-1]) + [word[-1] + "</w>"]
         while len(symbols) > 1:
             merged = symbols[0] + symbols[1]

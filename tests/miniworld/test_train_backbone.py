@@ -8,6 +8,9 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import load as load_file_bytes
 from safetensors.torch import load_file
 
+from transformers import CLIPTokenizer
+
+from promptloop.miniworld import train_backbone
 from promptloop.miniworld.train_backbone import Checkpointer, main, parse_args
 
 
@@ -73,9 +76,15 @@ def decoder_tuned(trained, tmp_path_factory):
     source, _, _ = trained
     out = tmp_path_factory.mktemp("decoder") / "run"
     shutil.copytree(source, out)
-    before = {p.name: p.read_bytes() for p in (out / "checkpoint").iterdir()}
-    main(["--out", str(out), "--preset", "tiny", "--resume", "--unet-steps", "4", "--decoder-steps", "3"])
+    before = {p.name: p.read_bytes() for p in (out / "checkpoint").iterdir() if p.is_file()}
+    with pytest.MonkeyPatch.context() as patch:  # a resumed run must take the checkpoint's tokenizer
+        patch.setattr(train_backbone, "make_miniworld_tokenizer", _no_new_tokenizer)
+        main(["--out", str(out), "--preset", "tiny", "--resume", "--unet-steps", "4", "--decoder-steps", "3"])
     return out, before
+
+
+def _no_new_tokenizer(*_, **__):
+    raise AssertionError("a resumed run built a new tokenizer instead of loading the checkpoint's")
 
 
 def test_decoder_finetuning_trains_the_decoder_only(decoder_tuned):
@@ -118,3 +127,30 @@ def test_curve_points_are_recorded(tmp_path):
     points = [json.loads(line) for line in (out / "curve.jsonl").read_text().splitlines()]
     assert [p["unet_step"] for p in points] == [1, 2]
     assert all(p["settings"]["captions"] == 2 and 0.0 <= p["accuracy"]["all_named"] <= 1.0 for p in points)
+
+
+def test_the_checkpoint_holds_the_tokenizer_the_pipeline_was_saved_with(trained):
+    out, _, _ = trained
+    in_checkpoint = CLIPTokenizer.from_pretrained(out / "checkpoint" / "tokenizer")
+    in_pipeline = StableDiffusionPipeline.from_pretrained(out / "pipeline").tokenizer
+    assert in_checkpoint.get_vocab() == in_pipeline.get_vocab()
+
+
+def test_a_checkpoint_without_a_tokenizer_cannot_be_resumed(trained, tmp_path):
+    out, _, _ = trained
+    legacy = tmp_path / "checkpoint"
+    shutil.copytree(out / "checkpoint", legacy)
+    shutil.rmtree(legacy / "tokenizer")
+    with pytest.raises(ValueError, match="tokenizer/"):
+        Checkpointer(legacy).load_tokenizer()
+
+
+def test_decoder_finetuning_stops_once_the_target_is_reached(trained, tmp_path):
+    source, _, _ = trained
+    out = tmp_path / "target"
+    shutil.copytree(source, out)
+    main(["--out", str(out), "--preset", "tiny", "--resume", "--unet-steps", "4", "--decoder-steps", "6",
+          "--decoder-target", "0.0"])
+    progress = Checkpointer(out / "checkpoint").load_progress()
+    assert progress.decoder_done and progress.decoder_step == 2  # the first check (tiny preset: every 2 steps)
+    assert "decoder reached reconstruction accuracy 0.0" in (out / "train_log.txt").read_text()

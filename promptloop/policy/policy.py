@@ -31,6 +31,8 @@ class TokenLogProbs:
     """``(B, C)`` log pi(token | prefix) under the temperature-scaled distribution; 0 where ``mask`` is False."""
     mask: torch.Tensor
     """``(B, C)`` bool, True at real completion tokens (the end token included)."""
+    entropy: Optional[torch.Tensor] = None
+    """``(B, C)`` detached entropy (nats) of the sampled distribution at each position; 0 where masked."""
 
 
 @dataclass
@@ -228,12 +230,22 @@ class PromptPolicy:
         encoding = self.processor(text=texts, padding=True, return_tensors="pt", **kwargs)
         return dict(encoding), [len(chat.images) for chat in chats]
 
-    def _token_log_probs(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """float32 log-probs of ``tokens`` under ``logits / temperature`` with suppressed tokens excluded."""
+    def _sampling_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """float32 ``logits / temperature`` with suppressed tokens at -inf: the distribution sampled from."""
         logits = logits.float() / self.config.temperature
         if self.suppressed_token_ids:
             logits[..., self.suppressed_token_ids] = float("-inf")
+        return logits
+
+    def _token_log_probs(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """float32 log-probs of ``tokens`` under ``logits / temperature`` with suppressed tokens excluded."""
+        logits = self._sampling_logits(logits)
         return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+    @torch.no_grad()
+    def _entropy(self, logits: torch.Tensor) -> torch.Tensor:
+        log_p = torch.log_softmax(self._sampling_logits(logits.detach()), dim=-1)
+        return -(log_p.exp() * log_p.masked_fill(torch.isinf(log_p), 0.0)).sum(-1)
 
     @torch.no_grad()
     def act(
@@ -345,7 +357,9 @@ class PromptPolicy:
             **batch.model_inputs, use_cache=False, logits_to_keep=completion_len + 1
         ).logits[:, :-1]
         log_probs = self._token_log_probs(logits, batch.completion_ids)
-        return TokenLogProbs(log_probs=log_probs.masked_fill(~batch.completion_mask, 0.0), mask=batch.completion_mask)
+        entropy = self._entropy(logits).masked_fill(~batch.completion_mask, 0.0)
+        return TokenLogProbs(log_probs=log_probs.masked_fill(~batch.completion_mask, 0.0), mask=batch.completion_mask,
+                             entropy=entropy)
 
     @contextlib.contextmanager
     def reference(self) -> Iterator["PromptPolicy"]:

@@ -244,7 +244,7 @@ class GRPOTrainer:
         for i, a in enumerate(actions):
             behaviour = a.sampling_logps if a.old_logps is None else a.old_logps
             old[i, : len(behaviour)] = behaviour.to(old.device)
-        return out.log_probs, old, out.mask
+        return out.log_probs, old, out.mask, out.entropy
 
     def _recompute_old_logps(self) -> bool:
         mode = self.config.grpo.old_logprobs
@@ -305,8 +305,10 @@ class GRPOTrainer:
                     actions = [batch.actions[i] for i in mb]
                     sync = contextlib.nullcontext() if k == len(micro) - 1 else self.accelerator.no_sync(self.model)
                     with sync:
-                        logps, old, mask = self._micro_batch_logps(actions)
+                        logps, old, mask, entropy = self._micro_batch_logps(actions)
                         mask = mask & torch.tensor([valid[i] for i in mb], device=mask.device).unsqueeze(1)
+                        if entropy is not None and mask.any():
+                            sums["policy/entropy"] = sums.get("policy/entropy", 0.0) + float(entropy[mask].mean())
                         if not self._ratio_checked:
                             self._check_on_policy(logps, old, mask)
                         ref = None

@@ -239,3 +239,18 @@ def test_refine_fn_returns_one_prompt_per_observation_reproducibly(tiny_vlm_dirs
     prompts = policy.as_refine_fn(seed=7)(observations)
     assert len(prompts) == len(observations) and all(isinstance(p, str) and p for p in prompts)
     assert policy.as_refine_fn(seed=7)(observations) == prompts
+
+
+def test_log_probs_report_the_entropy_of_the_sampled_distribution(tmp_path):
+    import math
+
+    from promptloop.testing.tiny_vlm import save_tiny_vlm
+
+    path = save_tiny_vlm(tmp_path / "vlm", "qwen2_5_vl")
+    policy = PromptPolicy.from_pretrained(str(path), small_config(model_name_or_path=str(path)), device="cpu")
+    actions = policy.act(mixed_observations(), seed=0)
+    out = policy.log_probs(actions.samples)
+    allowed = policy.base_model.config.get_text_config().vocab_size - len(policy.suppressed_token_ids)
+    ent = out.entropy[out.mask]
+    assert (ent > 0).all() and (ent <= math.log(allowed) + 1e-4).all()  # at most uniform over allowed tokens
+    assert torch.equal(out.entropy[~out.mask], torch.zeros_like(out.entropy[~out.mask]))

@@ -10,11 +10,15 @@ The gold rule: ``gold = aesthetic - VIOLATION_PENALTY * (number of query attribu
 | term | weight | value in [0, 1] |
 |---|---|---|
 | contrast | 1.0 | luminance difference of object and background (measured), / 255 |
-| colour taste | 1.0 | 1 for a warm object (red, orange, yellow) on a dark background (black, brown) or a cool one (green, blue, purple) on a light background (white, gray), else 0 |
+| colour taste | 1.0 | 1 for a warm object on a dark background or a cool object on a light one, else 0 |
 | size | 0.5 | fitted half-width, 0 at the small size and 1 at the big size (clipped) |
 | centring | 0.5 | 1 at the image centre, 0 at a corner cell's centre or further |
 | shape taste | 0.25 | circle 1, square 0.5, triangle 0 |
-| cleanliness | 1.0 | ``exp(-fit_error / 0.01) * exp(-border_mad / 10)``: a clean shape (recogniser's template fit error) on a flat background (median absolute deviation of the 2-px border) |
+| cleanliness | 1.0 | ``exp(-fit_error / 0.01) * exp(-border_mad / 10)``: a clean shape on a flat background |
+
+Warm colours: red, orange, yellow (cool: green, blue, purple); dark backgrounds: black, brown (light: white,
+gray). ``fit_error`` is the recogniser's template-fit error, ``border_mad`` the median absolute deviation of the 2-px
+border from its median colour.
 
 An image without an object has aesthetic 0 and gets every object attribute the query names wrong. The penalty (2.0)
 is larger than what any one attribute can add to the aesthetic (at most 1.7, colour or background), so gold never

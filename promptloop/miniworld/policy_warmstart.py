@@ -191,17 +191,21 @@ def make_policy_tokenizer(seed: int = 0, corpus_size: int = 600, vocab_size: int
 
 def build_policy_model(tokenizer: Qwen2Tokenizer, hidden_size: int = 64, num_layers: int = 3,
                        seed: int = 0) -> tuple[PreTrainedModel, ProcessorMixin]:
-    """A random-weight ``Qwen2_5_VLForConditionalGeneration`` over ``tokenizer`` and its stock processor."""
+    """A random-weight ``Qwen2_5_VLForConditionalGeneration`` over ``tokenizer`` and its stock processor.
+
+    Input and output embeddings are tied (as in Qwen2.5-VL-3B): copying the query's words is then what attention
+    does by default, which a small model otherwise learns slowly.
+    """
     from transformers import Qwen2VLImageProcessor
 
     config_cls, model_cls, processor_cls, video_processor_cls = _classes(FAMILY)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    text_config = {**_text_config(FAMILY, len(tokenizer), hidden_size, num_layers, ids), "tie_word_embeddings": True}
     config = config_cls(
-        text_config=_text_config(FAMILY, len(tokenizer), hidden_size, num_layers, ids),
-        vision_config=_vision_config(FAMILY, hidden_size),
+        text_config=text_config, vision_config=_vision_config(FAMILY, hidden_size),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False,
+        tie_word_embeddings=True,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -234,7 +238,7 @@ class WarmStartConfig:
     """Text (and vision output) width of the model."""
     num_layers: int = 3
     """Decoder layers."""
-    steps: int = 500
+    steps: int = 2000
     """Optimizer steps."""
     batch_size: int = 12
     """Examples per step (a third per mode)."""
@@ -242,10 +246,14 @@ class WarmStartConfig:
     """AdamW learning rate (linear warm-up over 20 steps, cosine decay to 0)."""
     eval_examples: int = 32
     """Held-out observations per mode for the before/after measurement."""
+    tokenizer_corpus: int = 600
+    """Sampled chats (a third per mode) the tokenizer's BPE merges are learned from."""
+    device: str = "cpu"
+    """Where to train ("cuda" on a GPU: the default run then takes about a minute)."""
 
     def __post_init__(self):
         for f in fields(self):
-            if f.name != "seed" and getattr(self, f.name) <= 0:
+            if f.name not in ("seed", "device") and getattr(self, f.name) <= 0:
                 raise ValueError(f"{f.name} must be positive, got {getattr(self, f.name)}.")
 
 
@@ -259,7 +267,9 @@ def _samples(policy: PromptPolicy, examples: Sequence[tuple[Observation, str]]):
     observations = [observation for observation, _ in examples]
     encoding, images_per_sample = policy._encode(observations)
     tokenizer = policy.processor.tokenizer
-    targets = [tokenizer(target, add_special_tokens=False).input_ids + [policy.eos_token_ids[0]]
+    # A leading space makes every target word the same token as in the chat (" red"), so keeping the query is a
+    # plain copy; the sanitizer strips the space.
+    targets = [tokenizer(" " + target, add_special_tokens=False).input_ids + [policy.eos_token_ids[0]]
                for _, target in examples]
     width = max(len(t) for t in targets)
     completion_ids = torch.full((len(targets), width), policy.pad_token_id, dtype=torch.long)
@@ -301,8 +311,9 @@ def measure_prompts(policies: dict[str, PromptPolicy], examples: dict[str, list[
 def warm_start(config: WarmStartConfig, log=print) -> tuple[PreTrainedModel, ProcessorMixin, dict]:
     """Build the tokenizer and model, measure, fine-tune on synthetic examples, measure again."""
     start = time.time()
-    tokenizer = make_policy_tokenizer(config.seed)
+    tokenizer = make_policy_tokenizer(config.seed, config.tokenizer_corpus)
     model, processor = build_policy_model(tokenizer, config.hidden_size, config.num_layers, config.seed)
+    model.to(config.device)
     policies = _policies(model, processor)
     held_out = evaluation_examples(config.seed, config.eval_examples)
     before = measure_prompts(policies, held_out, seed=config.seed)
@@ -340,7 +351,7 @@ def warm_start(config: WarmStartConfig, log=print) -> tuple[PreTrainedModel, Pro
 def save_policy(model: PreTrainedModel, processor: ProcessorMixin, directory: str | Path) -> Path:
     """Write the base model (safetensors) and the processor so that ``PromptPolicy.from_pretrained`` loads them."""
     directory = Path(directory)
-    model.save_pretrained(directory)
+    model.to("cpu").save_pretrained(directory)
     processor.save_pretrained(directory)
     return directory
 
@@ -368,9 +379,9 @@ def main(argv=None) -> None:
     print(json.dumps(metrics, indent=2))
 
 
-__all__ = ["DEFAULT_POLICY_DIR", "MODES", "PREVIEW_PIXELS", "WarmStartConfig", "build_policy_model", "caption_check",
-           "MINIWORLD_SYSTEM_PROMPTS", "make_policy_tokenizer", "measure_prompts", "miniworld_policy_config", "sample_example", "save_policy",
-           "target_prompt", "warm_start"]
+__all__ = ["DEFAULT_POLICY_DIR", "METRICS_NAME", "MINIWORLD_SYSTEM_PROMPTS", "MODES", "PREVIEW_PIXELS", "WarmStartConfig",
+           "build_policy_model", "caption_check", "make_policy_tokenizer", "measure_prompts", "miniworld_policy_config",
+           "evaluation_examples", "sample_example", "save_policy", "target_prompt", "warm_start"]
 
 if __name__ == "__main__":
     main()

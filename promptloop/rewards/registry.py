@@ -18,6 +18,8 @@ from .base import Reward
 RewardFactory = Callable[..., Reward]  # (device=..., dtype=..., **kwargs) -> Reward, loading its model once
 
 _REGISTRY: dict[str, RewardFactory] = {}
+_PLUGIN_MODULES = {"miniworld-": "promptloop.miniworld.rewards"}
+"""Name prefix -> module that registers those rewards when imported (imported on first use of such a name)."""
 
 
 def register_reward(name: str) -> Callable[[RewardFactory], RewardFactory]:
@@ -33,7 +35,9 @@ def register_reward(name: str) -> Callable[[RewardFactory], RewardFactory]:
 
 
 def available_rewards() -> list[str]:
-    """Names ``load_reward`` accepts (besides ``module:function``)."""
+    """Names ``load_reward`` accepts (besides ``module:function``), plugin rewards included."""
+    for module in _PLUGIN_MODULES.values():
+        importlib.import_module(module)
     return sorted(_REGISTRY)
 
 
@@ -112,6 +116,9 @@ def _load_callable(target: str, device, dtype, kwargs: dict[str, Any]) -> Reward
 
 
 def _load_one(target: str, device, dtype, kwargs: dict[str, Any]) -> Reward:
+    for prefix, module in _PLUGIN_MODULES.items():
+        if target.startswith(prefix) and target not in _REGISTRY:
+            importlib.import_module(module)
     if target in _REGISTRY:
         return _REGISTRY[target](device=device, dtype=dtype, **kwargs)
     if ":" in target:

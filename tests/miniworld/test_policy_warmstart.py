@@ -47,7 +47,7 @@ def test_tokenizer_makes_domain_words_and_system_prompts_short():
 
 
 def test_warm_start_runs_end_to_end():
-    config = WarmStartConfig(hidden_size=32, num_layers=1, steps=2, batch_size=3, eval_examples=2)
+    config = WarmStartConfig(hidden_size=32, num_layers=1, steps=2, batch_size=3, eval_examples=2, tokenizer_corpus=30)
     model, processor, metrics = warm_start(config, log=lambda _: None)
     assert set(metrics["after"]) == set(MODES)
     assert all(0.0 <= m["valid"] <= 1.0 for m in metrics["after"].values())
@@ -62,11 +62,11 @@ def test_shipped_policy_writes_valid_prompts_that_keep_the_query(shipped_metrics
     policies = {mode: PromptPolicy.from_pretrained(DEFAULT_POLICY_DIR, miniworld_policy_config(mode), device="cpu")
                 for mode in MODES}
     assert all(policy.has_adapter for policy in policies.values())  # a fresh LoRA for RL
-    measured = measure_prompts(policies, evaluation_examples(seed=99, per_mode=16), seed=3)
+    measured = measure_prompts(policies, evaluation_examples(seed=99, per_mode=24), seed=3)
     for mode in MODES:
         shipped = shipped_metrics["after"][mode]
-        assert measured[mode]["valid"] >= shipped["valid"] - 0.15, (mode, measured[mode], shipped)
-        assert measured[mode]["keeps_query"] >= shipped["keeps_query"] - 0.15, (mode, measured[mode], shipped)
+        assert measured[mode]["valid"] >= shipped["valid"] - 0.2, (mode, measured[mode], shipped)
+        assert measured[mode]["keeps_query"] >= shipped["keeps_query"] - 0.2, (mode, measured[mode], shipped)
         assert shipped_metrics["before"][mode]["valid"] < 0.05  # the random initial model wrote no captions
 
 

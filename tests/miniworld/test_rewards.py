@@ -117,3 +117,14 @@ def test_preference_training_runs_and_round_trips(tmp_path):
 def test_missing_preference_folder_says_how_to_train_one(tmp_path):
     with pytest.raises(FileNotFoundError, match="train_preference"):
         load_reward("miniworld-preference", path=tmp_path)
+
+
+def test_miniworld_rewards_resolve_by_name_without_an_explicit_import():
+    import subprocess
+    import sys
+
+    code = ("from promptloop.rewards import load_reward, available_rewards;"
+            "assert {'miniworld-gold', 'miniworld-fidelity', 'miniworld-preference'} <= set(available_rewards());"
+            "print(type(load_reward('miniworld-fidelity')).__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "MiniworldFidelityReward"

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -56,29 +55,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Offline end-to-end example on tiny random models (a placeholder until the mini world ships)."""
-    import torch
+    """PromptLoop end to end in the mini world: GRPO training, then evaluation against base and untrained."""
+    from .miniworld.demo import run_demo
 
-    from .pipeline import PromptLoopPipeline
-    from .policy import PolicyConfig, PromptPolicy
-    from .testing.tiny_pipelines import tiny_sd_pipeline
-    from .testing.tiny_vlm import make_tiny_vlm
-
-    torch.manual_seed(0)
-    start = time.perf_counter()
-    model, processor = make_tiny_vlm("qwen2_5_vl", seed=0)
-    policy = PromptPolicy(model, processor, PolicyConfig(model_name_or_path="tiny-random-qwen2.5-vl",
-                                                         max_new_tokens=12))
-    pipeline = PromptLoopPipeline(policy, tiny_sd_pipeline(seed=0))
-    queries = ["a red circle on a blue background", "two green squares"]
-    steps, refinements = (6, 2) if args.quick else (20, 5)
-    output = pipeline(queries, num_refinements=refinements, num_inference_steps=steps, seed=0, preview_size=64,
-                      progress=True)
-    written = write_outputs(Path(args.out), output)
-    print("NOTE: tiny RANDOM models (no training yet): the images and prompts are noise; this shows the loop runs.")
-    for t in output.trajectories:
-        print(f"  query {t.query!r}: prompts at steps {t.decision_steps}: {t.prompts[1:]}")
-    print(f"demo done in {time.perf_counter() - start:.1f}s; wrote {len(written)} files to {args.out}")
+    run_demo(args.out, quick=args.quick)
     return 0
 
 
@@ -125,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="promptloop", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="run PromptLoop end to end offline on a CPU")
+    demo = sub.add_parser("demo", help="train and evaluate PromptLoop in the mini world (offline, CPU, minutes)")
     demo.add_argument("--quick", action="store_true", help="the shortest run (CI)")
     demo.add_argument("--out", default="runs/demo", help="output folder")
     demo.set_defaults(func=cmd_demo)

@@ -112,7 +112,13 @@ def test_train_command_config_errors_name_the_key(tmp_path):
         cli_main(["train", str(config)])
 
 
-def test_demo_quick_runs_end_to_end(tmp_path, capsys):
+def test_demo_quick_trains_and_evaluates_in_the_mini_world(tmp_path, capsys):
     assert cli_main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 0
-    assert (tmp_path / "demo" / "000_strip.png").is_file()
-    assert "wrote" in capsys.readouterr().out
+    out = tmp_path / "demo"
+    for name in ("reward_curve.png", "results.md", "summary.json", "eval/results.json", "eval/report.html"):
+        assert (out / name).is_file(), name
+    results = json.loads((out / "eval" / "results.json").read_text())
+    methods = {row["method"] for row in results["summary"]}
+    assert {"base", "untrained", "trained"} <= methods
+    assert list((out / "eval").rglob("*.png")), "no images or trajectory strips"
+    assert "demo finished" in capsys.readouterr().out

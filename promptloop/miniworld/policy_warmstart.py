@@ -30,13 +30,12 @@ from typing import Iterable, Sequence
 import torch
 from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import GenerationConfig, PreTrainedModel, ProcessorMixin, Qwen2Tokenizer
+from transformers import PreTrainedModel, ProcessorMixin, Qwen2Tokenizer
 
 from promptloop.backbones.types import Observation
 from promptloop.policy import PolicyConfig, PromptPolicy, build_chat
 from promptloop.policy.chat import DEFAULT_SYSTEM_PROMPTS
-from promptloop.testing.tiny_vlm import (PLAIN_ADDED_TOKENS, SPECIAL_TOKENS, _classes, _text_config, _vision_config,
-                                         qwen_vl_chat_template)
+from promptloop.testing.tiny_vlm import PLAIN_ADDED_TOKENS, SPECIAL_TOKENS, make_tiny_vlm, qwen_vl_chat_template
 from promptloop.testing.tokenizers import byte_symbols
 
 from .degrade import degrade, sample_degradation
@@ -196,32 +195,9 @@ def build_policy_model(tokenizer: Qwen2Tokenizer, hidden_size: int = 64, num_lay
     Input and output embeddings are tied (as in Qwen2.5-VL-3B): copying the query's words is then what attention
     does by default, which a small model otherwise learns slowly.
     """
-    from transformers import Qwen2VLImageProcessor
-
-    config_cls, model_cls, processor_cls, video_processor_cls = _classes(FAMILY)
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    text_config = {**_text_config(FAMILY, len(tokenizer), hidden_size, num_layers, ids), "tie_word_embeddings": True}
-    config = config_cls(
-        text_config=text_config, vision_config=_vision_config(FAMILY, hidden_size),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = model_cls(config).eval()
-    model.generation_config = GenerationConfig(
-        eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]], pad_token_id=ids["<|endoftext|>"], bos_token_id=None,
-    )
-    patch = config.vision_config.patch_size
-    size = {"shortest_edge": PREVIEW_PIXELS, "longest_edge": PREVIEW_PIXELS}
-    processor = processor_cls(
-        image_processor=Qwen2VLImageProcessor(patch_size=patch, merge_size=2, temporal_patch_size=2, size=size),
-        tokenizer=tokenizer,
-        video_processor=video_processor_cls(patch_size=patch, merge_size=2, temporal_patch_size=2, size=size),
-        chat_template=tokenizer.chat_template,
-    )
-    return model, processor
+    return make_tiny_vlm(FAMILY, hidden_size=hidden_size, num_layers=num_layers, seed=seed,
+                         max_pixels=PREVIEW_PIXELS, min_pixels=PREVIEW_PIXELS, tokenizer=tokenizer,
+                         tie_word_embeddings=True)
 
 
 # ------------------------------------------------------------------------------------------------------ training

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from transformers import GenerationConfig, PreTrainedModel, ProcessorMixin, Qwen2Tokenizer
@@ -135,25 +135,30 @@ def _classes(family: str):
 
 def make_tiny_vlm(
     family: str = "qwen2_5_vl", hidden_size: int = 64, num_layers: int = 2, seed: int = 0,
-    max_pixels: int = 128 * 128,
+    max_pixels: int = 128 * 128, min_pixels: Optional[int] = None, tokenizer: Optional[Qwen2Tokenizer] = None,
+    tie_word_embeddings: bool = False,
 ) -> tuple[PreTrainedModel, ProcessorMixin]:
     """A random-weight chat VLM of the real ``family`` class and its stock processor.
 
-    ``max_pixels`` bounds the image size the processor produces (the real models allow ~1M pixels; tiny tests want
-    a handful of vision tokens).
+    ``max_pixels`` / ``min_pixels`` bound the image size the processor produces (the real models allow ~1M
+    pixels; tiny tests want a handful of vision tokens; default minimum: one merged patch). ``tokenizer`` defaults
+    to the byte-level one of :func:`make_qwen_vl_tokenizer`.
     """
     _check_family(family)
     from transformers import Qwen2VLImageProcessor
 
     config_cls, model_cls, processor_cls, video_processor_cls = _classes(family)
-    tokenizer = make_qwen_vl_tokenizer(family)
+    tokenizer = tokenizer if tokenizer is not None else make_qwen_vl_tokenizer(family)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    text_config = _text_config(family, len(tokenizer), hidden_size, num_layers, ids)
+    if tie_word_embeddings:
+        text_config["tie_word_embeddings"] = True
     config = config_cls(
-        text_config=_text_config(family, len(tokenizer), hidden_size, num_layers, ids),
+        text_config=text_config,
         vision_config=_vision_config(family, hidden_size),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -163,7 +168,7 @@ def make_tiny_vlm(
         eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]], pad_token_id=ids["<|endoftext|>"], bos_token_id=None,
     )
     patch = config.vision_config.patch_size
-    size = {"shortest_edge": (2 * patch) ** 2, "longest_edge": max_pixels}
+    size = {"shortest_edge": (2 * patch) ** 2 if min_pixels is None else min_pixels, "longest_edge": max_pixels}
     processor = processor_cls(
         image_processor=Qwen2VLImageProcessor(patch_size=patch, merge_size=2, temporal_patch_size=2, size=size),
         tokenizer=tokenizer,

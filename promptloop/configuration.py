@@ -68,33 +68,27 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
             return value.lower() in ("true", "1", "yes")
         raise ConfigError(f"{key}: expected true/false, got {value!r}")
-    if annotation is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
-    if annotation is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+    if annotation in (int, float):
+        return _number(value, annotation, key)
     if annotation is str:
         if isinstance(value, str):
             return value
         raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
     return value
+
+
+def _number(value: Any, kind: type, key: str) -> Any:
+    """``value`` as an int (ints or integer strings only) or a float (ints, floats or numeric strings)."""
+    what = "an integer" if kind is int else "a number"
+    accepted = (int,) if kind is int else (int, float)
+    if isinstance(value, accepted) and not isinstance(value, bool):
+        return kind(value)
+    if isinstance(value, str):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    raise ConfigError(f"{key}: expected {what}, got {type(value).__name__} {value!r}")
 
 
 def build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:

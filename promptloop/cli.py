@@ -9,14 +9,12 @@ from typing import Optional, Sequence
 
 
 def _read_prompts(path: str) -> list[str]:
-    file = Path(path)
-    if not file.is_file():
-        raise SystemExit(f"error: --prompts file {path!r} does not exist.")
+    from .rl.data import load_queries
+
     try:
-        lines = file.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise SystemExit(f"error: --prompts file {path!r} is not UTF-8 text ({e}).")
-    prompts = [line.strip() for line in lines if line.strip()]
+        prompts = load_queries(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: --prompts: {e}")
     if not prompts:
         raise SystemExit(f"error: --prompts file {path!r} holds no prompt (one per line).")
     return prompts
@@ -59,6 +57,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .miniworld.demo import run_demo
 
     run_demo(args.out, quick=args.quick)
+    return 0
+
+
+def cmd_miniworld_build(args: argparse.Namespace) -> int:
+    """Rebuild the shipped mini-world artefacts from seeds (see ``promptloop.miniworld.build``)."""
+    from .miniworld.build import build
+
+    build(args.out, device=args.device, preset=args.preset, only=args.only, dry_run=args.dry_run)
     return 0
 
 
@@ -109,6 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="the shortest run (CI)")
     demo.add_argument("--out", default="runs/demo", help="output folder")
     demo.set_defaults(func=cmd_demo)
+
+    miniworld = sub.add_parser("miniworld", help="the mini world's own tools").add_subparsers(
+        dest="miniworld_command", required=True)
+    miniworld_build = miniworld.add_parser(
+        "build", help="rebuild every shipped mini-world artefact from seeds (backbone A, preference, policy)")
+    from .miniworld.build import add_arguments as add_build_arguments
+
+    add_build_arguments(miniworld_build)
+    miniworld_build.set_defaults(func=cmd_miniworld_build)
 
     train = sub.add_parser("train", help="GRPO training of the policy (works under `accelerate launch`)",
                            description="Train with CONFIG.yaml; override any key with --section.key VALUE.")

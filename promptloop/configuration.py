@@ -6,6 +6,7 @@ values fail before any model is loaded, with a message that names the key.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -78,16 +79,17 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
 
 
 def _number(value: Any, kind: type, key: str) -> Any:
-    """``value`` as an int (ints or integer strings only) or a float (ints, floats or numeric strings)."""
-    what = "an integer" if kind is int else "a number"
+    """``value`` as an int (ints or integer strings only) or a finite float (ints, floats or numeric strings)."""
+    what = "an integer" if kind is int else "a finite number"
     accepted = (int,) if kind is int else (int, float)
-    if isinstance(value, accepted) and not isinstance(value, bool):
-        return kind(value)
-    if isinstance(value, str):
+    if (isinstance(value, accepted) and not isinstance(value, bool)) or isinstance(value, str):
         try:
-            return kind(value)
-        except ValueError:
+            number = kind(value)
+        except (ValueError, OverflowError):  # "abc", "1.5" for an int, 10**400 for a float
             pass
+        else:
+            if kind is int or math.isfinite(number):
+                return number
     raise ConfigError(f"{key}: expected {what}, got {type(value).__name__} {value!r}")
 
 
@@ -96,10 +98,9 @@ def build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
     fields = _field_types(cls)
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(f"{prefix}{k}" for k in set(data) - set(fields))  # YAML keys may be numbers, None, ...
     if unknown:
-        raise ConfigError(f"unknown key(s) {[prefix + k for k in unknown]}; valid keys here: "
-                          f"{[prefix + k for k in fields]}")
+        raise ConfigError(f"unknown key(s) {unknown}; valid keys here: {[prefix + k for k in fields]}")
     required = [f.name for f in dataclasses.fields(cls)
                 if f.init and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     missing = [k for k in required if k not in data]
@@ -155,9 +156,14 @@ def load_config(cls: type[T], path: Union[str, Path, None] = None, overrides: Se
         if not file.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         try:
-            data = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
+            data = yaml.safe_load(file.read_text(encoding="utf-8-sig")) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {str(path)!r} is not UTF-8 text: {e}") from e
+        except (yaml.YAMLError, ValueError) as e:  # ValueError: e.g. an integer beyond Python's digit limit
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections (section: {{key: value}}), "
+                              f"not a {type(data).__name__}")
     return build(cls, merge(data, parse_overrides(overrides)))
 
 

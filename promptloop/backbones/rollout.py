@@ -156,6 +156,10 @@ def _check_strings(name: str, values, allow_empty: bool) -> list[str]:
     not_str = [(i, type(v).__name__) for i, v in enumerate(values) if not isinstance(v, str)]
     if not_str:
         raise TypeError(f"{name} must contain only str; entries (index, type) {not_str} are not strings.")
+    not_unicode = [i for i, v in enumerate(values) if any("\ud800" <= c <= "\udfff" for c in v)]
+    if not_unicode:
+        raise ValueError(f"{name} entries {not_unicode} hold lone surrogates (bytes that were not valid UTF-8); "
+                         "decode the text with errors='replace' or fix its encoding.")
     if not allow_empty:
         empty = [i for i, v in enumerate(values) if not v.strip()]
         if empty:

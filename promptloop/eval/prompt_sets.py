@@ -3,7 +3,7 @@
 ``load_prompt_set(source)`` accepts, in this order:
 - a registered name (:func:`register_prompt_set`), e.g. the mini world's ``miniworld:heldout``. Names
   ``NAMESPACE:...`` whose namespace is in ``PLUGIN_NAMESPACES`` import that package first, so that it can register
-  its sets on import (``promptloop.miniworld`` registers the ``miniworld:*`` sets);
+  its sets on import (``promptloop.miniworld.queries`` registers the ``miniworld:*`` sets);
 - a named public set (``PUBLIC_SETS``): ``pickapic-v2``, ``drawbench``, ``partiprompts``, ``hpdv2`` (and
   ``hpdv2:anime`` / ``hpdv2:concept-art`` / ``hpdv2:paintings`` / ``hpdv2:photo``), fetched from the Hugging Face
   hub (needs network and the ``datasets`` package; a clear error says what to do offline);
@@ -23,7 +23,7 @@ from promptloop.rl.data import load_queries
 PromptSetLoader = Callable[[], list[str]]
 """``loader() -> queries``: called each time the set is loaded; must work offline for offline sets."""
 
-PLUGIN_NAMESPACES = {"miniworld": "promptloop.miniworld"}
+PLUGIN_NAMESPACES = {"miniworld": "promptloop.miniworld.queries"}
 """Name prefix -> package imported (once) before looking the name up, so that it can register its sets."""
 
 _REGISTRY: dict[str, PromptSetLoader] = {}

@@ -9,17 +9,13 @@ fidelity. Everything goes through the project's own trainer (``promptloop.rl``) 
 from __future__ import annotations
 
 import json
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from .backbone import SHIPPED_BACKBONE_A
-from .domain import sample_caption, sample_scene
-from .evaluate_backbone import held_out_captions
 from .policy_warmstart import miniworld_policy_config
-
-TRAIN_CAPTION_SEED = 4242
+from .queries import training_queries
 
 
 @dataclass
@@ -37,16 +33,6 @@ FULL = DemoSize(steps=30, prompts_per_step=4, group_size=8, num_refinements=3, s
                 eval_seeds=4)
 QUICK = DemoSize(steps=2, prompts_per_step=2, group_size=4, num_refinements=2, sampler_steps=6, eval_prompts=4,
                  eval_seeds=2)
-
-
-def training_captions(n: int = 2000) -> list[str]:
-    rng = random.Random(TRAIN_CAPTION_SEED)
-    out: list[str] = []
-    while len(out) < n:
-        text = sample_caption(sample_scene(rng), rng)
-        if text:
-            out.append(text)
-    return out
 
 
 def _reward_curve(history: list[dict], path: Path) -> None:
@@ -80,9 +66,7 @@ def run_demo(out_dir: str | Path, quick: bool = False, log=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     prompts_file = out / "train_queries.txt"
-    prompts_file.write_text("\n".join(training_captions()) + "\n", encoding="utf-8")
-    heldout_file = out / "heldout_queries.txt"
-    heldout_file.write_text("\n".join(held_out_captions(size.eval_prompts)) + "\n", encoding="utf-8")
+    prompts_file.write_text("\n".join(training_queries()) + "\n", encoding="utf-8")
 
     config = TrainConfig(
         backbone=BackboneSection(name_or_path=str(SHIPPED_BACKBONE_A), dtype="float32",
@@ -110,7 +94,7 @@ def run_demo(out_dir: str | Path, quick: bool = False, log=print) -> dict:
                     guidance_scale=2.0, batch_size=16)
     closed = dict(kind="closed", policy=str(policy_dir), num_refinements=[size.num_refinements])
     eval_config = build(EvalConfig, {
-        "prompts": {"source": str(heldout_file)},
+        "prompts": {"source": "miniworld:heldout", "limit": size.eval_prompts},
         "seeds": list(range(size.eval_seeds)),
         "baseline": "base",
         "device": "cpu",

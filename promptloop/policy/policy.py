@@ -124,7 +124,7 @@ class PromptPolicy:
         - ``path_or_id`` holds ``policy_config.json`` (a saved policy): the base model named in it (or
           ``base_model_name_or_path``) is loaded and the saved adapter attached (trainable if ``is_trainable``).
           ``config``, if given, replaces the saved sampling/chat settings; the model and LoRA fields stay the saved
-          ones.
+          ones. ``trust_remote_code`` comes only from ``config`` (False without one), never from the saved file.
         - Otherwise ``path_or_id`` is a base model; ``config`` (default: ``PolicyConfig()``) gives the settings and
           a fresh LoRA adapter is added when ``add_adapter``.
         """
@@ -132,11 +132,13 @@ class PromptPolicy:
         saved_config_path = _locate(path_or_id, POLICY_CONFIG_NAME)
         if saved_config_path is not None:
             saved = PolicyConfig.load(saved_config_path)
+            caller = config or PolicyConfig()  # a downloaded folder must not switch remote code on
             config = dataclasses.replace(
                 config or saved,
                 model_name_or_path=base_model_name_or_path or saved.model_name_or_path,
                 lora_r=saved.lora_r, lora_alpha=saved.lora_alpha, lora_dropout=saved.lora_dropout,
                 lora_target_modules=saved.lora_target_modules,
+                trust_remote_code=caller.trust_remote_code,
             )
         else:
             config = dataclasses.replace(config or PolicyConfig(), model_name_or_path=path_or_id)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -17,6 +18,11 @@ import torch
 
 COMPLETE_MARKER = "checkpoint.json"
 _PREFIX = "step-"
+_NAME = re.compile(r"step-(\d+)")
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, permissions, a failing writer); earlier ones are intact."""
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -30,21 +36,50 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(f.fileno())
 
 
+def _fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable (POSIX; a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    """Rename out of the listing first (atomic), then delete: a crash mid-delete never leaves a half checkpoint
+    that still looks complete."""
+    doomed = path.with_name(f".tmp-old-{path.name}-{os.getpid()}")
+    try:
+        os.replace(path, doomed)
+    except OSError:
+        return
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
 def save_checkpoint(run_dir: Path, step: int, write: Callable[[Path], None], meta: dict[str, Any],
                     keep_last: int) -> Path:
     """``write(tmp_dir)`` fills a temporary folder; it becomes ``checkpoints/step-NNNNNNNN`` atomically.
 
     ``meta`` (JSON) is written last as the completion marker. Older checkpoints beyond ``keep_last`` are removed
-    only after the new one is in place. Errors (disk full, permissions) propagate with the path, and leave every
-    earlier checkpoint intact.
+    only after the new one is in place. Any failure while writing (disk full, permissions, a writer's own error)
+    raises :class:`CheckpointWriteError` naming the path, and leaves every earlier checkpoint intact.
     """
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"checkpoint step must be a non-negative integer, got {step!r}")
+    if keep_last < 1:
+        raise ValueError(f"keep_last={keep_last} must be >= 1")
     root = checkpoint_dir(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
     final = root / f"{_PREFIX}{step:08d}"
     tmp = root / f".tmp-{_PREFIX}{step:08d}-{os.getpid()}"
     try:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
         write(tmp)
         (tmp / COMPLETE_MARKER).write_text(json.dumps(dict(meta, step=step), indent=2))
@@ -56,21 +91,30 @@ def save_checkpoint(run_dir: Path, step: int, write: Callable[[Path], None], met
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-    except OSError as e:
+        _fsync_dir(root)
+    except Exception as e:  # torch.save and safetensors report a full disk as RuntimeError / SafetensorError
         shutil.rmtree(tmp, ignore_errors=True)
-        raise OSError(e.errno, f"could not write checkpoint {final} ({e.strerror or e}); earlier checkpoints in "
-                               f"{root} are intact. Free disk space or fix permissions, then resume.") from e
+        error = CheckpointWriteError(f"could not write checkpoint {final} ({type(e).__name__}: {e}); earlier "
+                                     f"checkpoints in {root} are intact. Free disk space or fix permissions, then "
+                                     "resume.")
+        error.errno = getattr(e, "errno", None)
+        raise error from e
     for old in list_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
     return final
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+    """Complete checkpoints, oldest first: real folders named ``step-N`` holding the completion marker.
+
+    Anything else in the folder (temporary folders, copies such as ``step-4-backup``, symlinks that could point
+    outside the run) is ignored.
+    """
     root = checkpoint_dir(run_dir)
     if not root.is_dir():
         return []
-    done = [p for p in root.iterdir() if p.name.startswith(_PREFIX) and (p / COMPLETE_MARKER).is_file()]
+    done = [p for p in root.iterdir() if _NAME.fullmatch(p.name) and not p.is_symlink() and p.is_dir()
+            and (p / COMPLETE_MARKER).is_file()]
     return sorted(done, key=lambda p: int(p.name[len(_PREFIX):]))
 
 
@@ -80,7 +124,18 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
 
 
 def read_meta(checkpoint: Path) -> dict[str, Any]:
-    return json.loads((Path(checkpoint) / COMPLETE_MARKER).read_text())
+    """The checkpoint's JSON metadata; a missing or damaged marker is a ``ValueError`` naming the file."""
+    marker = Path(checkpoint) / COMPLETE_MARKER
+    if not marker.is_file():
+        raise ValueError(f"{checkpoint} is not a complete checkpoint (no {COMPLETE_MARKER}); resume from another one.")
+    try:
+        meta = json.loads(marker.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{marker} is damaged ({e}); resume from another checkpoint.") from e
+    step = meta.get("step") if isinstance(meta, dict) else None
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"{marker} holds no valid step ({step!r}); resume from another checkpoint.")
+    return meta
 
 
 def rng_state() -> dict[str, Any]:

@@ -31,6 +31,9 @@ class BackboneSection:
         for name in ("num_inference_steps", "preview_size", "rollout_batch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+        for name in ("height", "width"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0 (or None for the pipeline's default)")
 
 
 @dataclass
@@ -40,6 +43,12 @@ class RewardSection:
     device: Optional[str] = _help("Device of the reward model (default: the training device).", default=None)
     timeout_s: Optional[float] = _help("Seconds to wait for one batch of scores before the step is skipped.",
                                        default=None)
+
+    def __post_init__(self):
+        if not self.spec.strip():
+            raise ValueError("spec is empty: give a reward name, a composite or 'module:function'")
+        if self.timeout_s is not None and self.timeout_s <= 0:
+            raise ValueError(f"timeout_s={self.timeout_s} must be > 0 (or None to wait without limit)")
 
 
 @dataclass
@@ -55,6 +64,8 @@ class DataSection:
     def __post_init__(self):
         if not self.prompts:
             raise ValueError("prompts is empty: give a prompt file or 'hf:DATASET[:SPLIT]'")
+        if self.num_eval_prompts < 0:
+            raise ValueError(f"num_eval_prompts={self.num_eval_prompts} must be >= 0")
 
 
 @dataclass
@@ -92,6 +103,10 @@ class GRPOSection:
         "forward differ by ~1e-3). 'auto' recomputes unless the policy runs in float32.", default="auto")
     ratio_tolerance: float = _help("Largest |ratio - 1| allowed on the first, on-policy micro-batch; above it "
                                    "training stops with an error (log-prob mismatch).", default=1e-3)
+    nonfinite_rollout_limit: int = _help(
+        "Training steps in a row whose rollout produced NaN/inf latents that are skipped (warned and counted as "
+        "train/nonfinite_rollout_skips, nothing applied) before training stops with the error; 0 stops at the first.",
+        default=3)
     max_steps: int = _help("Training steps (one rollout + update each).", default=100)
     seed: int = _help("Seed of data order, noise, schedules and policy sampling.", default=0)
 
@@ -107,8 +122,9 @@ class GRPOSection:
             raise ValueError(f"learning_rate={self.learning_rate} must be > 0")
         if not (0 <= self.clip_low < 1 and self.clip_high >= 0):
             raise ValueError(f"clip_low={self.clip_low} must be in [0, 1) and clip_high={self.clip_high} >= 0")
-        if self.beta < 0:
-            raise ValueError(f"beta={self.beta} must be >= 0")
+        for name in ("beta", "weight_decay", "warmup_steps", "ratio_tolerance", "nonfinite_rollout_limit"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
 
 
 @dataclass
@@ -124,8 +140,14 @@ class LoggingSection:
     progress: bool = _help("Show a progress bar with ETA.", default=True)
 
     def __post_init__(self):
-        if self.log_every <= 0 or self.checkpoint_every <= 0 or self.keep_last <= 0:
-            raise ValueError("log_every, checkpoint_every and keep_last must be > 0")
+        for name in ("log_every", "checkpoint_every", "keep_last"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+        for name in ("image_every", "eval_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0 (0: never)")
+        if not self.output_dir.strip():
+            raise ValueError("output_dir is empty: give the run folder")
 
 
 @dataclass

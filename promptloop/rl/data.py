@@ -36,12 +36,18 @@ def load_queries(source: str, column: str = "prompt") -> list[str]:
             if not isinstance(record, dict) or column not in record:
                 raise ValueError(f"{source}:{n}: no {column!r} field (set data.column to the field holding the "
                                  "query)")
-            queries.append(str(record[column]))
+            if not isinstance(record[column], str):
+                raise ValueError(f"{source}:{n}: field {column!r} holds {type(record[column]).__name__} "
+                                 f"{record[column]!r}, not the query text")
+            queries.append(record[column])
     elif suffix == ".csv":
-        reader = csv.DictReader(text.splitlines())
-        if reader.fieldnames is None or column not in reader.fieldnames:
-            raise ValueError(f"{source}: no column {column!r} in header {reader.fieldnames} (set data.column)")
-        queries = [row[column] or "" for row in reader]
+        try:
+            reader = csv.DictReader(text.splitlines())
+            if reader.fieldnames is None or column not in reader.fieldnames:
+                raise ValueError(f"{source}: no column {column!r} in header {reader.fieldnames} (set data.column)")
+            queries = [row[column] or "" for row in reader]
+        except csv.Error as e:  # e.g. a field over csv.field_size_limit()
+            raise ValueError(f"{source}:{reader.line_num}: not valid CSV ({e})") from e
     else:
         queries = text.splitlines()
     queries = [" ".join(q.split()) for q in queries]

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -39,8 +40,8 @@ class RatioCheckError(RuntimeError):
     """The first on-policy micro-batch had a ratio far from 1: training and sampling log-probs disagree."""
 
 
-class NonFiniteLossError(FloatingPointError):
-    """NaN/inf appeared in log-probs or the loss; the step is reported and nothing is applied."""
+class NonFiniteRolloutError(FloatingPointError):
+    """Rollouts produced NaN/inf latents in more consecutive steps than ``grpo.nonfinite_rollout_limit``."""
 
 
 @dataclass
@@ -156,6 +157,8 @@ class GRPOTrainer:
         self.model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(policy.model, optimizer, scheduler)
         self.policy.model = self.accelerator.unwrap_model(self.model)
         self._ratio_checked = False
+        self._nonfinite_rollouts = 0
+        """Consecutive steps skipped because a rollout produced NaN/inf latents."""
 
     @classmethod
     def from_config(cls, config: TrainConfig, accelerator=None) -> "GRPOTrainer":
@@ -321,9 +324,10 @@ class GRPOTrainer:
                                         num_tokens=max(tokens, 1) if g.loss_normalisation == "token" else None)
                         if not torch.isfinite(out.loss) or not torch.isfinite(logps[mask]).all():
                             finite = False
-                        else:
-                            loss = out.loss if g.loss_normalisation == "token" else out.loss / len(micro)
-                            self.accelerator.backward(loss)
+                        # Backward even when non-finite: every process must join the gradient all-reduce; the
+                        # NaN/inf gradients are then discarded below, never applied.
+                        loss = out.loss if g.loss_normalisation == "token" else out.loss / len(micro)
+                        self.accelerator.backward(loss)
                     for key, value in out.metrics.items():
                         sums[key] = sums.get(key, 0.0) + value
                     sums["losses/loss"] = sums.get("losses/loss", 0.0) + float(out.loss.detach())
@@ -331,7 +335,9 @@ class GRPOTrainer:
                 grad_norm = None
                 if finite and g.max_grad_norm > 0:
                     grad_norm = self.accelerator.clip_grad_norm_(params, g.max_grad_norm)
-                    finite = bool(torch.isfinite(torch.as_tensor(grad_norm)))
+                finite = finite and all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None)
+                if self._any_process(not finite):
+                    finite = False
                 if finite:
                     self.optimizer.step()
                     self.lr_scheduler.step()
@@ -343,8 +349,18 @@ class GRPOTrainer:
         self.model.eval()
         metrics.update({k: v / max(counts, 1) for k, v in sums.items()})
         metrics["train/nonfinite_skips"] = float(skipped)
+        if skipped:
+            warnings.warn(f"training step {self.step + 1}: {skipped} optimizer step(s) skipped because log-probs, "
+                          "the loss or the gradients were NaN/inf; nothing of them was applied.", RuntimeWarning)
         metrics["train/lr"] = float(self.lr_scheduler.get_last_lr()[0])
         return metrics
+
+    def _any_process(self, flag: bool) -> bool:
+        """True when ``flag`` is set on any process (so that all processes take the same branch)."""
+        if self.accelerator.num_processes == 1:
+            return flag
+        total = self.accelerator.reduce(torch.tensor([float(flag)], device=self.accelerator.device), "sum")
+        return bool(total.item() > 0)
 
     def _check_on_policy(self, logps: torch.Tensor, old: torch.Tensor, mask: torch.Tensor) -> None:
         """Before any update the policy is the behaviour policy: its log-probs must reproduce sampling's."""
@@ -353,7 +369,10 @@ class GRPOTrainer:
             return
         deviation = float((torch.exp(logps.detach() - old) - 1).abs()[mask].max())
         self.on_policy_ratio_deviation = deviation
-        if not math.isfinite(deviation) or deviation > self.config.grpo.ratio_tolerance:
+        if not math.isfinite(deviation):
+            self._ratio_checked = False  # check again on the next, hopefully finite, micro-batch
+            return  # the NaN/inf log-probs themselves skip this optimizer step in update()
+        if deviation > self.config.grpo.ratio_tolerance:
             raise RatioCheckError(
                 f"step {self.step}: on the first on-policy micro-batch max |ratio - 1| = {deviation:.3g} exceeds "
                 f"grpo.ratio_tolerance={self.config.grpo.ratio_tolerance}. Training and sampling log-probs disagree "
@@ -466,20 +485,58 @@ class GRPOTrainer:
         last_saved = self.step
         bar = tqdm(total=cfg.grpo.max_steps, initial=self.step, disable=not (main and cfg.logging.progress),
                    desc="GRPO", unit="step")
+        try:
+            last_saved = self._train_loop(history, bar, last_saved)
+            if self.step != last_saved:
+                self.save_checkpoint()
+        finally:  # also when training stops with an error: the trackers keep what was logged
+            bar.close()
+            self.accelerator.end_training()
+        return history
+
+    def _collect_finite(self, queries: Sequence[str]) -> Optional[RolloutBatch]:
+        """:meth:`collect`, or None (warned, counted) when a rollout of any process produced NaN/inf latents;
+        after ``grpo.nonfinite_rollout_limit`` such steps in a row, :class:`NonFiniteRolloutError`."""
+        error = None
+        try:
+            batch = self.collect(queries, self.step)
+        except FloatingPointError as e:  # raised by the rollout, naming the sampler step
+            batch, error = None, e
+        if not self._any_process(batch is None):
+            self._nonfinite_rollouts = 0
+            return batch
+        self._nonfinite_rollouts += 1
+        reason = str(error) if error else "NaN/inf latents on another process"
+        limit = self.config.grpo.nonfinite_rollout_limit
+        if self._nonfinite_rollouts > limit:
+            raise NonFiniteRolloutError(
+                f"training step {self.step + 1}: {reason} This is the {self._nonfinite_rollouts}. step in a row with "
+                f"NaN/inf latents (grpo.nonfinite_rollout_limit={limit}); training stops. Checkpoints under "
+                f"{self.run_dir / 'checkpoints'} are intact; fix the cause (dtype, guidance) and --resume.") from error
+        warnings.warn(f"training step {self.step + 1} skipped (no update): {reason}", RuntimeWarning)
+        return None
+
+    def _train_loop(self, history: list[dict[str, float]], bar, last_saved: int) -> int:
+        cfg = self.config
+        main = self.accelerator.is_main_process
         rank, per_process = self.accelerator.process_index, self.sizes.prompts_per_process
         while self.step < cfg.grpo.max_steps:
             t0 = time.perf_counter()
             queries = self.stream.take(cfg.grpo.prompts_per_step)[rank * per_process:(rank + 1) * per_process]
-            batch = self.collect(queries, self.step)
-            metrics = self.rollout_metrics(batch)
-            t1 = time.perf_counter()
-            metrics.update(self.update(batch))
-            metrics["time/update"] = time.perf_counter() - t1
+            batch = self._collect_finite(queries)
+            if batch is None:  # skipped: the data and the step advance, nothing is applied
+                metrics = {"train/nonfinite_rollout_skips": 1.0}
+            else:
+                metrics = self.rollout_metrics(batch)
+                t1 = time.perf_counter()
+                metrics.update(self.update(batch))
+                metrics["train/nonfinite_rollout_skips"] = 0.0
+                metrics["time/update"] = time.perf_counter() - t1
             metrics["time/step"] = time.perf_counter() - t0
             self.step += 1
             if self.step % cfg.logging.log_every == 0:
                 self.accelerator.log(metrics, step=self.step)
-            if main and cfg.logging.image_every and self.step % cfg.logging.image_every == 0:
+            if batch is not None and main and cfg.logging.image_every and self.step % cfg.logging.image_every == 0:
                 self._log_images(batch)
             if cfg.logging.eval_every and self.step % cfg.logging.eval_every == 0:
                 eval_metrics = self.evaluate()
@@ -490,12 +547,9 @@ class GRPOTrainer:
                 last_saved = self.step
             history.append(metrics)
             bar.update(1)
-            bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}")
-        bar.close()
-        if self.step != last_saved:
-            self.save_checkpoint()
-        self.accelerator.end_training()
-        return history
+            if batch is not None:
+                bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}")
+        return last_saved
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

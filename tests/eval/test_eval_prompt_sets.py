@@ -39,7 +39,7 @@ def test_registered_sets_and_plugin_namespaces(tmp_path, monkeypatch, clean_regi
     with pytest.raises(ValueError, match="built-in public prompt set"):
         register_prompt_set("drawbench", lambda: ["x"])
 
-    # A namespace's package is imported on first use and registers its sets then (as promptloop.miniworld does).
+    # A namespace's package is imported on first use and registers its sets then (as promptloop.miniworld.queries does).
     (tmp_path / "toyworld_sets.py").write_text(
         "from promptloop.eval.prompt_sets import register_prompt_set\n"
         "register_prompt_set('toyworld:heldout', lambda: ['a red square', 'a blue circle'])\n")
@@ -50,8 +50,10 @@ def test_registered_sets_and_plugin_namespaces(tmp_path, monkeypatch, clean_regi
         load_prompt_set("toyworld:train")
 
 
-def test_miniworld_names_go_through_the_plugin_hook():
-    assert prompt_sets.PLUGIN_NAMESPACES["miniworld"] == "promptloop.miniworld"
+def test_miniworld_sets_load_through_the_plugin_hook():
+    heldout = load_prompt_set("miniworld:heldout", limit=32)
+    assert len(heldout) == 32 and len(set(heldout)) == 32
+    assert not set(heldout) & set(load_prompt_set("miniworld:train"))
 
 
 def test_public_sets_say_what_to_do_offline(monkeypatch):

@@ -1,0 +1,133 @@
+"""``promptloop miniworld build``: rebuild every shipped mini-world artefact from seeds.
+
+The artefacts in ``promptloop/miniworld/assets/`` are the outputs of these steps, run in order (each one is a
+project module's own command line, printed before it runs, so any step can also be run by hand):
+
+1. ``backbone-train``: backbone A's VAE, UNet and text encoder (``train_backbone``, fixed step counts);
+2. ``backbone-decoder``: decoder fine-tuning on the frozen encoder (``train_backbone --resume``);
+3. ``backbone-export``: the float16 copy that ships, evaluated as loaded (``export_backbone``);
+4. ``preference``: the learned preference reward (``train_preference``), with its agreement on images of the new
+   backbone;
+5. ``policy``: the warm-started policy (``policy_warmstart``).
+
+``--out DIR`` receives ``backbone_a/``, ``backbone_a.eval.json``, ``preference/`` and ``policy/`` (the layout of
+the assets folder) and the backbone's training run in ``DIR/runs/``. bf16 GPU training is not bit-reproducible
+across devices, so a rebuild gives equivalent artefacts, not the same bytes: compare the ``*.eval.json`` and
+``metrics.json`` files with the shipped ones. ``--preset tiny`` runs every step with tiny sizes (a smoke test of
+the whole recipe in about a minute; what it writes is not useful for anything else).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+STEP_NAMES = ("backbone-train", "backbone-decoder", "backbone-export", "preference", "policy")
+
+
+@dataclass(frozen=True)
+class BuildStep:
+    """One step of the recipe: a project module's ``main(argv)`` and the arguments that reproduce an artefact."""
+
+    name: str
+    module: str
+    argv: Callable[[Path, str], list[str]]
+    """``argv(out_dir, device)`` for the full build."""
+    tiny_argv: Callable[[Path, str], list[str]]
+    """The same step with tiny sizes (``--preset tiny``)."""
+    measured: str
+    """Where and how long the step took when the shipped artefact was built."""
+
+
+def _run_dir(out: Path) -> str:
+    return str(out / "runs" / "backbone_a")
+
+
+STEPS: tuple[BuildStep, ...] = (
+    BuildStep(
+        "backbone-train", "promptloop.miniworld.train_backbone",
+        lambda out, device: ["--out", _run_dir(out), "--preset", "gpu", "--device", device, "--vae-steps", "700",
+                             "--unet-steps", "1335", "--max-minutes", "600"],
+        lambda out, device: ["--out", _run_dir(out), "--preset", "tiny", "--device", device, "--unet-steps", "2",
+                             "--max-minutes", "5"],
+        "about 4 minutes on an H200 (bf16); roughly a day on 2 CPU cores (extrapolated, not run)"),
+    BuildStep(
+        "backbone-decoder", "promptloop.miniworld.train_backbone",
+        lambda out, device: ["--out", _run_dir(out), "--resume", "--device", device, "--unet-steps", "1335",
+                             "--decoder-steps", "1800", "--decoder-batch", "16", "--checkpoint-every", "300",
+                             "--eval-captions", "32", "--eval-seeds", "4", "--max-minutes", "600"],
+        lambda out, device: ["--out", _run_dir(out), "--resume", "--preset", "tiny", "--device", device,
+                             "--unet-steps", "2", "--decoder-steps", "2", "--max-minutes", "5"],
+        "about 50 minutes on 2 loaded CPU cores (one thread)"),
+    BuildStep(
+        "backbone-export", "promptloop.miniworld.export_backbone",
+        lambda out, device: [str(Path(_run_dir(out))), str(out / "backbone_a"), "--captions", "32", "--seeds", "4",
+                             "--guidance", "4", "2"],
+        lambda out, device: [str(Path(_run_dir(out))), str(out / "backbone_a"), "--captions", "2", "--seeds", "1",
+                             "--steps", "2"],
+        "3 minutes on 2 CPU cores"),
+    BuildStep(
+        "preference", "promptloop.miniworld.train_preference",
+        lambda out, device: ["--out", str(out / "preference"), "--seed", "0", "--pipeline", str(out / "backbone_a")],
+        lambda out, device: ["--out", str(out / "preference"), "--seed", "0", "--pool-size", "48",
+                             "--eval-pool-size", "24", "--eval-pairs", "32", "--steps", "3", "--batch-pairs", "8"],
+        "16 minutes on one loaded CPU core, plus about 40 s for the generated-image agreement"),
+    BuildStep(
+        "policy", "promptloop.miniworld.policy_warmstart",
+        lambda out, device: ["--out", str(out / "policy"), "--seed", "0", "--steps", "2000", "--threads", "2",
+                             "--device", device],
+        lambda out, device: ["--out", str(out / "policy"), "--seed", "0", "--steps", "2", "--batch-size", "3",
+                             "--eval-examples", "2", "--tokenizer-corpus", "40", "--device", device],
+        "6.5 minutes on 2 idle CPU cores"),
+)
+
+
+def plan(out: Path, device: str = "cpu", preset: str = "full",
+         only: Sequence[str] = ()) -> list[tuple[BuildStep, list[str]]]:
+    """The steps to run (all, or those named in ``only``, in recipe order) with their arguments."""
+    if preset not in ("full", "tiny"):
+        raise ValueError(f"preset must be 'full' or 'tiny', got {preset!r}.")
+    unknown = sorted(set(only) - set(STEP_NAMES))
+    if unknown:
+        raise ValueError(f"Unknown build steps {unknown}; choose from {', '.join(STEP_NAMES)}.")
+    chosen = [s for s in STEPS if not only or s.name in only]
+    return [(s, (s.tiny_argv if preset == "tiny" else s.argv)(out, device)) for s in chosen]
+
+
+def command_line(step: BuildStep, argv: Sequence[str]) -> str:
+    return " ".join(["python", "-m", step.module, *argv])
+
+
+def build(out: str | Path, device: str = "cpu", preset: str = "full", only: Sequence[str] = (), dry_run: bool = False,
+          log=print) -> dict[str, float]:
+    """Run the recipe (or print it with ``dry_run``); returns the seconds each step took."""
+    out = Path(out)
+    steps = plan(out, device, preset, only)
+    seconds: dict[str, float] = {}
+    for i, (step, argv) in enumerate(steps, 1):
+        log(f"[{i}/{len(steps)}] {step.name} ({step.measured}):\n  {command_line(step, argv)}")
+        if dry_run:
+            continue
+        out.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        importlib.import_module(step.module).main(list(argv))
+        seconds[step.name] = round(time.perf_counter() - start, 1)
+        log(f"[{i}/{len(steps)}] {step.name} done in {seconds[step.name]:.0f} s")
+    return seconds
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="runs/miniworld_build",
+                        help="folder for the rebuilt artefacts (the layout of promptloop/miniworld/assets)")
+    parser.add_argument("--device", default="cpu", help="torch device for the training steps, e.g. cuda")
+    parser.add_argument("--preset", choices=("full", "tiny"), default="full",
+                        help="full: the shipped recipe; tiny: every step with tiny sizes (a smoke test)")
+    parser.add_argument("--only", nargs="+", default=(), choices=STEP_NAMES, metavar="STEP",
+                        help=f"run only these steps ({', '.join(STEP_NAMES)})")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands without running them")
+
+
+__all__ = ["BuildStep", "STEPS", "STEP_NAMES", "add_arguments", "build", "command_line", "plan"]

@@ -2,11 +2,15 @@
 
 Prints a table and writes JSON. Scales:
   tiny  - tiny random SDXL pipeline + tiny Qwen2.5-VL policy (CPU smoke test of this script; numbers mean little)
+  miniworld - the shipped mini-world backbone A (Stable Diffusion classes, 32 px) and warm-started tiny
+          Qwen2.5-VL policy, with the mini world's policy settings (112 px previews, 48 new tokens at most; the
+          policy stops at its own EOS): the CPU benchmark of a trained backbone and policy
   full  - SDXL-base-1.0 and Qwen2.5-VL-3B shapes with random weights (GPU; the paper's Table 4 setting:
           1024 px, 50 steps, batch 8). Random weights never emit EOS, so every refinement decodes the full
           max_new_tokens (77 by default, the CLIP budget): an upper bound on the policy's decode cost.
 
     python benchmarks/overhead.py --scale tiny
+    python benchmarks/overhead.py --scale miniworld
     python benchmarks/overhead.py --scale full --device cuda --dtype bf16 --clip-tokenizer DIR
 
 Times are medians over --repeats runs (one warm-up run per mode first); "per image" divides a batch's wall time by its size.
@@ -36,6 +40,8 @@ QUERIES = [
     "a lighthouse on a cliff during a storm", "a watercolor painting of a city street", "a cat wearing a tiny hat",
     "a futuristic car parked in the desert", "a portrait of an old fisherman",
 ]
+MINIWORLD_QUERIES = ["red circle", "big blue square top", "triangle left white", "green small bottom center",
+                     "yellow", "purple square black", "orange big middle right", "circle gray"]
 
 
 def _sync(device: str) -> None:
@@ -43,7 +49,22 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def build_miniworld(args):
+    from diffusers import StableDiffusionPipeline
+
+    from promptloop.miniworld.backbone import SHIPPED_BACKBONE_A
+    from promptloop.miniworld.policy_warmstart import DEFAULT_POLICY_DIR, miniworld_policy_config
+
+    pipe = StableDiffusionPipeline.from_pretrained(SHIPPED_BACKBONE_A).to(args.device)
+    pipe.set_progress_bar_config(disable=True)
+    config = miniworld_policy_config("closed", max_new_tokens=args.max_new_tokens)
+    policy = PromptPolicy.from_pretrained(DEFAULT_POLICY_DIR, config, device=args.device)
+    return pipe, policy
+
+
 def build(args):
+    if args.scale == "miniworld":
+        return build_miniworld(args)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     model, processor = make_tiny_vlm("qwen2_5_vl", seed=0, max_pixels=args.preview_size ** 2)
     if args.scale == "full":
@@ -107,7 +128,8 @@ class TimedRefiner:
 def run_case(args, pipe, backbone, policy, mode: str, n_r: int, settings: SamplerSettings, split: bool) -> dict:
     """One timed batch. ``mode``: plain (stock pipe call), loop (rollout), closed, apriori, train."""
     batch = args.batch
-    queries = (QUERIES * (batch // len(QUERIES) + 1))[:batch]
+    pool = MINIWORLD_QUERIES if args.scale == "miniworld" else QUERIES
+    queries = (pool * (batch // len(pool) + 1))[:batch]
     seeds = list(range(batch))
     refiner = TimedRefiner(policy, args.device, split)
     apriori_s = 0.0
@@ -161,16 +183,17 @@ def median_row(rows: list[dict]) -> dict:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scale", choices=["tiny", "full"], default="tiny")
+    p.add_argument("--scale", choices=["tiny", "miniworld", "full"], default="tiny")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: 50 full, 10 tiny)")
-    p.add_argument("--size", type=int, default=None, help="image side (default: 1024 full, 64 tiny)")
-    p.add_argument("--preview-size", type=int, default=448, help="longest side of the x0 preview the policy sees")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: 50 full, 10 tiny and miniworld)")
+    p.add_argument("--size", type=int, default=None, help="image side (default: 1024 full, 64 tiny, 32 miniworld)")
+    p.add_argument("--preview-size", type=int, default=None,
+                   help="longest side of the x0 preview the policy sees (default 448; 32 miniworld: the image)")
     p.add_argument("--refinements", default="0,1,3,5")
     p.add_argument("--train-refinements", default="5", help="N_R values of the training-rollout cases")
-    p.add_argument("--max-new-tokens", type=int, default=77)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="policy answer cap (default 77; 48 miniworld)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--modes", default="plain,loop,closed,apriori,train")
     p.add_argument("--no-warmup", action="store_true", help="skip the warm-up runs (when time is short)")
@@ -179,7 +202,9 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/overhead_<scale>.json)")
     args = p.parse_args(argv)
     steps = args.steps or (50 if args.scale == "full" else 10)
-    size = args.size or (1024 if args.scale == "full" else 64)
+    size = args.size or {"full": 1024, "tiny": 64, "miniworld": 32}[args.scale]
+    args.preview_size = args.preview_size or (32 if args.scale == "miniworld" else 448)
+    args.max_new_tokens = args.max_new_tokens or (48 if args.scale == "miniworld" else 77)
     refinements = [int(x) for x in args.refinements.split(",")]
     modes = args.modes.split(",")
     train_refinements = [int(x) for x in args.train_refinements.split(",")]

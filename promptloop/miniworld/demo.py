@@ -53,10 +53,35 @@ def _reward_curve(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def run_demo(out_dir: str | Path, quick: bool = False, log=print) -> dict:
-    """Train, evaluate, write the report folder; returns a summary dict (also written as ``summary.json``)."""
+def evaluation_config(out_dir: str | Path, policies: dict[str, str | Path], size: DemoSize = FULL):
+    """The demo's evaluation: base backbone A, the untrained policy (warm start, adapter off) and each saved policy
+    of ``policies`` (name -> folder) in closed loop, on ``miniworld:heldout`` queries x fixed seeds, scored by the
+    training reward, the gold rule and query fidelity. Policies sample at temperature 1, as in training."""
     from ..configuration import build
     from ..eval.config import EvalConfig
+
+    backbone = dict(name_or_path=str(SHIPPED_BACKBONE_A), num_inference_steps=size.sampler_steps,
+                    guidance_scale=2.0, batch_size=16)
+    closed = dict(kind="closed", num_refinements=[size.num_refinements])
+    methods = {"base": {"kind": "base"},
+               "untrained": dict(closed, policy=str(next(iter(policies.values()))), adapter=False)}
+    methods.update({name: dict(closed, policy=str(path)) for name, path in policies.items()})
+    return build(EvalConfig, {
+        "prompts": {"source": "miniworld:heldout", "limit": size.eval_prompts},
+        "seeds": list(range(size.eval_seeds)),
+        "baseline": "base",
+        "device": "cpu",
+        "backbones": {"backbone_a": backbone},
+        "methods": methods,
+        "rewards": {"preference": {"spec": "miniworld-preference"}, "gold": {"spec": "miniworld-gold"},
+                    "fidelity": {"spec": "miniworld-fidelity"}},
+        "policy_sampling": {"do_sample": True, "temperature": 1.0},  # as in training (greedy copies the query)
+        "output": {"output_dir": str(out_dir)},
+    })
+
+
+def run_demo(out_dir: str | Path, quick: bool = False, log=print) -> dict:
+    """Train, evaluate, write the report folder; returns a summary dict (also written as ``summary.json``)."""
     from ..eval.runner import run_evaluation
     from ..rl.config import BackboneSection, DataSection, GRPOSection, LoggingSection, RewardSection, TrainConfig
     from ..rl.trainer import GRPOTrainer
@@ -90,23 +115,7 @@ def run_demo(out_dir: str | Path, quick: bool = False, log=print) -> dict:
     (out / "train_history.json").write_text(json.dumps(history, indent=1))
 
     log("[2/2] evaluation on held-out queries with fixed seeds")
-    backbone = dict(name_or_path=str(SHIPPED_BACKBONE_A), num_inference_steps=size.sampler_steps,
-                    guidance_scale=2.0, batch_size=16)
-    closed = dict(kind="closed", policy=str(policy_dir), num_refinements=[size.num_refinements])
-    eval_config = build(EvalConfig, {
-        "prompts": {"source": "miniworld:heldout", "limit": size.eval_prompts},
-        "seeds": list(range(size.eval_seeds)),
-        "baseline": "base",
-        "device": "cpu",
-        "backbones": {"backbone_a": backbone},
-        "methods": {"base": {"kind": "base"},
-                    "untrained": dict(closed, adapter=False),
-                    "trained": closed},
-        "rewards": {"preference": {"spec": "miniworld-preference"}, "gold": {"spec": "miniworld-gold"},
-                    "fidelity": {"spec": "miniworld-fidelity"}},
-        "policy_sampling": {"do_sample": True, "temperature": 1.0},  # as in training (greedy copies the query)
-        "output": {"output_dir": str(out / "eval")},
-    })
+    eval_config = evaluation_config(out / "eval", {"trained": policy_dir}, size)
     results = run_evaluation(eval_config, log=log)
     table = (out / "eval" / "results.md").read_text(encoding="utf-8")
     (out / "results.md").write_text(table, encoding="utf-8")

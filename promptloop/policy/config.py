@@ -10,6 +10,7 @@ import torch
 
 POLICY_MODES = ("closed", "oneshot", "apriori")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CACHE_IMPLEMENTATIONS = (None, "static")
 
 DEFAULT_LORA_TARGET_MODULES = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 """LoRA on every attention and MLP projection of the language model; the vision tower stays frozen."""
@@ -65,6 +66,12 @@ class PolicyConfig:
                           "1.0 for training."},
     )
     max_new_tokens: int = field(default=96, metadata={"help": "Most tokens generated per answer (> 0)."})
+    cache_implementation: Optional[str] = field(
+        default=None,
+        metadata={"help": "KV cache of generation: None (transformers' dynamic cache) or 'static' (preallocated for "
+                          "max_new_tokens; on a GPU transformers then compiles the decode step with torch.compile, "
+                          "paying a compile on the first calls). Tokens and log-probs are unchanged (tested)."},
+    )
     max_prompt_words: Optional[int] = field(
         default=None,
         metadata={"help": "Cut sanitized prompts to this many words (None: no cut). The sampler fits the exact "
@@ -115,6 +122,9 @@ class PolicyConfig:
             raise ValueError(f"top_p={self.top_p!r} must be in (0, 1].")
         if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens > 0):
             raise ValueError(f"max_new_tokens={self.max_new_tokens!r} must be a positive integer.")
+        if self.cache_implementation not in CACHE_IMPLEMENTATIONS:
+            raise ValueError(f"cache_implementation={self.cache_implementation!r} must be one of "
+                             f"{CACHE_IMPLEMENTATIONS} (None is transformers' dynamic cache).")
         if self.max_prompt_words is not None and not (
             isinstance(self.max_prompt_words, int) and self.max_prompt_words > 0
         ):

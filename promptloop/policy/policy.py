@@ -215,7 +215,7 @@ class PromptPolicy:
             top_p=config.top_p if config.do_sample else None, top_k=0 if config.do_sample else None,
             repetition_penalty=1.0, max_new_tokens=config.max_new_tokens, suppress_tokens=self.suppressed_token_ids,
             eos_token_id=self.eos_token_ids, pad_token_id=self.pad_token_id, output_logits=True,
-            return_dict_in_generate=True,
+            return_dict_in_generate=True, cache_implementation=config.cache_implementation,
         )
 
     def _encode(self, observations: Sequence[Observation]) -> tuple[dict, list[int]]:

@@ -254,3 +254,14 @@ def test_log_probs_report_the_entropy_of_the_sampled_distribution(tmp_path):
     ent = out.entropy[out.mask]
     assert (ent > 0).all() and (ent <= math.log(allowed) + 1e-4).all()  # at most uniform over allowed tokens
     assert torch.equal(out.entropy[~out.mask], torch.zeros_like(out.entropy[~out.mask]))
+
+
+@pytest.mark.parametrize("family", TINY_VLM_FAMILIES)
+def test_static_kv_cache_gives_the_same_tokens_and_log_probs(tiny_vlm_dirs, family):
+    observations = mixed_observations()
+    dynamic = load(tiny_vlm_dirs, family, max_new_tokens=8).act(observations, seed=3)
+    static = load(tiny_vlm_dirs, family, max_new_tokens=8, cache_implementation="static").act(observations, seed=3)
+    assert torch.equal(static.completion_ids, dynamic.completion_ids)
+    assert torch.allclose(static.log_probs, dynamic.log_probs, atol=TOL)
+    with pytest.raises(ValueError, match="cache_implementation='sliding' must be one of"):
+        small_config(cache_implementation="sliding")

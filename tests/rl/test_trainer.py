@@ -2,20 +2,13 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 from promptloop.rewards import Reward
 from promptloop.rl.checkpoint import latest_checkpoint, list_checkpoints, read_meta
-from promptloop.testing.tiny_vlm import save_tiny_vlm
 from trainer_helpers import adapter_state, tiny_trainer
-
-
-@pytest.fixture(scope="module")
-def vlm_dir(tmp_path_factory) -> Path:
-    return save_tiny_vlm(tmp_path_factory.mktemp("vlm") / "qwen2_5_vl", "qwen2_5_vl")
 
 
 def test_training_raises_a_learnable_reward_and_changes_the_adapter(tmp_path, vlm_dir):

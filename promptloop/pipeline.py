@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from .backbones import Backbone, RefinementSchedule, SamplerSettings, auto_backbone, rollout
-from .backbones.types import Observation, RolloutOutput, Trajectory
+from .backbones.types import RolloutOutput, Trajectory, blind_observations
 from .policy import PromptPolicy
 
 RefinementMode = Literal["closed", "apriori", "oneshot", "none"]
@@ -36,21 +36,12 @@ def policy_mode(policy: PromptPolicy, mode: str) -> Iterator[PromptPolicy]:
         policy.config.mode = previous
 
 
-def _blind_observations(queries: Sequence[str], num_refinements: int, num_steps: int) -> list[Observation]:
-    """Observations with no image, before sampling (one-shot and a-priori modes)."""
-    return [
-        Observation(row=i, query=q, prompt=q, history=[q], preview=None, step=0, num_steps=num_steps,
-                    refinement_index=0, num_refinements=num_refinements, noise_level=1.0)
-        for i, q in enumerate(queries)
-    ]
-
-
 def apriori_prompts(
     policy: PromptPolicy, queries: Sequence[str], num_refinements: int, num_steps: int, seed: Optional[int] = None
 ) -> list[list[str]]:
     """One policy call for the whole batch: each row's N_R + 1 prompts (the query, then the written schedule)."""
     with policy_mode(policy, "apriori"):
-        actions = policy.act(_blind_observations(queries, num_refinements, num_steps), seed=seed)
+        actions = policy.act(blind_observations(queries, num_refinements, num_steps), seed=seed)
     return [[q] + list(s.prompts) for q, s in zip(queries, actions.schedules)]
 
 
@@ -59,7 +50,7 @@ def oneshot_prompts(
 ) -> list[str]:
     """One rewrite per query before sampling, without an image (the feed-forward rewriter baseline)."""
     with policy_mode(policy, "oneshot"):
-        return policy.act(_blind_observations(queries, 0, num_steps), seed=seed).prompts
+        return policy.act(blind_observations(queries, 0, num_steps), seed=seed).prompts
 
 
 class PromptLoopPipeline:

@@ -112,13 +112,32 @@ def test_train_command_config_errors_name_the_key(tmp_path):
         cli_main(["train", str(config)])
 
 
-def test_demo_quick_trains_and_evaluates_in_the_mini_world(tmp_path, capsys):
-    assert cli_main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 0
-    out = tmp_path / "demo"
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    assert cli_main(["demo", "--quick", "--out", str(out)]) == 0
+    return out
+
+
+def test_demo_quick_trains_and_evaluates_in_the_mini_world(quick_demo):
+    out = quick_demo
     for name in ("reward_curve.png", "results.md", "summary.json", "eval/results.json", "eval/report.html"):
         assert (out / name).is_file(), name
     results = json.loads((out / "eval" / "results.json").read_text())
     methods = {row["method"] for row in results["summary"]}
     assert {"base", "untrained", "trained"} <= methods
     assert list((out / "eval").rglob("*.png")), "no images or trajectory strips"
-    assert "demo finished" in capsys.readouterr().out
+    assert json.loads((out / "summary.json").read_text())["train_steps"] == 2
+
+
+def test_a_runs_checkpoints_are_evaluated_step_by_step(quick_demo, tmp_path):
+    from promptloop.miniworld.evaluate_run import checkpoint_steps, evaluate_run
+
+    assert list(checkpoint_steps(quick_demo / "train", every=50)) == [2]  # the last one is always included
+    curve = evaluate_run(quick_demo / "train", tmp_path / "curve", every=1, prompts=2, seeds=1, log=lambda *a: None)
+    assert set(curve) == {"reward/preference", "reward/gold", "reward/fidelity"}
+    assert [row["step"] for row in curve["reward/fidelity"]] == [None, 0, 2]
+    assert all(0.0 <= row["mean"] <= 1.0 for row in curve["reward/fidelity"])
+    assert (tmp_path / "curve" / "training_curve.png").is_file()
+    with pytest.raises(ValueError, match="holds no complete checkpoint"):
+        checkpoint_steps(tmp_path, every=1)

@@ -12,7 +12,8 @@ from .rollout import fit_prompt, rollout
 from .schedule import RefinementSchedule
 from .sdxl import StableDiffusionXLBackbone
 from .stable_diffusion import StableDiffusionBackbone, saved_pipeline_class
-from .types import Observation, PhaseTimes, RefineFn, RolloutOutput, SamplerSettings, Trajectory
+from .types import (Observation, PhaseTimes, RefineFn, RolloutOutput, SamplerSettings, Trajectory, blind_observations,
+                    withhold_preview)
 
 ADAPTERS: dict[str, str] = {
     "StableDiffusionPipeline": "promptloop.backbones.stable_diffusion:StableDiffusionBackbone",
@@ -55,5 +56,6 @@ def auto_backbone(pipe_or_path: Any, preview_decoder: Optional[torch.nn.Module] 
 __all__ = [
     "ADAPTERS", "Backbone", "Observation", "PhaseTimes", "PromptEmbeds", "RefineFn", "RefinementSchedule",
     "RolloutOutput", "SamplerSettings", "SamplerState", "StableDiffusionBackbone", "StableDiffusionXLBackbone",
-    "StepResult", "Trajectory", "adapter_for", "auto_backbone", "fit_prompt", "rollout",
+    "StepResult", "Trajectory", "adapter_for", "auto_backbone", "blind_observations", "fit_prompt", "rollout",
+    "withhold_preview",
 ]

@@ -5,6 +5,7 @@ The sampler (``backbones``) produces :class:`Observation` objects and consumes p
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -61,6 +62,28 @@ class Observation:
 
 RefineFn = Callable[[list[Observation]], list[str]]
 """``refine(observations) -> prompts``: exactly one ``str`` per observation, in order."""
+
+
+def blind_observations(queries: list[str], num_refinements: int, num_steps: int) -> list[Observation]:
+    """One observation per query before sampling, without an image (one-shot and a-priori policy calls)."""
+    return [
+        Observation(row=i, query=q, prompt=q, history=[q], preview=None, step=0, num_steps=num_steps,
+                    refinement_index=0, num_refinements=num_refinements, noise_level=1.0)
+        for i, q in enumerate(queries)
+    ]
+
+
+def withhold_preview(refine: RefineFn) -> RefineFn:
+    """``refine`` that never sees the x0 preview (``Observation.preview = None``): the feedback ablation.
+
+    The schedule, the history and the progress information stay the same; the sampler is not changed (it still
+    decodes the preview and records it in the trajectory, but the policy is not shown it).
+    """
+
+    def blind(observations: list[Observation]) -> list[str]:
+        return refine([dataclasses.replace(o, preview=None) for o in observations])
+
+    return blind
 
 
 @dataclass

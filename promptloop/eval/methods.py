@@ -2,27 +2,13 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from typing import Iterator, Optional, Sequence
 
-from ..backbones import Backbone, RefinementSchedule, SamplerSettings, rollout
-from ..backbones.types import Observation, RefineFn, RolloutOutput
+from ..backbones import Backbone, RefinementSchedule, SamplerSettings, rollout, withhold_preview
+from ..backbones.types import RolloutOutput
 from ..pipeline import apriori_prompts, oneshot_prompts, policy_mode
 from ..policy import PromptPolicy
 from .config import MethodVariant
-
-
-def withhold_preview(refine: RefineFn) -> RefineFn:
-    """``refine`` that never sees the x0 preview (``Observation.preview = None``): the feedback ablation.
-
-    The schedule, the history and the progress information stay the same; the sampler is not changed (it still
-    decodes the preview and records it in the trajectory, but the policy is not shown it).
-    """
-
-    def blind(observations: list[Observation]) -> list[str]:
-        return refine([dataclasses.replace(o, preview=None) for o in observations])
-
-    return blind
 
 
 @contextlib.contextmanager

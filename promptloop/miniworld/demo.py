@@ -53,19 +53,21 @@ def _reward_curve(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def evaluation_config(out_dir: str | Path, policies: dict[str, str | Path], size: DemoSize = FULL):
+def evaluation_config(out_dir: str | Path, policies: dict[str, str | Path], size: DemoSize = FULL,
+                      kind: str = "closed"):
     """The demo's evaluation: base backbone A, the untrained policy (warm start, adapter off) and each saved policy
-    of ``policies`` (name -> folder) in closed loop, on ``miniworld:heldout`` queries x fixed seeds, scored by the
-    training reward, the gold rule and query fidelity. Policies sample at temperature 1, as in training."""
+    of ``policies`` (name -> folder) as method ``kind`` (closed loop by default; ``oneshot`` or ``closed-noimage``
+    for policies trained that way), on ``miniworld:heldout`` queries x fixed seeds, scored by the training reward,
+    the gold rule and query fidelity. Policies sample at temperature 1, as in training."""
     from ..configuration import build
     from ..eval.config import EvalConfig
 
     backbone = dict(name_or_path=str(SHIPPED_BACKBONE_A), num_inference_steps=size.sampler_steps,
                     guidance_scale=2.0, batch_size=16)
-    closed = dict(kind="closed", num_refinements=[size.num_refinements])
+    policy_method = dict(kind=kind, num_refinements=[0 if kind == "oneshot" else size.num_refinements])
     methods = {"base": {"kind": "base"},
-               "untrained": dict(closed, policy=str(next(iter(policies.values()))), adapter=False)}
-    methods.update({name: dict(closed, policy=str(path)) for name, path in policies.items()})
+               "untrained": dict(policy_method, policy=str(next(iter(policies.values()))), adapter=False)}
+    methods.update({name: dict(policy_method, policy=str(path)) for name, path in policies.items()})
     return build(EvalConfig, {
         "prompts": {"source": "miniworld:heldout", "limit": size.eval_prompts},
         "seeds": list(range(size.eval_seeds)),

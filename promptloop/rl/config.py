@@ -72,7 +72,12 @@ class DataSection:
 class GRPOSection:
     prompts_per_step: int = _help("Queries per training step, over all processes.", default=8)
     group_size: int = _help("Trajectories per query (G); advantages are relative within the group.", default=8)
-    num_refinements: int = _help("Refinements per trajectory (N_R), drawn at random steps in training.", default=5)
+    num_refinements: int = _help("Refinements per trajectory (N_R), drawn at random steps in training. Must be 1 "
+                                 "with policy.mode 'oneshot' (one rewrite before sampling).", default=5)
+    feedback: bool = _help(
+        "Show the policy the x0 preview at each refinement (the method). False withholds it (the policy still sees "
+        "the query, its earlier prompts and the progress): the feedback ablation, trained the same way.",
+        default=True)
     schedule: Literal["per_trajectory", "per_group", "per_batch"] = _help(
         "Scope of one random refinement schedule: each trajectory its own, one per group, or one per batch "
         "(fewer policy calls).", default="per_trajectory")
@@ -135,6 +140,9 @@ class LoggingSection:
     log_every: int = _help("Log metrics every N steps.", default=1)
     image_every: int = _help("Log a grid of trajectory strips every N steps (0: never).", default=10)
     eval_every: int = _help("Evaluate on held-out queries every N steps (0: never).", default=0)
+    log_completions: bool = _help(
+        "Append every trajectory of every step (step, query, prompts in force, reward) to completions.jsonl in the "
+        "run folder (the main process's share of the queries).", default=False)
     checkpoint_every: int = _help("Write a checkpoint every N steps (and at exit).", default=10)
     keep_last: int = _help("Checkpoints kept (oldest removed first).", default=3)
     progress: bool = _help("Show a progress bar with ETA.", default=True)
@@ -160,6 +168,16 @@ class TrainConfig:
     reward: RewardSection = _help("The training reward.", default_factory=RewardSection)
     grpo: GRPOSection = _help("GRPO hyper-parameters.", default_factory=GRPOSection)
     logging: LoggingSection = _help("Output, logging and checkpoints.", default_factory=LoggingSection)
+
+    def __post_init__(self):
+        mode = getattr(self.policy, "mode", "closed")
+        if mode == "apriori":
+            raise ValueError("policy.mode='apriori' cannot be trained: train 'closed' (the method; a trained "
+                             "closed-loop policy also writes a-priori schedules at inference) or 'oneshot' (the "
+                             "one-rewrite baseline).")
+        if mode == "oneshot" and self.grpo.num_refinements != 1:
+            raise ValueError(f"policy.mode='oneshot' writes one prompt before sampling: set grpo.num_refinements=1 "
+                             f"(got {self.grpo.num_refinements}).")
 
 
 @dataclass

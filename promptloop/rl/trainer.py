@@ -1,7 +1,8 @@
 """GRPO training of the refinement policy, on accelerate.
 
 One training step: take this process's share of queries, sample G trajectories per query through the frozen
-backbone (the policy rewrites the prompt at N_R random steps while looking at x0 previews), score the final images
+backbone (the policy rewrites the prompt at N_R random steps while looking at x0 previews; or, for the baselines,
+with the previews withheld or once before sampling), score the final images
 against the original queries, turn rewards into group-relative advantages, then update the LoRA adapter with the
 clipped surrogate over every refinement action (each action carries its trajectory's advantage).
 """
@@ -19,8 +20,8 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 
-from ..backbones import Backbone, RefinementSchedule, SamplerSettings, rollout
-from ..backbones.types import Observation, Trajectory
+from ..backbones import Backbone, RefinementSchedule, SamplerSettings, blind_observations, rollout, withhold_preview
+from ..backbones.types import Observation, RefineFn, RolloutOutput, Trajectory
 from ..configuration import to_dict
 from ..policy import PolicySample, PromptPolicy
 from ..rewards.async_worker import AsyncRewardWorker
@@ -197,6 +198,17 @@ class GRPOTrainer:
             return [RefinementSchedule.random(n, seed=_step_seed(seed, i // group)) for i in range(num)]
         return [RefinementSchedule.random(n, seed=_step_seed(seed, i)) for i in range(num)]
 
+    def _rollout_chunk(self, queries: list[str], seeds: list[int], settings: SamplerSettings,
+                       schedules: RefinementSchedule | list[RefinementSchedule], refine: RefineFn) -> RolloutOutput:
+        """The policy's loop: closed (previews shown, or withheld with ``grpo.feedback: false``), or for
+        ``policy.mode: oneshot`` one rewrite per trajectory before sampling (``schedules`` unused)."""
+        if self.config.policy.mode == "oneshot":
+            initial = refine(blind_observations(queries, 0, settings.num_inference_steps))
+            return rollout(self.backbone, queries, seeds, settings, initial_prompts=initial)
+        if not self.config.grpo.feedback:
+            refine = withhold_preview(refine)
+        return rollout(self.backbone, queries, seeds, settings, schedules, refine=refine)
+
     def collect(self, queries: Sequence[str], step: int) -> RolloutBatch:
         """G trajectories per query, their rewards and every refinement action (this process's share)."""
         g = self.config.grpo
@@ -216,8 +228,8 @@ class GRPOTrainer:
                 stop = min(start + chunk, len(expanded))
                 recorder = _ActionRecorder(self.policy, start, generator)
                 t0 = time.perf_counter()
-                out = rollout(self.backbone, expanded[start:stop], seeds[start:stop], settings,
-                              schedules[start:stop], refine=recorder)
+                out = self._rollout_chunk(expanded[start:stop], seeds[start:stop], settings, schedules[start:stop],
+                                          recorder)
                 times["rollout"] += time.perf_counter() - t0
                 pil = out.pil()
                 jobs.append((stop - start, worker.submit(pil, expanded[start:stop], reward_metadata(out.trajectories))))
@@ -437,6 +449,13 @@ class GRPOTrainer:
         return checkpoint
 
     # ------------------------------------------------------------------------------------------------ training
+    def _log_completions(self, batch: RolloutBatch) -> None:
+        rows = [{"step": self.step + 1, "query": q, "prompts": list(t.prompts),
+                 "reward": r if math.isfinite(r) else None}
+                for q, t, r in zip(batch.queries, batch.trajectories, batch.rewards.tolist())]
+        with open(self.run_dir / "completions.jsonl", "a", encoding="utf-8") as f:
+            f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
     def _log_images(self, batch: RolloutBatch) -> None:
         rows = [trajectory_strip(t, img, tile=128) for t, img in
                 list(zip(batch.trajectories, batch.images))[: min(4, self.config.grpo.group_size)]]
@@ -460,8 +479,8 @@ class GRPOTrainer:
             return {}
         n = self.config.grpo.num_refinements
         refine = self.policy.as_refine_fn(seed=self.config.grpo.seed)
-        out = rollout(self.backbone, self.eval_queries, list(range(len(self.eval_queries))), self._settings(),
-                      RefinementSchedule.uniform(n), refine=refine)
+        out = self._rollout_chunk(self.eval_queries, list(range(len(self.eval_queries))), self._settings(),
+                                  RefinementSchedule.uniform(n), refine)
         scores = self.reward(out.pil(), self.eval_queries, reward_metadata(out.trajectories)).scores
         finite = scores[torch.isfinite(scores)]
         return {"eval/reward_mean": float(finite.mean()) if len(finite) else float("nan")}
@@ -528,6 +547,8 @@ class GRPOTrainer:
                 metrics = {"train/nonfinite_rollout_skips": 1.0}
             else:
                 metrics = self.rollout_metrics(batch)
+                if main and cfg.logging.log_completions:
+                    self._log_completions(batch)
                 t1 = time.perf_counter()
                 metrics.update(self.update(batch))
                 metrics["train/nonfinite_rollout_skips"] = 0.0

@@ -1,12 +1,14 @@
 """Periodic evaluation and the trackers (TensorBoard, W&B offline) of the GRPO trainer, on tiny models."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from promptloop.rewards import Reward
 from promptloop.rl.trainer import make_accelerator
-from trainer_helpers import tiny_trainer
+from trainer_helpers import QUERIES, tiny_trainer
 
 EVAL_QUERIES = ["A red cat", "Sunset"]
 
@@ -31,7 +33,7 @@ def _with_trackers(trainer, report_to: str, **logging):
 
 def test_periodic_evaluation_uses_fixed_seeds_and_is_logged(tmp_path, vlm_dir):
     trainer = _with_trackers(tiny_trainer(tmp_path / "run", vlm_dir, reward=BrightnessReward(), max_steps=4),
-                             "tensorboard", eval_every=2)
+                             "tensorboard", eval_every=2, log_completions=True)
     trainer.eval_queries = list(EVAL_QUERIES)
     first = trainer.evaluate()
     assert trainer.evaluate() == first  # fixed noise and policy seeds: the same weights give the same number
@@ -39,6 +41,12 @@ def test_periodic_evaluation_uses_fixed_seeds_and_is_logged(tmp_path, vlm_dir):
     assert ["eval/reward_mean" in h for h in history] == [False, True, False, True]
     assert all(0.0 <= h["eval/reward_mean"] <= 1.0 for h in history if "eval/reward_mean" in h)
     assert trainer.evaluate() == {"eval/reward_mean": history[-1]["eval/reward_mean"]}  # same weights as step 4
+
+    rows = [json.loads(line) for line in (tmp_path / "run" / "completions.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [s for s in (1, 2, 3, 4) for _ in range(16)]  # 2 queries x G = 8 per step
+    assert all(r["query"] in QUERIES and r["prompts"] and 0.0 <= r["reward"] <= 1.0 for r in rows)
+    means = [sum(r["reward"] for r in rows if r["step"] == s) / 16 for s in (1, 2, 3, 4)]
+    assert means == pytest.approx([h["reward/mean"] for h in history])
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

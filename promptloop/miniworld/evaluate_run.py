@@ -1,0 +1,109 @@
+"""Evaluate the checkpoints of a mini-world GRPO run: the training (proxy) reward next to the gold reward and query
+fidelity, step by step: the reward-hacking measurement of PromptLoop.
+
+    python -m promptloop.miniworld.evaluate_run RUN_DIR [--out DIR] [--every 50] [--prompts 32] [--seeds 4]
+        [--kind closed|closed-noimage|oneshot]
+
+``RUN_DIR`` is a ``promptloop train`` output folder (``--logging.output_dir``) of a mini-world config. Every
+``--every``-th checkpoint (and the last) is evaluated in closed loop with the demo's evaluation
+(:func:`promptloop.miniworld.demo.evaluation_config`: base backbone A, the untrained policy, held-out queries x
+fixed seeds). Writes the evaluation folder (``results.md``, ``results.json``, ``report.html``) and
+``training_curve.png`` / ``training_curve.json``: each metric's mean and 95% CI against the training step (the
+untrained policy is step 0).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+from promptloop.rl.checkpoint import list_checkpoints
+
+from .demo import FULL, evaluation_config
+
+METRICS = ("reward/preference", "reward/gold", "reward/fidelity")
+
+
+def checkpoint_steps(run_dir: str | Path, every: int) -> dict[int, Path]:
+    """{step: saved policy folder} of every ``every``-th complete checkpoint of ``run_dir``, and the last one."""
+    if every < 1:
+        raise ValueError(f"every must be >= 1, got {every}.")
+    found = {int(re.sub(r"\D", "", p.name)): p / "policy" for p in list_checkpoints(Path(run_dir))}
+    if not found:
+        raise ValueError(f"{run_dir} holds no complete checkpoint (checkpoints/step-N); train with "
+                         "--logging.checkpoint_every N first.")
+    last = max(found)
+    return {step: path for step, path in sorted(found.items()) if step % every == 0 or step == last}
+
+
+def training_curve(results, steps: dict[int, Path]) -> dict[str, list[dict]]:
+    """{metric: [{step, mean, ci_low, ci_high}]} with the untrained policy as step 0 and the base as step None."""
+    curve: dict[str, list[dict]] = {}
+    labels = {"base": None, "untrained": 0} | {f"step-{s}": s for s in steps}
+    for metric in METRICS:
+        rows = []
+        for label, step in labels.items():
+            stat = results.statistic("backbone_a", label, metric)
+            rows.append({"method": label, "step": step, "mean": stat.mean, "ci_low": stat.ci_low,
+                         "ci_high": stat.ci_high})
+        curve[metric] = rows
+    return curve
+
+
+def plot_curve(curve: dict[str, list[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curve), figsize=(4 * len(curve), 3), dpi=120)
+    for ax, (metric, rows) in zip(axes, curve.items()):
+        trained = [r for r in rows if r["step"] is not None]
+        x = [r["step"] for r in trained]
+        ax.plot(x, [r["mean"] for r in trained], marker="o", ms=3, label="PromptLoop")
+        ax.fill_between(x, [r["ci_low"] for r in trained], [r["ci_high"] for r in trained], alpha=0.2)
+        base = next(r for r in rows if r["step"] is None)
+        ax.axhline(base["mean"], color="gray", ls="--", lw=1, label="base backbone")
+        ax.set_title(metric.split("/")[-1])
+        ax.set_xlabel("GRPO step (0 = warm start)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def evaluate_run(run_dir: str | Path, out_dir: str | Path, every: int = 50, prompts: int = 32, seeds: int = 4,
+                 kind: str = "closed", log=print) -> dict[str, list[dict]]:
+    from promptloop.eval.runner import run_evaluation
+
+    steps = checkpoint_steps(run_dir, every)
+    out = Path(out_dir)
+    size = dataclasses.replace(FULL, eval_prompts=prompts, eval_seeds=seeds)
+    config = evaluation_config(out, {f"step-{s}": p for s, p in steps.items()}, size, kind)
+    log(f"evaluating steps {sorted(steps)} of {run_dir} on {prompts} held-out queries x {seeds} seeds")
+    results = run_evaluation(config, log=log)
+    curve = training_curve(results, steps)
+    (out / "training_curve.json").write_text(json.dumps(curve, indent=2) + "\n")
+    plot_curve(curve, out / "training_curve.png")
+    return curve
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", help="a promptloop train output folder (mini-world config)")
+    parser.add_argument("--out", default=None, help="evaluation folder (default RUN_DIR/eval_curve)")
+    parser.add_argument("--every", type=int, default=50, help="evaluate every N-th step's checkpoint (and the last)")
+    parser.add_argument("--prompts", type=int, default=32, help="held-out queries (miniworld:heldout)")
+    parser.add_argument("--seeds", type=int, default=4, help="fixed noise seeds per query")
+    parser.add_argument("--kind", choices=("closed", "closed-noimage", "oneshot"), default="closed",
+                        help="how the run's policy is used: as it was trained (policy.mode, grpo.feedback)")
+    args = parser.parse_args(argv)
+    return evaluate_run(args.run_dir, args.out or Path(args.run_dir) / "eval_curve", args.every, args.prompts,
+                        args.seeds, args.kind)
+
+
+if __name__ == "__main__":
+    main()

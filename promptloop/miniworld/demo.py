@@ -29,7 +29,7 @@ class DemoSize:
     eval_seeds: int
 
 
-FULL = DemoSize(steps=30, prompts_per_step=4, group_size=8, num_refinements=3, sampler_steps=10, eval_prompts=24,
+FULL = DemoSize(steps=40, prompts_per_step=4, group_size=8, num_refinements=3, sampler_steps=10, eval_prompts=24,
                 eval_seeds=4)
 QUICK = DemoSize(steps=2, prompts_per_step=2, group_size=4, num_refinements=2, sampler_steps=6, eval_prompts=4,
                  eval_seeds=2)
@@ -51,6 +51,27 @@ def _reward_curve(history: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def train_config(out_dir: Path, prompts_file: Path, size: DemoSize = FULL):
+    """The demo's GRPO run (``configs/miniworld_grpo.yaml`` holds the same settings for ``promptloop train``)."""
+    from ..rl.config import BackboneSection, DataSection, GRPOSection, LoggingSection, RewardSection, TrainConfig
+
+    return TrainConfig(
+        backbone=BackboneSection(name_or_path=str(SHIPPED_BACKBONE_A), dtype="float32",
+                                 num_inference_steps=size.sampler_steps, guidance_scale=2.0, preview_size=32,
+                                 rollout_batch_size=size.prompts_per_step * size.group_size),
+        data=DataSection(prompts=str(prompts_file)),
+        policy=miniworld_policy_config("closed"),
+        reward=RewardSection(spec="miniworld-preference"),
+        grpo=GRPOSection(prompts_per_step=size.prompts_per_step, group_size=size.group_size,
+                         num_refinements=size.num_refinements, schedule="per_group", shared_noise=True,
+                         mini_batches=4, micro_batch_size=size.group_size, learning_rate=2e-3, beta=0.04,
+                         max_steps=size.steps, seed=0),
+        logging=LoggingSection(output_dir=str(out_dir / "train"), report_to="none",
+                               image_every=max(size.steps // 3, 1), checkpoint_every=size.steps, keep_last=1,
+                               progress=True),
+    )
 
 
 def evaluation_config(out_dir: str | Path, policies: dict[str, str | Path], size: DemoSize = FULL,
@@ -85,7 +106,6 @@ def evaluation_config(out_dir: str | Path, policies: dict[str, str | Path], size
 def run_demo(out_dir: str | Path, quick: bool = False, log=print) -> dict:
     """Train, evaluate, write the report folder; returns a summary dict (also written as ``summary.json``)."""
     from ..eval.runner import run_evaluation
-    from ..rl.config import BackboneSection, DataSection, GRPOSection, LoggingSection, RewardSection, TrainConfig
     from ..rl.trainer import GRPOTrainer
 
     size = QUICK if quick else FULL
@@ -95,19 +115,7 @@ def run_demo(out_dir: str | Path, quick: bool = False, log=print) -> dict:
     prompts_file = out / "train_queries.txt"
     prompts_file.write_text("\n".join(training_queries()) + "\n", encoding="utf-8")
 
-    config = TrainConfig(
-        backbone=BackboneSection(name_or_path=str(SHIPPED_BACKBONE_A), dtype="float32",
-                                 num_inference_steps=size.sampler_steps, guidance_scale=2.0, preview_size=32,
-                                 rollout_batch_size=size.prompts_per_step * size.group_size),
-        data=DataSection(prompts=str(prompts_file)),
-        policy=miniworld_policy_config("closed"),
-        reward=RewardSection(spec="miniworld-preference"),
-        grpo=GRPOSection(prompts_per_step=size.prompts_per_step, group_size=size.group_size,
-                         num_refinements=size.num_refinements, schedule="per_trajectory", shared_noise=True,
-                         micro_batch_size=size.group_size, learning_rate=2e-3, max_steps=size.steps, seed=0),
-        logging=LoggingSection(output_dir=str(out / "train"), report_to="none", image_every=max(size.steps // 3, 1),
-                               checkpoint_every=size.steps, keep_last=1, progress=True),
-    )
+    config = train_config(out, prompts_file, size)
     log(f"[1/2] GRPO training: {size.steps} steps x {size.prompts_per_step} queries x G={size.group_size}, "
         f"N_R={size.num_refinements}, on backbone A ({SHIPPED_BACKBONE_A})")
     trainer = GRPOTrainer.from_config(config)

@@ -16,11 +16,14 @@ def test_example_config_loads_and_divides(name, processes):
     assert sizes.micro_batches_per_optimizer_step >= 1
 
 
-def test_miniworld_config_matches_the_demo_policy_settings():
-    from promptloop.miniworld.policy_warmstart import miniworld_policy_config
+def test_miniworld_config_matches_the_demo(tmp_path):
+    from promptloop.miniworld.demo import train_config
 
     config = load_config(TrainConfig, CONFIGS / "miniworld_grpo.yaml")
-    expected = miniworld_policy_config("closed")
-    for key in ("system_prompt", "max_new_tokens", "max_prompt_words", "min_pixels", "max_pixels", "lora_r"):
-        assert getattr(config.policy, key) == getattr(expected, key), key
+    demo = train_config(tmp_path, tmp_path / "queries.txt")
+    for key in ("system_prompt", "max_new_tokens", "max_prompt_words", "min_pixels", "max_pixels", "lora_r", "mode"):
+        assert getattr(config.policy, key) == getattr(demo.policy, key), key
+    assert config.grpo == demo.grpo
+    for key in ("num_inference_steps", "guidance_scale", "preview_size", "dtype"):
+        assert getattr(config.backbone, key) == getattr(demo.backbone, key), key
     assert (CONFIGS.parent / config.data.prompts).is_file()

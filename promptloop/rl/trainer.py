@@ -347,7 +347,10 @@ class GRPOTrainer:
                 grad_norm = None
                 if finite and g.max_grad_norm > 0:
                     grad_norm = self.accelerator.clip_grad_norm_(params, g.max_grad_norm)
-                finite = finite and all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None)
+                    finite = bool(torch.isfinite(torch.as_tensor(grad_norm)))  # NaN/inf in any gradient
+                elif finite:  # clipping off: one reduction over every gradient, one device sync
+                    grads = [torch.isfinite(p.grad).all() for p in params if p.grad is not None]
+                    finite = bool(torch.stack(grads).all()) if grads else True
                 if self._any_process(not finite):
                     finite = False
                 if finite:

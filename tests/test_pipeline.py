@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-from promptloop.backbones import RefinementSchedule, SamplerSettings, auto_backbone, rollout
+from promptloop.backbones import RefinementSchedule, SamplerSettings, rollout
 from promptloop.cli import main as cli_main
 from promptloop.pipeline import PromptLoopPipeline
 from promptloop.policy import PolicyConfig, PromptPolicy

@@ -75,30 +75,38 @@ def train_config(out_dir: Path, prompts_file: Path, size: DemoSize = FULL):
 
 
 def evaluation_config(out_dir: str | Path, policies: dict[str, str | Path], size: DemoSize = FULL,
-                      kind: str = "closed"):
-    """The demo's evaluation: base backbone A, the untrained policy (warm start, adapter off) and each saved policy
+                      kind: str = "closed", backbones: dict[str, str | Path] | None = None,
+                      temperature: float = 1.0):
+    """The demo's evaluation: the base backbone, the untrained policy (warm start, adapter off) and each saved policy
     of ``policies`` (name -> folder) as method ``kind`` (closed loop by default; ``oneshot`` or ``closed-noimage``
-    for policies trained that way), on ``miniworld:heldout`` queries x fixed seeds, scored by the training reward,
-    the gold rule and query fidelity. Policies sample at temperature 1, as in training."""
+    for policies trained that way) at ``size.num_refinements``, on ``miniworld:heldout`` queries x fixed seeds,
+    scored by the training reward, the gold rule and query fidelity. ``backbones`` (name -> pipeline folder)
+    defaults to backbone A. Policies sample at ``temperature`` (1, as in training, by default; 0 decodes greedily).
+    With no ``policies`` only the base is evaluated."""
     from ..configuration import build
     from ..eval.config import EvalConfig
 
-    backbone = dict(name_or_path=str(SHIPPED_BACKBONE_A), num_inference_steps=size.sampler_steps,
-                    guidance_scale=2.0, batch_size=16)
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature} must be >= 0 (0 decodes greedily).")
+    backbones = backbones or {"backbone_a": SHIPPED_BACKBONE_A}
+    backbone_sections = {name: dict(name_or_path=str(path), num_inference_steps=size.sampler_steps,
+                                    guidance_scale=2.0, batch_size=16) for name, path in backbones.items()}
     policy_method = dict(kind=kind, num_refinements=[0 if kind == "oneshot" else size.num_refinements])
-    methods = {"base": {"kind": "base"},
-               "untrained": dict(policy_method, policy=str(next(iter(policies.values()))), adapter=False)}
+    methods = {"base": {"kind": "base"}}
+    if policies:
+        methods["untrained"] = dict(policy_method, policy=str(next(iter(policies.values()))), adapter=False)
     methods.update({name: dict(policy_method, policy=str(path)) for name, path in policies.items()})
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     return build(EvalConfig, {
         "prompts": {"source": "miniworld:heldout", "limit": size.eval_prompts},
         "seeds": list(range(size.eval_seeds)),
         "baseline": "base",
         "device": "cpu",
-        "backbones": {"backbone_a": backbone},
+        "backbones": backbone_sections,
         "methods": methods,
         "rewards": {"preference": {"spec": "miniworld-preference"}, "gold": {"spec": "miniworld-gold"},
                     "fidelity": {"spec": "miniworld-fidelity"}},
-        "policy_sampling": {"do_sample": True, "temperature": 1.0},  # as in training (greedy copies the query)
+        "policy_sampling": sampling,
         "output": {"output_dir": str(out_dir)},
     })
 

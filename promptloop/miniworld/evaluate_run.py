@@ -2,12 +2,13 @@
 fidelity, step by step: the reward-hacking measurement of PromptLoop.
 
     python -m promptloop.miniworld.evaluate_run RUN_DIR [--out DIR] [--every 50] [--prompts 32] [--seeds 4]
-        [--kind closed|closed-noimage|oneshot]
+        [--kind closed|closed-noimage|oneshot] [--backbone DIR] [--refinements N] [--temperature T]
 
 ``RUN_DIR`` is a ``promptloop train`` output folder (``--logging.output_dir``) of a mini-world config. Every
 ``--every``-th checkpoint (and the last) is evaluated in closed loop with the demo's evaluation
 (:func:`promptloop.miniworld.demo.evaluation_config`: base backbone A, the untrained policy, held-out queries x
-fixed seeds). Writes the evaluation folder (``results.md``, ``results.json``, ``report.html``) and
+fixed seeds); ``--backbone`` evaluates on another mini-world pipeline (backbone B, the weight-tuned A),
+``--refinements`` at another N_R, ``--temperature 0`` with greedy rewrites. Writes the evaluation folder (``results.md``, ``results.json``, ``report.html``) and
 ``training_curve.png`` / ``training_curve.json``: each metric's mean and 95% CI against the training step (the
 untrained policy is step 0).
 """
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from promptloop.rl.checkpoint import list_checkpoints
 
+from .backbone import SHIPPED_BACKBONE_A
 from .demo import FULL, evaluation_config
 
 METRICS = ("reward/preference", "reward/gold", "reward/fidelity")
@@ -38,14 +40,14 @@ def checkpoint_steps(run_dir: str | Path, every: int) -> dict[int, Path]:
     return {step: path for step, path in sorted(found.items()) if step % every == 0 or step == last}
 
 
-def training_curve(results, steps: dict[int, Path]) -> dict[str, list[dict]]:
+def training_curve(results, steps: dict[int, Path], backbone: str = "backbone_a") -> dict[str, list[dict]]:
     """{metric: [{step, mean, ci_low, ci_high}]} with the untrained policy as step 0 and the base as step None."""
     curve: dict[str, list[dict]] = {}
     labels = {"base": None, "untrained": 0} | {f"step-{s}": s for s in steps}
     for metric in METRICS:
         rows = []
         for label, step in labels.items():
-            stat = results.statistic("backbone_a", label, metric)
+            stat = results.statistic(backbone, label, metric)
             rows.append({"method": label, "step": step, "mean": stat.mean, "ci_low": stat.ci_low,
                          "ci_high": stat.ci_high})
         curve[metric] = rows
@@ -76,16 +78,20 @@ def plot_curve(curve: dict[str, list[dict]], path: Path) -> None:
 
 
 def evaluate_run(run_dir: str | Path, out_dir: str | Path, every: int = 50, prompts: int = 32, seeds: int = 4,
-                 kind: str = "closed", log=print) -> dict[str, list[dict]]:
+                 kind: str = "closed", backbone: str | Path = SHIPPED_BACKBONE_A,
+                 refinements: int = FULL.num_refinements, temperature: float = 1.0,
+                 log=print) -> dict[str, list[dict]]:
     from promptloop.eval.runner import run_evaluation
 
     steps = checkpoint_steps(run_dir, every)
     out = Path(out_dir)
-    size = dataclasses.replace(FULL, eval_prompts=prompts, eval_seeds=seeds)
-    config = evaluation_config(out, {f"step-{s}": p for s, p in steps.items()}, size, kind)
-    log(f"evaluating steps {sorted(steps)} of {run_dir} on {prompts} held-out queries x {seeds} seeds")
+    size = dataclasses.replace(FULL, eval_prompts=prompts, eval_seeds=seeds, num_refinements=refinements)
+    name = Path(backbone).name
+    config = evaluation_config(out, {f"step-{s}": p for s, p in steps.items()}, size, kind, {name: backbone},
+                               temperature)
+    log(f"evaluating steps {sorted(steps)} of {run_dir} on {name}, {prompts} held-out queries x {seeds} seeds")
     results = run_evaluation(config, log=log)
-    curve = training_curve(results, steps)
+    curve = training_curve(results, steps, name)
     (out / "training_curve.json").write_text(json.dumps(curve, indent=2) + "\n")
     plot_curve(curve, out / "training_curve.png")
     return curve
@@ -100,9 +106,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--seeds", type=int, default=4, help="fixed noise seeds per query")
     parser.add_argument("--kind", choices=("closed", "closed-noimage", "oneshot"), default="closed",
                         help="how the run's policy is used: as it was trained (policy.mode, grpo.feedback)")
+    parser.add_argument("--backbone", default=str(SHIPPED_BACKBONE_A),
+                        help="mini-world pipeline folder to evaluate on (default: the shipped backbone A)")
+    parser.add_argument("--refinements", type=int, default=FULL.num_refinements,
+                        help="N_R at evaluation (closed loop; ignored for --kind oneshot)")
+    parser.add_argument("--temperature", type=float, default=1.0,
+                        help="policy sampling temperature; 0 decodes greedily")
     args = parser.parse_args(argv)
     return evaluate_run(args.run_dir, args.out or Path(args.run_dir) / "eval_curve", args.every, args.prompts,
-                        args.seeds, args.kind)
+                        args.seeds, args.kind, args.backbone, args.refinements, args.temperature)
 
 
 if __name__ == "__main__":

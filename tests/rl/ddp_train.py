@@ -26,4 +26,6 @@ trainer.train()
 rank = trainer.accelerator.process_index
 save_file({k: v.contiguous() for k, v in adapter_state(trainer).items()}, str(out / f"adapter_rank{rank}.safetensors"))
 (out / f"rank{rank}.json").write_text(json.dumps({"seeds": seeds, "world": trainer.accelerator.num_processes,
-                                                  "torch_threads": torch.get_num_threads()}))
+                                                  "torch_threads": torch.get_num_threads(),
+                                                  "distributed_type": str(trainer.accelerator.distributed_type),
+                                                  "prepared_class": type(trainer.model).__name__}))

@@ -64,3 +64,20 @@ def test_untrainable_modes_are_config_errors(overrides, message):
     data = {"backbone": {"name_or_path": "x"}, "data": {"prompts": "p.txt"}} | overrides
     with pytest.raises(ConfigError, match=message):
         build(TrainConfig, data)
+
+
+def test_bfloat16_policy_trains_with_recomputed_old_logprobs(tmp_path, vlm_dir):
+    """The GPU precision path on a CPU: bf16 weights, old log-probs recomputed by micro-batch-shaped forwards
+    (generation and a full forward differ in bf16), so the first ratio is exactly 1 and the update is finite."""
+    config = tiny_config(tmp_path / "run", vlm_dir, max_steps=2)
+    torch.manual_seed(0)
+    policy = tiny_policy(vlm_dir, dtype="bfloat16")
+    assert policy.base_model.dtype == torch.bfloat16
+    trainer = GRPOTrainer(config, policy, auto_backbone(tiny_sd_pipeline(seed=0)), LowercaseStartReward(), QUERIES)
+    assert trainer._recompute_old_logps()  # "auto": the policy is not float32
+    before = adapter_state(trainer)
+    history = trainer.train()
+    assert len(history) == 2
+    assert trainer.on_policy_ratio_deviation == 0.0
+    assert all(h["train/nonfinite_skips"] == 0.0 and "policy/sampling_logprob_gap" in h for h in history)
+    assert any(not torch.equal(before[k], v) for k, v in adapter_state(trainer).items())

@@ -90,6 +90,7 @@ class PromptLoopPipeline:
         height: Optional[int] = None,
         width: Optional[int] = None,
         preview_size: Optional[int] = 256,
+        feedback_delay: int = 0,
         output_type: Literal["pil", "pt"] = "pil",
         progress: bool = False,
         **extra: Any,
@@ -100,6 +101,8 @@ class PromptLoopPipeline:
         (one policy call writes all prompts up front; the sampler runs uninterrupted), "oneshot" (one rewrite before
         sampling), "none" (plain sampling). ``seed``: one int for the batch (row i uses seed + i) or one per prompt;
         the same seeds give the same images. ``policy_seed`` (default: the first seed) seeds the policy's sampling.
+        ``feedback_delay`` (closed mode): pipelined feedback, the prompt taking effect at step k is written from the
+        preview of step k - 1 - d while the sampler goes on (see :func:`~promptloop.backbones.rollout`).
         """
         queries = [prompt] if isinstance(prompt, str) else list(prompt)
         if mode not in REFINEMENT_MODES:
@@ -117,12 +120,15 @@ class PromptLoopPipeline:
         )
         schedule = RefinementSchedule.uniform(num_refinements) if num_refinements else RefinementSchedule.none()
         schedule.steps(num_inference_steps)  # clear error before the policy runs
+        if feedback_delay and mode != "closed":
+            raise ValueError(f"feedback_delay={feedback_delay} applies to mode 'closed' only (mode is {mode!r}); "
+                             "leave it at 0.")
         policy_seed = seeds[0] if policy_seed is None and seeds else policy_seed
         kwargs: dict[str, Any] = dict(settings=settings, schedule=schedule, progress=progress)
         if mode == "closed":
             with policy_mode(self.policy, "closed"):
                 out = rollout(self.backbone, queries, seeds, refine=self.policy.as_refine_fn(seed=policy_seed),
-                              **kwargs)
+                              feedback_delay=feedback_delay, **kwargs)
         elif mode == "apriori":
             prompts = apriori_prompts(self.policy, queries, num_refinements, num_inference_steps, seed=policy_seed)
             out = rollout(self.backbone, queries, seeds, prompts=prompts, **kwargs)

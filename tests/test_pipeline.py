@@ -43,6 +43,15 @@ def test_closed_loop_equals_the_rollout_and_is_reproducible(loop):
     assert all(len(t.decision_steps) == 2 and all(p is not None for p in t.previews) for t in out.trajectories)
 
 
+def test_pipelined_closed_loop_reproduces_its_images(loop):
+    kwargs = dict(num_refinements=2, num_inference_steps=8, seed=3, preview_size=32, output_type="pt",
+                  feedback_delay=1)
+    out, again = loop(QUERIES, **kwargs), loop(QUERIES, **kwargs)
+    assert torch.equal(out.images, again.images)
+    assert [t.prompts for t in out.trajectories] == [t.prompts for t in again.trajectories]
+    assert all(t.decision_steps == [3, 5] for t in out.trajectories)
+
+
 def test_apriori_makes_one_policy_call_and_no_previews(loop, monkeypatch):
     calls = []
     act = loop.policy.act
@@ -64,6 +73,8 @@ def test_mode_none_is_plain_sampling(loop):
     (dict(mode="loop"), "mode='loop' is not one of"),
     (dict(num_refinements=-1), "num_refinements must be an int >= 0"),
     (dict(num_refinements=5, num_inference_steps=4), "at least 6 sampling steps"),
+    (dict(mode="apriori", feedback_delay=1), "applies to mode 'closed' only"),
+    (dict(num_refinements=3, num_inference_steps=6, feedback_delay=1), "more than 1 apart"),
 ])
 def test_bad_arguments_are_clear_errors(loop, kwargs, match):
     with pytest.raises(ValueError, match=match):

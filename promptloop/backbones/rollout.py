@@ -3,7 +3,9 @@
 ``rollout`` drives any :class:`~promptloop.backbones.base.Backbone` through its contract only (encode, prepare,
 step, decode, noise level, token counting). Decision semantics come from
 :mod:`promptloop.backbones.schedule`: a prompt that takes effect at step ``i`` is written while looking at the x0
-estimate of step ``i - 1``, so refinements cost no extra denoiser evaluation.
+estimate of step ``i - 1``, so refinements cost no extra denoiser evaluation. With ``feedback_delay = d > 0`` (pipelined feedback) the prompt
+that takes effect at step ``i`` is written from the x0 estimate of step ``i - 1 - d`` while the sampler runs steps
+``i - d .. i - 1`` with the prompts in force, the policy call overlapping them in a worker thread.
 
 Text budget convention: a prompt fits when ``backbone.count_tokens(prompt) <= backbone.text_budget``; longer
 prompts are cut at the last word boundary that fits and flagged in ``Trajectory.truncated``.
@@ -13,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import re
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterator, Optional, Sequence
 
@@ -33,6 +36,7 @@ def rollout(
     refine: Optional[RefineFn] = None,
     prompts: Optional[Sequence[Sequence[str]]] = None,
     initial_prompts: Optional[Sequence[str]] = None,
+    feedback_delay: int = 0,
     progress: bool = False,
 ) -> RolloutOutput:
     """Sample one image per query, letting ``refine`` rewrite the prompt at each row's decision steps.
@@ -51,6 +55,10 @@ def rollout(
         prompts: a-priori mode. For each row, its N_R + 1 prompts up front (initial, then one per decision step).
             The sampler runs uninterrupted: no previews are decoded and nothing is called back.
         initial_prompts: feedback mode only: the prompt in force before the first decision (default: the query).
+        feedback_delay: feedback mode only: pipelined feedback. A prompt taking effect at step ``i`` is written
+            from the preview of step ``max(i - 1 - d, 0)`` and ``refine`` runs in a worker thread (on CUDA, on its
+            own stream) while the sampler goes on with the prompts in force. 0 (default) is the synchronous loop.
+            Each row's decision steps must be more than ``d`` apart, so a row never has two rewrites in flight.
         progress: show a tqdm progress bar over sampler steps.
 
     Raises:
@@ -58,7 +66,7 @@ def rollout(
         FloatingPointError: NaN/inf latents, naming the sampler step that produced them.
     """
     settings = settings if settings is not None else SamplerSettings()
-    plan = _plan(queries, seeds, settings, schedule, refine, prompts, initial_prompts)
+    plan = _plan(queries, seeds, settings, schedule, refine, prompts, initial_prompts, feedback_delay)
     caller_grad = torch.is_grad_enabled()
     with torch.no_grad():
         return _run(backbone, plan, settings, refine, caller_grad, progress)
@@ -73,6 +81,7 @@ class _Plan:
     schedules: list[RefinementSchedule]
     initial_prompts: list[str]
     apriori_prompts: Optional[list[list[str]]]
+    feedback_delay: int = 0
 
 
 @dataclass
@@ -89,7 +98,7 @@ class _Row:
     times: PhaseTimes = field(default_factory=PhaseTimes)
 
 
-def _plan(queries, seeds, settings, schedule, refine, prompts, initial_prompts) -> _Plan:
+def _plan(queries, seeds, settings, schedule, refine, prompts, initial_prompts, feedback_delay=0) -> _Plan:
     queries = _check_strings("queries", queries, allow_empty=False)
     batch = len(queries)
     if batch == 0:
@@ -146,7 +155,26 @@ def _plan(queries, seeds, settings, schedule, refine, prompts, initial_prompts) 
             raise ValueError(f"initial_prompts has {len(initial)} entries but there are {batch} queries.")
     else:
         initial = list(queries)
-    return _Plan(queries, seeds, schedules, initial, apriori)
+    _check_delay(feedback_delay, schedules, settings.num_inference_steps, pipelined=refine is not None)
+    return _Plan(queries, seeds, schedules, initial, apriori, feedback_delay)
+
+
+def _check_delay(delay, schedules: list[RefinementSchedule], num_steps: int, pipelined: bool) -> None:
+    if not isinstance(delay, int) or isinstance(delay, bool) or delay < 0:
+        raise ValueError(f"feedback_delay must be an int >= 0, got {delay!r}.")
+    if delay == 0:
+        return
+    if not pipelined:
+        raise ValueError("feedback_delay applies to feedback mode (`refine`) only; a-priori prompts and plain "
+                         "sampling have no policy call to overlap. Leave it at 0.")
+    for row, s in enumerate(schedules):
+        steps = s.steps(num_steps)
+        close = [(a, b) for a, b in zip(steps, steps[1:]) if b - a <= delay]
+        if close:
+            raise ValueError(
+                f"feedback_delay={delay} needs each row's decision steps more than {delay} apart, but row {row} "
+                f"decides at steps {steps} (too close: {close}). Use fewer refinements, more sampling steps or a "
+                "smaller delay.")
 
 
 def _check_strings(name: str, values, allow_empty: bool) -> list[str]:
@@ -234,11 +262,14 @@ def _check_answer(answer, n: int) -> list[str]:
 
 
 class _Timer:
-    """Accumulates wall-clock seconds per phase; synchronises CUDA so that GPU work is counted."""
+    """Accumulates wall-clock seconds per phase; synchronises the CUDA stream so that GPU work is counted."""
 
     def __init__(self, device: torch.device):
         self.total = PhaseTimes()
-        self.sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+        device = torch.device(device)
+        # the caller's stream only: a pipelined policy call runs on its own stream and must not be waited for
+        cuda = device.type == "cuda"
+        self.sync = (lambda: torch.cuda.current_stream(device).synchronize()) if cuda else (lambda: None)
 
     @contextlib.contextmanager
     def phase(self, name: str, rows: Sequence[_Row]) -> Iterator[None]:
@@ -246,7 +277,9 @@ class _Timer:
         start = time.perf_counter()
         yield
         self.sync()
-        elapsed = time.perf_counter() - start
+        self.add(name, rows, time.perf_counter() - start)
+
+    def add(self, name: str, rows: Sequence[_Row], elapsed: float) -> None:
         setattr(self.total, name, getattr(self.total, name) + elapsed)
         for row in rows:
             setattr(row.times, name, getattr(row.times, name) + elapsed)
@@ -281,36 +314,46 @@ def _run(backbone: Backbone, plan: _Plan, settings: SamplerSettings, refine, cal
         from tqdm.auto import tqdm
 
         steps = tqdm(steps, desc="rollout", total=num_steps)
-    for step in steps:
-        deciding = deciding_at.get(step, [])
-        if deciding:
-            if plan.apriori_prompts is None:
-                new_prompts = _ask_refine(backbone, plan, rows, deciding, state, step, x0, settings, refine,
-                                          caller_grad, timer)
+    pipelined = _Pipeline(plan.feedback_delay, deciding_at, backbone.device) if plan.feedback_delay else None
+    with pipelined or contextlib.nullcontext():
+        for step in steps:
+            if pipelined is not None:
+                for k, rows_k in pipelined.submissions(step):
+                    observations = _observe(backbone, plan, rows, rows_k, state, step, k, x0, settings, timer)
+                    pipelined.submit(k, rows_k, observations, refine, caller_grad, [rows[i] for i in rows_k])
+                deciding, new_prompts = pipelined.due(step, timer)
             else:
-                new_prompts = [plan.apriori_prompts[i][len(rows[i].prompts)] for i in deciding]
-                for i in deciding:
-                    rows[i].previews.append(None)
-            for i, raw in zip(deciding, new_prompts):
-                fitted, cut = fit_prompt(backbone, raw)
-                rows[i].prompts.append(fitted)
-                rows[i].raw_prompts.append(raw)
-                rows[i].truncated.append(cut)
-            with timer.phase("encode", [rows[i] for i in deciding]):
-                embeds = cache.embeds([r.prompts[-1] for r in rows])
-        for row in rows:
-            row.step_prompt_index.append(len(row.prompts) - 1)
-        with timer.phase("denoise", rows):
-            result = backbone.step(state, step, embeds)
-        state.latents = result.latents
-        if not torch.isfinite(result.latents).all():
-            bad_rows = [i for i in range(batch) if not torch.isfinite(result.latents[i]).all()]
-            raise FloatingPointError(
-                f"Non-finite latents (NaN/inf) after sampler step {step} of {num_steps} "
-                f"(timestep {float(state.timesteps[step])}) in rows {bad_rows}; check the model dtype "
-                "(e.g. an fp16 VAE/UNet overflow), the scheduler and the guidance scale."
-            )
-        x0 = result.x0
+                deciding = deciding_at.get(step, [])
+                new_prompts = []
+                if deciding and plan.apriori_prompts is None:
+                    observations = _observe(backbone, plan, rows, deciding, state, step, step, x0, settings, timer)
+                    with timer.phase("refine", [rows[i] for i in deciding]), torch.set_grad_enabled(caller_grad):
+                        new_prompts = _check_answer(refine(observations), len(observations))
+                elif deciding:
+                    new_prompts = [plan.apriori_prompts[i][len(rows[i].prompts)] for i in deciding]
+                    for i in deciding:
+                        rows[i].previews.append(None)
+            if deciding:
+                for i, raw in zip(deciding, new_prompts):
+                    fitted, cut = fit_prompt(backbone, raw)
+                    rows[i].prompts.append(fitted)
+                    rows[i].raw_prompts.append(raw)
+                    rows[i].truncated.append(cut)
+                with timer.phase("encode", [rows[i] for i in deciding]):
+                    embeds = cache.embeds([r.prompts[-1] for r in rows])
+            for row in rows:
+                row.step_prompt_index.append(len(row.prompts) - 1)
+            with timer.phase("denoise", rows):
+                result = backbone.step(state, step, embeds)
+            state.latents = result.latents
+            if not torch.isfinite(result.latents).all():
+                bad_rows = [i for i in range(batch) if not torch.isfinite(result.latents[i]).all()]
+                raise FloatingPointError(
+                    f"Non-finite latents (NaN/inf) after sampler step {step} of {num_steps} "
+                    f"(timestep {float(state.timesteps[step])}) in rows {bad_rows}; check the model dtype "
+                    "(e.g. an fp16 VAE/UNet overflow), the scheduler and the guidance scale."
+                )
+            x0 = result.x0
 
     with timer.phase("decode", rows):
         images = backbone.decode(state.latents)
@@ -325,8 +368,9 @@ def _run(backbone: Backbone, plan: _Plan, settings: SamplerSettings, refine, cal
     return RolloutOutput(images=images, trajectories=trajectories, times=timer.total)
 
 
-def _ask_refine(backbone, plan, rows, deciding, state: SamplerState, step, x0, settings, refine, caller_grad, timer):
-    """Decode previews of the deciding rows, build their observations and call ``refine`` once."""
+def _observe(backbone, plan, rows, deciding, state: SamplerState, step, effective_step, x0, settings, timer):
+    """Decode the previews of the deciding rows (x0 of the latest completed step) into their observations, for
+    prompts that take effect at ``effective_step``."""
     deciding_rows = [rows[i] for i in deciding]
     with timer.phase("preview", deciding_rows):
         previews = to_pil(backbone.decode(x0[deciding], size=settings.preview_size, preview=True))
@@ -338,9 +382,57 @@ def _ask_refine(backbone, plan, rows, deciding, state: SamplerState, step, x0, s
         k = len(row.prompts) - 1
         observations.append(Observation(
             row=i, query=plan.queries[i], prompt=row.prompts[-1], history=list(row.prompts), preview=preview,
-            step=step, num_steps=state.num_steps, refinement_index=k, num_refinements=len(row.decision_steps),
-            noise_level=noise, metadata={"seed": plan.seeds[i], "timestep": float(state.timesteps[step])},
+            step=effective_step, num_steps=state.num_steps, refinement_index=k, num_refinements=len(row.decision_steps),
+            noise_level=noise, metadata={"seed": plan.seeds[i], "timestep": float(state.timesteps[effective_step]),
+                                         "preview_step": step - 1},
         ))
-    with timer.phase("refine", deciding_rows), torch.set_grad_enabled(caller_grad):
-        answer = refine(observations)
-    return _check_answer(answer, len(observations))
+    return observations
+
+
+class _Pipeline:
+    """Pipelined feedback: the rewrites taking effect at step ``k`` are requested at step ``max(k - delay, 1)``
+    (from the x0 of the step before) and computed in one worker thread while the sampler goes on. One call is in
+    flight at a time, in schedule order, so the policy sees the same sequence of calls as the synchronous loop."""
+
+    def __init__(self, delay: int, deciding_at: dict[int, list[int]], device):
+        self.requests: dict[int, list[tuple[int, list[int]]]] = {}
+        for k in sorted(deciding_at):
+            self.requests.setdefault(max(k - delay, 1), []).append((k, deciding_at[k]))
+        self.pending: dict[int, tuple[list[int], Future]] = {}
+        self.cuda = torch.device(device).type == "cuda"
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="promptloop-refine")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.pool.shutdown(wait=True)  # never leave a policy call running after the rollout returns or raises
+        return False
+
+    def submissions(self, step: int) -> list[tuple[int, list[int]]]:
+        """(effective step, rows) of the rewrites to request before denoising ``step``."""
+        return self.requests.get(step, [])
+
+    def submit(self, k, deciding, observations, refine, caller_grad, deciding_rows) -> None:
+        def call():
+            # timed here, not by the rollout's timer: its CUDA synchronisation would stall the sampler's stream
+            start = time.perf_counter()
+            stream = torch.cuda.Stream() if self.cuda else None
+            with (torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()), \
+                    torch.set_grad_enabled(caller_grad):
+                answer = refine(observations)
+            if stream is not None:
+                stream.synchronize()
+            return _check_answer(answer, len(observations)), time.perf_counter() - start
+
+        self.pending[k] = (deciding, deciding_rows, self.pool.submit(call))
+
+    def due(self, step: int, timer: "_Timer") -> tuple[list[int], list[str]]:
+        """Rows and prompts taking effect at ``step`` (waits for their call if it is still running); the call's
+        wall time is counted as the rows' ``refine`` phase, though it overlapped the sampler."""
+        if step not in self.pending:
+            return [], []
+        deciding, deciding_rows, future = self.pending.pop(step)
+        prompts, elapsed = future.result()
+        timer.add("refine", deciding_rows, elapsed)
+        return deciding, prompts

@@ -78,8 +78,17 @@ class MethodEntry:
         default=None)
     adapter: bool = _help("Use the policy's LoRA adapter; false switches it off (the untrained base VLM in this "
                           "method's loop). Kind 'untrained' always runs with it off.", default=True)
+    feedback_delay: int = _help(
+        "Pipelined feedback for 'closed' / 'closed-noimage': the prompt taking effect at step k is written from the "
+        "preview of step k - 1 - d while the sampler goes on (the policy call overlaps d sampler steps). 0: the "
+        "synchronous loop, as trained.", default=0)
 
     def __post_init__(self):
+        if self.feedback_delay < 0:
+            raise ValueError(f"feedback_delay={self.feedback_delay} must be >= 0")
+        if self.feedback_delay and self.kind not in ("closed", "closed-noimage"):
+            raise ValueError(f"feedback_delay applies to kinds 'closed' and 'closed-noimage' (a policy call during "
+                             f"sampling), not {self.kind!r}; remove it")
         if self.kind == "base" and self.policy != "none":
             raise ValueError(f"kind 'base' samples without a policy; remove policy={self.policy!r} (or use kind "
                              "'oneshot'/'closed' to rewrite)")
@@ -193,7 +202,7 @@ class EvalConfig:
                 variants.append(MethodVariant(
                     label=f"{label}@{n}" if len(counts) > 1 else label, method=label, kind=entry.kind,
                     policy=entry.policy, num_refinements=n,
-                    adapter=entry.adapter and entry.kind != "untrained",
+                    adapter=entry.adapter and entry.kind != "untrained", feedback_delay=entry.feedback_delay,
                 ))
         return variants
 
@@ -209,6 +218,7 @@ class MethodVariant:
     policy: str
     num_refinements: int
     adapter: bool
+    feedback_delay: int = 0
 
     @property
     def folder_name(self) -> str:

@@ -51,7 +51,8 @@ def sample_batch(
                 refine = policy.as_refine_fn(seed=policy_seed)
                 if variant.kind == "closed-noimage":
                     refine = withhold_preview(refine)
-                return rollout(backbone, queries, seeds, settings=settings, schedule=schedule, refine=refine)
+                return rollout(backbone, queries, seeds, settings=settings, schedule=schedule, refine=refine,
+                               feedback_delay=variant.feedback_delay)
     raise ValueError(f"Unknown method kind {variant.kind!r}.")
 
 

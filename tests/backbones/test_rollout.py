@@ -200,3 +200,61 @@ def test_nan_latents_are_reported_with_the_step(sd_backbone):
             rollout(sd_backbone, ["a"], [0], SETTINGS)
     finally:
         handle.remove()
+
+
+def test_pipelined_feedback_sees_an_older_preview_and_applies_the_prompt_on_schedule(sd_backbone, monkeypatch):
+    """feedback_delay = d: the prompt taking effect at step k is written from the x0 of step k - 1 - d (step 0's
+    when that is earlier), in a worker thread, and nothing else changes."""
+    import threading
+
+    scheduler_cls = type(sd_backbone.pipe.scheduler)
+    pred_original, original_step = [], scheduler_cls.step
+    monkeypatch.setattr(scheduler_cls, "step", lambda self, *a, **k: (
+        lambda out: (pred_original.append(out.pred_original_sample.clone()), out)[1])(original_step(self, *a, **k)))
+    threads = []
+
+    def refine(observations):
+        threads.append(threading.current_thread().name)
+        return [f"{o.query} v{o.refinement_index}" for o in observations]
+
+    settings = SamplerSettings(num_inference_steps=8, guidance_scale=4.0, preview_size=32)
+    schedule = RefinementSchedule.explicit([2, 5])
+    piped = rollout(sd_backbone, ["a red cat", "a dog"], [1, 2], settings, schedule, refine=refine, feedback_delay=2)
+    assert all(name.startswith("promptloop-refine") for name in threads) and len(threads) == 2
+    traj = piped.trajectories[0]
+    assert traj.decision_steps == [2, 5] and traj.step_prompt_index == [0, 0, 1, 1, 1, 2, 2, 2]
+    assert traj.prompts == ["a red cat", "a red cat v0", "a red cat v1"]
+    # step 2's prompt was written from step 0's x0 (2 - 1 - 2 < 0), step 5's from step 2's
+    for preview, seen_step in zip(traj.previews, (0, 2)):
+        expected = to_pil(sd_backbone.decode(pred_original[seen_step][:1], size=32, preview=True))[0]
+        assert list(preview.getdata()) == list(expected.getdata())
+    assert piped.times.refine > 0
+
+    # the same prompts applied synchronously (a-priori) give the same images: only what the policy saw differs
+    apriori = rollout(sd_backbone, ["a red cat", "a dog"], [1, 2], settings, schedule,
+                      prompts=[t.prompts for t in piped.trajectories])
+    torch.testing.assert_close(apriori.images, piped.images, atol=1e-6, rtol=0)
+    # and delay 0 is the synchronous loop, on the calling thread
+    threads.clear()
+    sync = rollout(sd_backbone, ["a red cat", "a dog"], [1, 2], settings, schedule, refine=refine, feedback_delay=0)
+    assert threads == [threading.current_thread().name] * 2
+    torch.testing.assert_close(sync.images, piped.images, atol=1e-6, rtol=0)  # this refine ignores the preview
+
+
+def test_pipelined_feedback_errors(sd_backbone):
+    settings = SamplerSettings(num_inference_steps=8, guidance_scale=4.0, preview_size=32)
+    refine = lambda obs: [o.prompt for o in obs]  # noqa: E731
+    with pytest.raises(ValueError, match=r"row 0 decides at steps \[2, 4\] \(too close: \[\(2, 4\)\]\)"):
+        rollout(sd_backbone, ["a"], [0], settings, RefinementSchedule.explicit([2, 4]), refine=refine,
+                feedback_delay=2)
+    with pytest.raises(ValueError, match="feedback mode"):
+        rollout(sd_backbone, ["a"], [0], settings, RefinementSchedule.explicit([2]), prompts=[["a", "b"]],
+                feedback_delay=1)
+    with pytest.raises(ValueError, match="int >= 0"):
+        rollout(sd_backbone, ["a"], [0], settings, RefinementSchedule.explicit([2]), refine=refine, feedback_delay=-1)
+
+    def failing(observations):
+        raise RuntimeError("policy crashed")
+
+    with pytest.raises(RuntimeError, match="policy crashed"):  # a worker's error reaches the caller
+        rollout(sd_backbone, ["a"], [0], settings, RefinementSchedule.explicit([3]), refine=failing, feedback_delay=1)

@@ -36,10 +36,11 @@ def calls(models, monkeypatch):
     return seen
 
 
-def _run(models, kind, n=0, adapter=True):
+def _run(models, kind, n=0, adapter=True, feedback_delay=0, steps=4):
     backbone, policy = models
-    variant = MethodVariant(label=kind, method=kind, kind=kind, policy="p", num_refinements=n, adapter=adapter)
-    settings = SamplerSettings(num_inference_steps=4, preview_size=32)
+    variant = MethodVariant(label=kind, method=kind, kind=kind, policy="p", num_refinements=n, adapter=adapter,
+                            feedback_delay=feedback_delay)
+    settings = SamplerSettings(num_inference_steps=steps, preview_size=32)
     return sample_batch(variant, backbone, None if kind == "base" else policy, QUERIES, [0, 0], settings, 0)
 
 
@@ -66,3 +67,9 @@ def test_apriori_writes_every_prompt_in_one_call(models, calls):
     out = _run(models, "apriori", n=2)
     assert calls == [("apriori", True, [False, False], 2)]
     assert all(len(t.prompts) == 3 and t.previews == [None, None] for t in out.trajectories)
+
+
+def test_pipelined_closed_loop_writes_from_an_older_preview(models, calls):
+    out = _run(models, "closed", n=2, feedback_delay=1, steps=6)
+    assert calls == [("closed", True, [True, True], 2)] * 2
+    assert [len(t.prompts) for t in out.trajectories] == [3, 3] and out.trajectories[0].decision_steps == [2, 4]

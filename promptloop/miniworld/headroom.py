@@ -5,7 +5,10 @@ query leaves free) is sampled on ``2 * seeds_per_half`` fixed seeds next to the 
 query, the addition with the best training reward on the first half of the seeds and is scored on the second
 half, so the choice is not judged on the noise it was chosen on. Also reported: each added word's mean effect.
 
-    python -m promptloop.miniworld.headroom [--queries 24] [--seeds-per-half 4] [--out FILE.json]
+``--at-step K`` adds the word at sampler step K instead of from the start (the query is in force before it): what
+a closed-loop rewrite at step K can still change, the bound for a policy that acts part-way through sampling.
+
+    python -m promptloop.miniworld.headroom [--queries 24] [--seeds-per-half 4] [--at-step K] [--out FILE.json]
 """
 from __future__ import annotations
 
@@ -33,22 +36,27 @@ def single_word_variants(query: str) -> list[str]:
 
 
 def measure(pipeline_dir: str | Path, queries: list[str], seeds_per_half: int = 4, steps: int = 10,
-            guidance_scale: float = 2.0, log=print) -> dict:
-    from diffusers import StableDiffusionPipeline
-
+            guidance_scale: float = 2.0, at_step: int = 0, log=print) -> dict:
+    from promptloop.backbones import RefinementSchedule, SamplerSettings, auto_backbone, rollout
     from promptloop.rewards import load_reward
 
-    from .evaluate_backbone import sample_images
-
-    pipe = StableDiffusionPipeline.from_pretrained(str(pipeline_dir))
-    pipe.set_progress_bar_config(disable=True)
+    if not 0 <= at_step < steps:
+        raise ValueError(f"at_step={at_step} must be in [0, {steps - 1}] for {steps} sampler steps.")
+    backbone = auto_backbone(str(pipeline_dir))
+    settings = SamplerSettings(num_inference_steps=steps, guidance_scale=guidance_scale)
     rewards = {name: load_reward(spec) for name, spec in REWARDS.items()}
     seeds = 2 * seeds_per_half
     base, oracle, effects = defaultdict(list), defaultdict(list), defaultdict(list)
     for query in queries:
         variants = single_word_variants(query)
-        images = sample_images(pipe, [v for v in variants for _ in range(seeds)],
-                               [s for _ in variants for s in range(seeds)], steps, guidance_scale)
+        rows = [v for v in variants for _ in range(seeds)]
+        row_seeds = [s for _ in variants for s in range(seeds)]
+        if at_step == 0:
+            out = rollout(backbone, [query] * len(rows), row_seeds, settings, initial_prompts=rows)
+        else:
+            out = rollout(backbone, [query] * len(rows), row_seeds, settings, RefinementSchedule.explicit([at_step]),
+                          prompts=[[query, v] for v in rows])
+        images = out.images
         scores = {name: reward(images, [query] * len(images)).scores.view(len(variants), seeds).numpy()
                   for name, reward in rewards.items()}
         choose, held = slice(0, seeds_per_half), slice(seeds_per_half, seeds)
@@ -61,6 +69,7 @@ def measure(pipeline_dir: str | Path, queries: list[str], seeds_per_half: int = 
         log(f"{query!r}: {len(variants) - 1} additions, best {variants[best]!r}")
     return {
         "queries": len(queries), "seeds_per_half": seeds_per_half, "steps": steps, "guidance_scale": guidance_scale,
+        "at_step": at_step,
         "base": {k: float(np.mean(v)) for k, v in base.items()},
         "oracle_one_word": {k: float(np.mean(v)) for k, v in oracle.items()},
         "word_effect_on_preference": {w: {"mean": float(np.mean(v)), "n": len(v)}
@@ -75,10 +84,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--pipeline", default=str(SHIPPED_BACKBONE_A), help="mini-world pipeline folder")
     parser.add_argument("--queries", type=int, default=24, help="held-out queries (miniworld:heldout)")
     parser.add_argument("--seeds-per-half", type=int, default=4)
+    parser.add_argument("--at-step", type=int, default=0,
+                        help="sampler step from which the added word is in force (0: from the start)")
     parser.add_argument("--out", type=Path, default=None, help="also write the result as JSON")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
-    result = measure(args.pipeline, heldout_queries(args.queries), args.seeds_per_half)
+    result = measure(args.pipeline, heldout_queries(args.queries), args.seeds_per_half, at_step=args.at_step)
     print(json.dumps({k: v for k, v in result.items() if k != "word_effect_on_preference"}, indent=2))
     print("mean effect of each added word on the training reward:",
           ", ".join(f"{w} {e['mean']:+.2f}" for w, e in result["word_effect_on_preference"].items()))

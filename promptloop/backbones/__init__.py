@@ -8,7 +8,7 @@ from typing import Any, Optional
 import torch
 
 from .base import Backbone, PromptEmbeds, SamplerState, StepResult
-from .rollout import fit_prompt, rollout
+from .rollout import check_feedback_delay, fit_prompt, rollout
 from .schedule import RefinementSchedule
 from .sdxl import StableDiffusionXLBackbone
 from .stable_diffusion import StableDiffusionBackbone, saved_pipeline_class
@@ -56,6 +56,6 @@ def auto_backbone(pipe_or_path: Any, preview_decoder: Optional[torch.nn.Module] 
 __all__ = [
     "ADAPTERS", "Backbone", "Observation", "PhaseTimes", "PromptEmbeds", "RefineFn", "RefinementSchedule",
     "RolloutOutput", "SamplerSettings", "SamplerState", "StableDiffusionBackbone", "StableDiffusionXLBackbone",
-    "StepResult", "Trajectory", "adapter_for", "auto_backbone", "blind_observations", "fit_prompt", "rollout",
-    "withhold_preview",
+    "StepResult", "Trajectory", "adapter_for", "auto_backbone", "blind_observations", "check_feedback_delay",
+    "fit_prompt", "rollout", "withhold_preview",
 ]

@@ -155,11 +155,14 @@ def _plan(queries, seeds, settings, schedule, refine, prompts, initial_prompts, 
             raise ValueError(f"initial_prompts has {len(initial)} entries but there are {batch} queries.")
     else:
         initial = list(queries)
-    _check_delay(feedback_delay, schedules, settings.num_inference_steps, pipelined=refine is not None)
+    check_feedback_delay(feedback_delay, schedules, settings.num_inference_steps, pipelined=refine is not None)
     return _Plan(queries, seeds, schedules, initial, apriori, feedback_delay)
 
 
-def _check_delay(delay, schedules: list[RefinementSchedule], num_steps: int, pipelined: bool) -> None:
+def check_feedback_delay(delay, schedules: Sequence[RefinementSchedule], num_steps: int,
+                         pipelined: bool = True) -> None:
+    """ValueError unless ``delay`` is a valid ``feedback_delay`` for these schedules (each row's decision steps more
+    than ``delay`` apart) at ``num_steps`` sampler steps; ``pipelined`` False: only 0 is valid (no ``refine``)."""
     if not isinstance(delay, int) or isinstance(delay, bool) or delay < 0:
         raise ValueError(f"feedback_delay must be an int >= 0, got {delay!r}.")
     if delay == 0:

@@ -9,7 +9,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from ..backbones import Backbone, RefinementSchedule, SamplerSettings, auto_backbone
+from ..backbones import Backbone, RefinementSchedule, SamplerSettings, auto_backbone, check_feedback_delay
 from ..configuration import to_dict
 from ..policy import PromptPolicy
 from ..rewards import Reward, load_reward
@@ -37,14 +37,16 @@ def _looks_local(path: str) -> bool:
 
 
 def check_config(config: EvalConfig) -> list[MethodVariant]:
-    """Errors that need no model: N_R against each backbone's steps, missing local paths."""
+    """Errors that need no model: N_R and feedback delays against each backbone's steps, missing local paths."""
     variants = config.method_variants()
     for label, backbone in config.backbones.items():
         if _looks_local(backbone.name_or_path) and not Path(backbone.name_or_path).expanduser().exists():
             raise ValueError(f"backbones.{label}.name_or_path {backbone.name_or_path!r} does not exist.")
         for v in variants:
             try:
-                RefinementSchedule.uniform(v.num_refinements).steps(backbone.num_inference_steps)
+                schedule = RefinementSchedule.uniform(v.num_refinements)
+                schedule.steps(backbone.num_inference_steps)
+                check_feedback_delay(v.feedback_delay, [schedule], backbone.num_inference_steps)
             except ValueError as e:
                 raise ValueError(f"method {v.label!r} on backbone {label!r}: {e}") from e
     for v in variants:

@@ -74,6 +74,10 @@ def test_refinements_must_fit_the_steps_and_local_paths_must_exist(tmp_path):
     config = load_config(EvalConfig, _write(tmp_path, _minimal()), [f"--methods.loop.policy={tmp_path}/missing"])
     with pytest.raises(ValueError, match="methods.loop.policy .* does not exist"):
         check_config(config)
+    config = load_config(EvalConfig, _write(tmp_path, _minimal()), ["--backbones.sd.num_inference_steps", "10",
+                                                                    "--methods.loop.feedback_delay", "2"])
+    with pytest.raises(ValueError, match=r"method 'loop@3' on backbone 'sd'.*decides at steps \[3, 5, 8\]"):
+        check_config(config)  # before any model loads
 
 
 def test_cli_reports_config_errors_without_a_traceback(tmp_path):

@@ -12,6 +12,7 @@ Prints a table and writes JSON. Scales:
     python benchmarks/overhead.py --scale tiny
     python benchmarks/overhead.py --scale miniworld
     python benchmarks/overhead.py --scale full --device cuda --dtype bf16 --clip-tokenizer DIR
+    python benchmarks/overhead.py --scale miniworld --modes plain,closed,pipelined --feedback-delay 1
 
 Times are medians over --repeats runs (one warm-up run per mode first); "per image" divides a batch's wall time by its size.
 The policy's prefill/decode split is measured by re-running each policy call with max_new_tokens=1 (outside
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from promptloop.backbones import RefinementSchedule, SamplerSettings, auto_backbone, rollout
+from promptloop.backbones import RefinementSchedule, SamplerSettings, auto_backbone, check_feedback_delay, rollout
 from promptloop.backbones.types import Observation
 from promptloop.pipeline import apriori_prompts
 from promptloop.policy import PolicyConfig, PromptPolicy
@@ -45,8 +46,8 @@ MINIWORLD_QUERIES = ["red circle", "big blue square top", "triangle left white",
 
 
 def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+    if device.startswith("cuda"):  # the calling thread's stream: a pipelined policy call runs on its own
+        torch.cuda.current_stream().synchronize()
 
 
 def build_miniworld(args):
@@ -126,7 +127,8 @@ class TimedRefiner:
 
 
 def run_case(args, pipe, backbone, policy, mode: str, n_r: int, settings: SamplerSettings, split: bool) -> dict:
-    """One timed batch. ``mode``: plain (stock pipe call), loop (rollout), closed, apriori, train."""
+    """One timed batch. ``mode``: plain (stock pipe call), loop (rollout), closed, pipelined (closed with
+    ``--feedback-delay``), apriori, train."""
     batch = args.batch
     pool = MINIWORLD_QUERIES if args.scale == "miniworld" else QUERIES
     queries = (pool * (batch // len(pool) + 1))[:batch]
@@ -154,7 +156,9 @@ def run_case(args, pipe, backbone, policy, mode: str, n_r: int, settings: Sample
             schedule = [RefinementSchedule.random(n_r, seed=1000 + i) for i in range(batch)]
         else:
             schedule = RefinementSchedule.uniform(n_r) if n_r else RefinementSchedule.none()
-        out = rollout(backbone, queries, seeds, settings, schedule, refine=refiner if n_r else None)
+        delay = args.feedback_delay if mode == "pipelined" else 0
+        out = rollout(backbone, queries, seeds, settings, schedule, refine=refiner if n_r else None,
+                      feedback_delay=delay)
         times = out.times
     _sync(args.device)
     total = time.perf_counter() - t0
@@ -195,7 +199,9 @@ def main(argv=None) -> dict:
     p.add_argument("--train-refinements", default="5", help="N_R values of the training-rollout cases")
     p.add_argument("--max-new-tokens", type=int, default=None, help="policy answer cap (default 77; 48 miniworld)")
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--modes", default="plain,loop,closed,apriori,train")
+    p.add_argument("--modes", default="plain,loop,closed,apriori,train",
+                   help="comma-separated cases: plain, loop, closed, pipelined, apriori, train")
+    p.add_argument("--feedback-delay", type=int, default=1, help="sampler steps a pipelined policy call overlaps")
     p.add_argument("--no-warmup", action="store_true", help="skip the warm-up runs (when time is short)")
     p.add_argument("--no-split", action="store_true", help="skip the prefill/decode split (saves time)")
     p.add_argument("--clip-tokenizer", default=None, help="saved real CLIP tokenizer (full scale, offline GPU)")
@@ -221,6 +227,12 @@ def main(argv=None) -> dict:
         if n == 0:
             continue
         cases += [(m, n) for m in ("closed", "apriori") if m in modes]
+        if "pipelined" in modes:
+            try:
+                check_feedback_delay(args.feedback_delay, [RefinementSchedule.uniform(n)], steps)
+                cases.append(("pipelined", n))
+            except ValueError as error:
+                print(f"  pipelined N_R={n} skipped: {error}")
     if "train" in modes:
         cases += [("train", n) for n in train_refinements]
     results = []
@@ -234,7 +246,8 @@ def main(argv=None) -> dict:
         "command": "python benchmarks/overhead.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "results": results,
     }
-    warmed = {"train", "plain", "loop", "closed", "apriori"} if args.no_warmup else {"train"}  # by the time training rollouts run, every kernel is warm
+    # by the time training rollouts run, every kernel is warm
+    warmed = {"train", "plain", "loop", "closed", "pipelined", "apriori"} if args.no_warmup else {"train"}
     for mode, n in cases:
         if mode not in warmed:  # one warm-up per mode (first use of its kernels and caches)
             run_case(args, pipe, backbone, policy, mode, n, settings, split=False)

@@ -3,9 +3,10 @@
 ``rollout`` drives any :class:`~promptloop.backbones.base.Backbone` through its contract only (encode, prepare,
 step, decode, noise level, token counting). Decision semantics come from
 :mod:`promptloop.backbones.schedule`: a prompt that takes effect at step ``i`` is written while looking at the x0
-estimate of step ``i - 1``, so refinements cost no extra denoiser evaluation. With ``feedback_delay = d > 0`` (pipelined feedback) the prompt
-that takes effect at step ``i`` is written from the x0 estimate of step ``i - 1 - d`` while the sampler runs steps
-``i - d .. i - 1`` with the prompts in force, the policy call overlapping them in a worker thread.
+estimate of step ``i - 1``, so refinements cost no extra denoiser evaluation. With ``feedback_delay = d > 0``
+(pipelined feedback) the prompt that takes effect at step ``i`` is written from the x0 estimate of step
+``i - 1 - d`` while the sampler runs steps ``i - d .. i - 1`` with the prompts in force, the policy call overlapping
+them in a worker thread.
 
 Text budget convention: a prompt fits when ``backbone.count_tokens(prompt) <= backbone.text_budget``; longer
 prompts are cut at the last word boundary that fits and flagged in ``Trajectory.truncated``.

@@ -21,7 +21,7 @@ from diffusers.utils.torch_utils import get_module_execution_device
 
 from .base import Backbone, PromptEmbeds, SamplerState, StepResult
 from .preview import decode_with_tiny_autoencoder, resize_longest_side
-from .stable_diffusion import check_pipeline_folder
+from .stable_diffusion import absent_components, check_pipeline_folder, saved_model_index
 from .types import SamplerSettings
 
 MAX_T5_SEQUENCE_LENGTH = 512
@@ -90,10 +90,13 @@ class FlowMatchingBackbone(Backbone):
         """Load with ``<PipelineClass>.from_pretrained(id_or_path, **kwargs)`` (``torch_dtype``,
         ``text_encoder_3=None``, ``variant``, ... pass through) and wrap it as :meth:`from_pipeline` does.
 
-        A local folder saved by another pipeline class is rejected before any weights load.
+        A local folder saved by another pipeline class is rejected before any weights load. Components a local folder
+        was saved without (``[null, null]`` in its ``model_index.json``, e.g. an SD3 pipeline without T5) load as
+        ``None`` (diffusers would otherwise ask for them).
         """
         check_pipeline_folder(id_or_path, cls.pipeline_class_names)
-        pipe = getattr(diffusers, cls.pipeline_class_names[0]).from_pretrained(id_or_path, **kwargs)
+        absent = absent_components(saved_model_index(id_or_path) or {})
+        pipe = getattr(diffusers, cls.pipeline_class_names[0]).from_pretrained(id_or_path, **{**absent, **kwargs})
         return cls.from_pipeline(pipe, preview_decoder=preview_decoder, max_sequence_length=max_sequence_length,
                                  lora_scale=lora_scale)
 

@@ -252,8 +252,8 @@ class StableDiffusionBackbone(Backbone):
         )
 
 
-def saved_pipeline_class(id_or_path: str | os.PathLike) -> Optional[str]:
-    """``_class_name`` of a local diffusers pipeline folder; ``None`` for anything that is not a folder (hub id)."""
+def saved_model_index(id_or_path: str | os.PathLike) -> Optional[dict]:
+    """``model_index.json`` of a local diffusers pipeline folder; ``None`` for anything that is not a folder."""
     path = os.fspath(id_or_path)
     if not os.path.isdir(path):
         return None
@@ -261,7 +261,19 @@ def saved_pipeline_class(id_or_path: str | os.PathLike) -> Optional[str]:
     if not os.path.isfile(index):
         raise ValueError(f"{path} is not a diffusers pipeline folder (no model_index.json).")
     with open(index) as f:
-        return json.load(f).get("_class_name")
+        return json.load(f)
+
+
+def absent_components(index: dict) -> dict[str, None]:
+    """``{name: None}`` for each component a ``model_index.json`` records as saved without (``[null, null]``, e.g.
+    SD3's ``text_encoder_3`` when T5 was left out): diffusers loads such a folder only when they are passed as None."""
+    return {name: None for name, entry in index.items() if not name.startswith("_") and entry == [None, None]}
+
+
+def saved_pipeline_class(id_or_path: str | os.PathLike) -> Optional[str]:
+    """``_class_name`` of a local diffusers pipeline folder; ``None`` for anything that is not a folder (hub id)."""
+    index = saved_model_index(id_or_path)
+    return None if index is None else index.get("_class_name")
 
 
 def check_pipeline_folder(id_or_path: str | os.PathLike, accepted: tuple[str, ...]) -> None:

@@ -8,10 +8,16 @@ project module's own command line, printed before it runs, so any step can also 
 3. ``backbone-export``: the float16 copy that ships, evaluated as loaded (``export_backbone``);
 4. ``preference``: the learned preference reward (``train_preference``), with its agreement on images of the new
    backbone;
-5. ``policy``: the warm-started policy (``policy_warmstart``).
+5. ``policy``: the warm-started policy (``policy_warmstart``);
+6. ``backbone-b``: backbone B, the flow-matching SD3-architecture backbone on A's frozen VAE
+   (``train_flow_backbone``, fixed step count);
+7. ``backbone-b-export``: its float16 copy, evaluated as loaded (``export_backbone``);
+8. ``weight-tune``: backbone A's UNet fine-tuned directly on the preference reward (``weight_tune``, DRaFT-1);
+9. ``weight-tune-export``: its checkpoint at 2400 reward queries, evaluated and exported
+   (``evaluate_weight_tune``).
 
-``--out DIR`` receives ``backbone_a/``, ``backbone_a.eval.json``, ``preference/`` and ``policy/`` (the layout of
-the assets folder) and the backbone's training run in ``DIR/runs/``. bf16 GPU training is not bit-reproducible
+``--out DIR`` receives ``backbone_a/``, ``backbone_a.eval.json``, ``preference/``, ``policy/``, ``backbone_b/``
+and ``backbone_a_tuned/`` (the layout of the assets folder) and the training runs in ``DIR/runs/``. bf16 GPU training is not bit-reproducible
 across devices, so a rebuild gives equivalent artefacts, not the same bytes: compare the ``*.eval.json`` and
 ``metrics.json`` files with the shipped ones. ``--preset tiny`` runs every step with tiny sizes (a smoke test of
 the whole recipe in about a minute; what it writes is not useful for anything else).
@@ -25,7 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-STEP_NAMES = ("backbone-train", "backbone-decoder", "backbone-export", "preference", "policy")
+STEP_NAMES = ("backbone-train", "backbone-decoder", "backbone-export", "preference", "policy", "backbone-b",
+              "backbone-b-export", "weight-tune", "weight-tune-export")
 
 
 @dataclass(frozen=True)
@@ -42,8 +49,8 @@ class BuildStep:
     """Where and how long the step took when the shipped artefact was built."""
 
 
-def _run_dir(out: Path) -> str:
-    return str(out / "runs" / "backbone_a")
+def _run_dir(out: Path, name: str = "backbone_a") -> str:
+    return str(out / "runs" / name)
 
 
 STEPS: tuple[BuildStep, ...] = (
@@ -82,6 +89,39 @@ STEPS: tuple[BuildStep, ...] = (
         lambda out, device: ["--out", str(out / "policy"), "--seed", "0", "--steps", "2", "--batch-size", "3",
                              "--eval-examples", "2", "--tokenizer-corpus", "40", "--device", device],
         "6.5 minutes on 2 idle CPU cores"),
+    BuildStep(
+        "backbone-b", "promptloop.miniworld.train_flow_backbone",
+        lambda out, device: ["--out", _run_dir(out, "backbone_b"), "--vae-from", str(out / "backbone_a"),
+                             "--device", device, "--steps", "8539", "--lr", "6e-4", "--curve-every", "1000",
+                             "--curve-captions", "16", "--curve-seeds", "4", "--eval-captions", "32",
+                             "--eval-seeds", "4", "--max-minutes", "600"],
+        lambda out, device: ["--out", _run_dir(out, "backbone_b"), "--vae-from", str(out / "backbone_a"),
+                             "--preset", "tiny", "--device", device, "--steps", "2", "--max-minutes", "5"],
+        "73 minutes on one loaded CPU core (55 + 18 in two invocations); a GPU preset exists, not run"),
+    BuildStep(
+        "backbone-b-export", "promptloop.miniworld.export_backbone",
+        lambda out, device: [_run_dir(out, "backbone_b"), str(out / "backbone_b"), "--captions", "32", "--seeds", "4",
+                             "--steps", "10", "--guidance", "4", "2"],
+        lambda out, device: [_run_dir(out, "backbone_b"), str(out / "backbone_b"), "--captions", "2", "--seeds", "1",
+                             "--steps", "2"],
+        "2.5 minutes on 2 CPU cores"),
+    BuildStep(
+        "weight-tune", "promptloop.miniworld.weight_tune",
+        lambda out, device: ["--out", _run_dir(out, "backbone_a_tuned"), "--backbone", str(out / "backbone_a"),
+                             "--preference", str(out / "preference"), "--steps", "150", "--batch-size", "16",
+                             "--learning-rate", "1e-4", "--checkpoint-every", "25", "--device", device],
+        lambda out, device: ["--out", _run_dir(out, "backbone_a_tuned"), "--backbone", str(out / "backbone_a"),
+                             "--preference", str(out / "preference"), "--steps", "2", "--batch-size", "2",
+                             "--checkpoint-every", "1", "--num-inference-steps", "2", "--device", device,
+                             "--no-progress"],
+        "7 minutes on one loaded CPU core (150 of the run's 750 steps)"),
+    BuildStep(
+        "weight-tune-export", "promptloop.miniworld.evaluate_weight_tune",
+        lambda out, device: [_run_dir(out, "backbone_a_tuned"), "--prompts", "32", "--seeds", "4",
+                             "--ship-queries", "2400", "--dest", str(out / "backbone_a_tuned")],
+        lambda out, device: [_run_dir(out, "backbone_a_tuned"), "--prompts", "1", "--seeds", "1",
+                             "--ship-queries", "4", "--dest", str(out / "backbone_a_tuned")],
+        "about 25 s per checkpoint on 2 loaded CPU cores (7 checkpoints)"),
 )
 
 

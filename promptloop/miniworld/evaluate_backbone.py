@@ -2,6 +2,8 @@
 
     python -m promptloop.miniworld.evaluate_backbone DIR [--device cuda] [--captions 64] [--seeds 8]
 
+DIR is a saved backbone A (StableDiffusionPipeline) or B (StableDiffusion3Pipeline) folder.
+
 Only the attributes each caption names are scored. Held-out captions come from a fixed RNG stream that training
 never uses; seeds are fixed, so two backbones are compared on the same noise.
 """
@@ -14,8 +16,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline
 from PIL import Image, ImageDraw
+
+from promptloop.backbones.stable_diffusion import absent_components, saved_model_index
 
 from .domain import ATTRIBUTE_VALUES, ATTRIBUTES, sample_caption, sample_scene
 from .recognise import attribute_accuracy
@@ -51,7 +55,7 @@ def held_out_captions(n: int, p_name: float = 0.6) -> list[str]:
 
 
 @torch.no_grad()
-def sample_images(pipe: StableDiffusionPipeline, prompts: list[str], seeds: list[int], steps: int,
+def sample_images(pipe: DiffusionPipeline, prompts: list[str], seeds: list[int], steps: int,
                   guidance_scale: float, batch_size: int = 256) -> list[Image.Image]:
     """One image per (prompt, seed) pair, with CPU generators so results do not depend on the device."""
     if len(prompts) != len(seeds):
@@ -65,7 +69,7 @@ def sample_images(pipe: StableDiffusionPipeline, prompts: list[str], seeds: list
     return images
 
 
-def evaluate_pipeline(pipe: StableDiffusionPipeline, settings: EvalSettings) -> dict:
+def evaluate_pipeline(pipe: DiffusionPipeline, settings: EvalSettings) -> dict:
     """{"settings", "chance", "by_guidance": {scale: attribute_accuracy(...)}} over held-out captions x seeds."""
     captions = held_out_captions(settings.captions)
     prompts = [c for c in captions for _ in range(settings.seeds)]
@@ -91,7 +95,7 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def sample_grid(pipe: StableDiffusionPipeline, captions: list[str], seeds: int, steps: int,
+def sample_grid(pipe: DiffusionPipeline, captions: list[str], seeds: int, steps: int,
                 guidance_scale: float, scale: int = 2) -> Image.Image:
     """Rows are captions (written on the left), columns are seeds 0 .. seeds - 1."""
     prompts = [c for c in captions for _ in range(seeds)]
@@ -108,15 +112,34 @@ def sample_grid(pipe: StableDiffusionPipeline, captions: list[str], seeds: int, 
     return grid
 
 
-def evaluate_dir(pipeline_dir: str | Path, settings: EvalSettings, device: str = "cpu",
-                 json_path: str | Path | None = None, grid_path: str | Path | None = None) -> dict:
-    """Load a saved pipeline with ``StableDiffusionPipeline.from_pretrained``, evaluate it, print and write results."""
+PIPELINE_CLASSES = {"StableDiffusionPipeline": StableDiffusionPipeline,
+                    "StableDiffusion3Pipeline": StableDiffusion3Pipeline}
+"""The pipeline classes of the mini world's backbones (A: SD, B: SD3), by the name ``model_index.json`` gives."""
+
+
+def load_pipeline(pipeline_dir: str | Path, device: str = "cpu") -> DiffusionPipeline:
+    """Load a saved mini-world backbone with the stock loader of the class its ``model_index.json`` names.
+
+    Components saved as absent (``[null, null]``: A's safety checker, B's T5) are passed as None, which diffusers
+    requires for a non-optional component such as SD3's ``text_encoder_3``.
+    """
     pipeline_dir = Path(pipeline_dir)
     if not (pipeline_dir / "model_index.json").is_file():
         raise ValueError(f"{pipeline_dir} holds no model_index.json; pass a folder written by save_pretrained.")
-    pipe = StableDiffusionPipeline.from_pretrained(pipeline_dir, safety_checker=None, feature_extractor=None,
-                                                   requires_safety_checker=False).to(device)
+    index = saved_model_index(pipeline_dir)
+    if index["_class_name"] not in PIPELINE_CLASSES:
+        raise ValueError(f"{pipeline_dir} holds a {index['_class_name']}; mini-world backbones are "
+                         f"{sorted(PIPELINE_CLASSES)}.")
+    absent = absent_components(index)
+    pipe = PIPELINE_CLASSES[index["_class_name"]].from_pretrained(pipeline_dir, **absent).to(device)
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def evaluate_dir(pipeline_dir: str | Path, settings: EvalSettings, device: str = "cpu",
+                 json_path: str | Path | None = None, grid_path: str | Path | None = None) -> dict:
+    """Load a saved pipeline (:func:`load_pipeline`), evaluate it, print and write results."""
+    pipe = load_pipeline(pipeline_dir, device)
     result = evaluate_pipeline(pipe, settings)
     print(format_table(result), flush=True)
     if json_path is not None:
@@ -129,7 +152,8 @@ def evaluate_dir(pipeline_dir: str | Path, settings: EvalSettings, device: str =
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("pipeline_dir", help="folder written by StableDiffusionPipeline.save_pretrained")
+    parser.add_argument("pipeline_dir",
+                        help="folder written by save_pretrained (StableDiffusionPipeline or StableDiffusion3Pipeline)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--captions", type=int, default=64)
     parser.add_argument("--seeds", type=int, default=8)

@@ -2,11 +2,12 @@
 
     python -m promptloop.miniworld.export_backbone RUN_DIR DEST [--captions 32] [--seeds 4] [--guidance 4]
 
-Reads ``RUN_DIR/pipeline`` (written by ``train_backbone``), writes ``DEST`` with the UNet and VAE weights in float16
-(half the size) and the text encoder in float32, evaluates the copy as loaded back, and writes
-``DEST.eval.json`` / ``DEST.eval.md`` beside it (with ``RUN_DIR/checkpoint/state.json``'s progress as provenance).
+Reads ``RUN_DIR/pipeline`` (written by ``train_backbone`` or ``train_flow_backbone``), writes ``DEST`` with the
+diffusers models (UNet or transformer, VAE) in float16 (half the size) and the text encoders in float32, evaluates
+the copy as loaded back, and writes ``DEST.eval.json`` / ``DEST.eval.md`` beside it (with
+``RUN_DIR/checkpoint/state.json``'s progress as provenance).
 
-The text encoder stays float32 because transformers loads a model in its saved dtype by default while diffusers
+The text encoders stay float32 because transformers loads a model in its saved dtype by default while diffusers
 loads in float32: a float16 text encoder would make ``StableDiffusionPipeline.from_pretrained(DEST)`` (no dtype
 given) mix dtypes and fail. With this split a plain load gives an all-float32 pipeline.
 """
@@ -18,23 +19,19 @@ import shutil
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import ModelMixin
 
-from .evaluate_backbone import EvalSettings, evaluate_dir, format_table
-
-HALF_PRECISION_COMPONENTS = ("unet", "vae")
-"""Pipeline components stored in float16 (diffusers upcasts them to float32 on a plain load)."""
+from .evaluate_backbone import EvalSettings, evaluate_dir, format_table, load_pipeline
 
 
 def export_pipeline(pipeline_dir: str | Path, dest: str | Path) -> Path:
-    """Copy the pipeline in ``pipeline_dir`` to ``dest`` (replaced), ``HALF_PRECISION_COMPONENTS`` in float16."""
-    pipeline_dir, dest = Path(pipeline_dir), Path(dest)
-    if not (pipeline_dir / "model_index.json").is_file():
-        raise ValueError(f"{pipeline_dir} holds no model_index.json; pass a folder written by save_pretrained.")
-    pipe = StableDiffusionPipeline.from_pretrained(pipeline_dir, safety_checker=None, feature_extractor=None,
-                                                   requires_safety_checker=False)
-    for name in HALF_PRECISION_COMPONENTS:
-        getattr(pipe, name).to(torch.float16)
+    """Copy the pipeline in ``pipeline_dir`` to ``dest`` (replaced), its diffusers models (diffusers upcasts them to
+    float32 on a plain load) in float16, its transformers text encoders in float32."""
+    dest = Path(dest)
+    pipe = load_pipeline(pipeline_dir)
+    for component in pipe.components.values():
+        if isinstance(component, ModelMixin):
+            component.to(torch.float16)
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
@@ -59,8 +56,9 @@ def export_run(run_dir: str | Path, dest: str | Path, settings: EvalSettings) ->
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dir", help="a train_backbone output folder (holds pipeline/ and checkpoint/)")
-    parser.add_argument("dest", help="the pipeline folder to write, e.g. promptloop/miniworld/assets/backbone_a")
+    parser.add_argument("run_dir",
+                        help="a train_backbone or train_flow_backbone output folder (holds pipeline/ and checkpoint/)")
+    parser.add_argument("dest", help="the pipeline folder to write, e.g. promptloop/miniworld/assets/backbone_b")
     parser.add_argument("--captions", type=int, default=32)
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=20)

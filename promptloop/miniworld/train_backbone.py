@@ -23,6 +23,7 @@ import signal
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -41,13 +42,13 @@ from .tokenizer import CaptionTokenizer, make_miniworld_tokenizer
 
 
 @dataclass
-class TrainBackboneConfig:
-    """Every setting of a backbone training run (presets fill the defaults; flags override them)."""
+class DenoiserTrainingConfig:
+    """Settings every mini-world backbone run shares (presets fill the defaults; flags override them)."""
 
     out: str
     """Output folder."""
     preset: str = "cpu"
-    """Which ``PRESETS`` entry filled the defaults."""
+    """Which presets entry filled the defaults."""
     device: str = "cpu"
     """Torch device."""
     max_minutes: float = 60.0
@@ -57,9 +58,67 @@ class TrainBackboneConfig:
     seed: int = 0
     """Seed of the dataset and of every random draw in training."""
     tiny: bool = False
-    """Use ``TINY_SIZES`` (tests only)."""
+    """Use the tiny sizes (tests only)."""
     variants: int = 4
     """Renders per scene in the dataset (the first clean, the rest jittered)."""
+    batch_size: int = 64
+    """Denoiser batch size."""
+    lr: float = 1e-3
+    """Denoiser and text encoder learning rate (AdamW, linear warm-up, then constant)."""
+    warmup_steps: int = 100
+    """Learning-rate warm-up steps."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    p_uncond: float = 0.1
+    """Probability of an empty caption (classifier-free guidance dropout)."""
+    p_name_start: float = 0.9
+    """Probability of naming each attribute at step 0 (caption curriculum)."""
+    p_name_end: float = 0.6
+    """... and after ``curriculum_steps`` (linear in between)."""
+    curriculum_steps: int = 1000
+    """Length of the caption curriculum."""
+    p_shuffle: float = 0.3
+    """Probability of a caption's words in random order (word order carries no meaning in this world)."""
+    ema_decay: float = 0.999
+    """EMA decay of the denoiser and text encoder weights that are saved (0 disables EMA)."""
+    bf16: bool = False
+    """bf16 autocast for forward passes (CUDA)."""
+    checkpoint_every: int = 500
+    """Checkpoint every this many steps (and at exit)."""
+    log_every: int = 50
+    """Log every this many steps."""
+    eval_captions: int = 24
+    """Held-out captions in the final evaluation."""
+    eval_seeds: int = 4
+    """Seeds per caption in the final evaluation."""
+    eval_steps: int = 20
+    """Sampling steps in the evaluation."""
+    eval_guidance: tuple[float, ...] = (4.0,)
+    """Guidance scales evaluated (the first is also used for ``samples.png``)."""
+    curve_every: int = 0
+    """Every this many denoiser steps, evaluate the EMA weights (first guidance scale, ``curve_captions`` x
+    ``curve_seeds``) and append the result to ``curve.jsonl`` (0: never)."""
+    curve_captions: int = 32
+    """Held-out captions in each ``curve_every`` evaluation."""
+    curve_seeds: int = 4
+    """Seeds per caption in each ``curve_every`` evaluation."""
+
+    def __post_init__(self):
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {self.device} but CUDA is not available; use --device cpu.")
+        for name in ("batch_size", "variants", "eval_captions", "eval_seeds", "eval_steps", "curve_captions",
+                     "curve_seeds"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.max_minutes <= 0:
+            raise ValueError(f"max_minutes must be positive, got {self.max_minutes}.")
+        self.eval_guidance = tuple(self.eval_guidance)
+
+
+@dataclass
+class TrainBackboneConfig(DenoiserTrainingConfig):
+    """Every setting of a backbone A run: the shared settings plus the VAE, decoder and UNet phases'."""
+
     vae_steps: int = 600
     """VAE training steps."""
     vae_batch: int = 64
@@ -84,58 +143,12 @@ class TrainBackboneConfig:
     each checkpoint, on all 1296 clean scenes)."""
     unet_steps: int = 1_000_000
     """UNet steps cap (the time budget usually stops training first)."""
-    batch_size: int = 64
-    """UNet batch size."""
-    lr: float = 1e-3
-    """UNet and text encoder learning rate (AdamW, linear warm-up, then constant)."""
-    warmup_steps: int = 100
-    """Learning-rate warm-up steps."""
-    weight_decay: float = 0.01
-    """AdamW weight decay."""
-    p_uncond: float = 0.1
-    """Probability of an empty caption (classifier-free guidance dropout)."""
-    p_name_start: float = 0.9
-    """Probability of naming each attribute at step 0 (caption curriculum)."""
-    p_name_end: float = 0.6
-    """... and after ``curriculum_steps`` (linear in between)."""
-    curriculum_steps: int = 1000
-    """Length of the caption curriculum."""
-    p_shuffle: float = 0.3
-    """Probability of a caption's words in random order (word order carries no meaning in this world)."""
-    ema_decay: float = 0.999
-    """EMA decay of the UNet and text encoder weights that are saved (0 disables EMA)."""
-    bf16: bool = False
-    """bf16 autocast for forward passes (CUDA)."""
-    checkpoint_every: int = 500
-    """Checkpoint every this many steps (and at exit)."""
-    log_every: int = 50
-    """Log every this many steps."""
-    eval_captions: int = 24
-    """Held-out captions in the final evaluation."""
-    eval_seeds: int = 4
-    """Seeds per caption in the final evaluation."""
-    eval_steps: int = 20
-    """Sampling steps in the evaluation."""
-    eval_guidance: tuple[float, ...] = (4.0,)
-    """Guidance scales evaluated (the first is also used for ``samples.png``)."""
-    curve_every: int = 0
-    """Every this many UNet steps, evaluate the EMA weights (first guidance scale, ``curve_captions`` x
-    ``curve_seeds``) and append the result to ``curve.jsonl`` (0: never)."""
-    curve_captions: int = 32
-    """Held-out captions in each ``curve_every`` evaluation."""
-    curve_seeds: int = 4
-    """Seeds per caption in each ``curve_every`` evaluation."""
 
     def __post_init__(self):
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"--device {self.device} but CUDA is not available; use --device cpu.")
-        for name in ("vae_batch", "decoder_batch", "batch_size", "variants", "eval_captions", "eval_seeds",
-                     "eval_steps", "curve_captions", "curve_seeds"):
+        for name in ("vae_batch", "decoder_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
-        if self.max_minutes <= 0:
-            raise ValueError(f"max_minutes must be positive, got {self.max_minutes}.")
-        self.eval_guidance = tuple(self.eval_guidance)
+        super().__post_init__()
 
 
 PRESETS: dict[str, dict] = {
@@ -290,7 +303,7 @@ class StopFlag:
         self.stop = True
 
 
-def _autocast(config: TrainBackboneConfig, device: torch.device):
+def _autocast(config: DenoiserTrainingConfig, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16)
 
 
@@ -417,7 +430,7 @@ def _to_pil(x: torch.Tensor):
     return Image.fromarray(array)
 
 
-def p_name_at(config: TrainBackboneConfig, step: int) -> float:
+def p_name_at(config: DenoiserTrainingConfig, step: int) -> float:
     frac = min(1.0, step / max(1, config.curriculum_steps))
     return config.p_name_start + frac * (config.p_name_end - config.p_name_start)
 
@@ -447,42 +460,91 @@ def ema_pipeline(vae, text_encoder, tokenizer, unet, ema: EMA | None):
     return assemble_pipeline(vae.eval(), text_encoder.eval(), tokenizer, unet.eval())
 
 
-def record_curve_point(config, out: Path, pipe, progress: Progress, log):
+def record_curve_point(config, out: Path, pipe, progress: Progress, log, step_key: str = "unet_step"):
     """Evaluate ``pipe`` with the curve settings; log it and append it to ``out/curve.jsonl``."""
     settings = EvalSettings(captions=config.curve_captions, seeds=config.curve_seeds, steps=config.eval_steps,
                             guidance_scales=[config.eval_guidance[0]])
     t0 = time.monotonic()
     accuracy = evaluate_pipeline(pipe, settings)["by_guidance"][str(config.eval_guidance[0])]
-    point = {"unet_step": progress.step, "decoder_step": progress.decoder_step,
+    point = {step_key: progress.step, "decoder_step": progress.decoder_step,
              "trained_seconds": round(progress.trained_seconds, 1), "settings": asdict(settings),
              "accuracy": {k: round(v["accuracy"], 4) for k, v in accuracy.items()}}
     with (out / "curve.jsonl").open("a") as f:
         f.write(json.dumps(point) + "\n")
-    log(f"curve at unet step {progress.step} ({config.curve_captions} captions x {config.curve_seeds} seeds, "
-        f"{time.monotonic() - t0:.0f}s): " + _format_accuracy(accuracy))
+    log(f"curve at {step_key.replace('_', ' ')} {progress.step} ({config.curve_captions} captions x "
+        f"{config.curve_seeds} seeds, {time.monotonic() - t0:.0f}s): " + _format_accuracy(accuracy))
+
+
+@dataclass
+class DenoiserPhase:
+    """What differs between backbones in the denoiser phase; :func:`train_denoiser` runs the shared loop."""
+
+    name: str
+    """Lower-case name in log lines and curve points ("unet": "unet step 10 ...", "unet_step")."""
+    title: str
+    """Name in the resume message ("resumed UNet phase at step 10")."""
+    max_steps: int
+    """Step cap (the time budget usually stops training first)."""
+    params: list[torch.nn.Parameter]
+    """Trained parameters (optimised, clipped, EMA-averaged in this order)."""
+    modules: dict[str, torch.nn.Module]
+    """Modules written to and restored from the checkpoint."""
+    batch_loss: Callable[[int], torch.Tensor]
+    """The loss of one freshly drawn batch at the given step."""
+    ema_pipeline: Callable[[EMA | None], Any]
+    """A pipeline holding copies of the models with the EMA weights (for curve points)."""
+
+
+def train_denoiser(config: DenoiserTrainingConfig, phase: DenoiserPhase, progress: Progress,
+                   checkpointer: Checkpointer, deadline: float, stop: StopFlag, log: Log, device: torch.device):
+    """The denoiser loop: AdamW with linear warm-up, grad-clip 1, EMA, logging, checkpoints and curve points,
+    until ``phase.max_steps``, the deadline or a stop signal. Returns ``(optimizer, ema)``."""
+    optimizer = torch.optim.AdamW(phase.params, lr=config.lr, weight_decay=config.weight_decay)
+    ema = EMA(phase.params, config.ema_decay) if config.ema_decay > 0 else None
+    if config.resume and checkpointer.exists() and progress.step > 0:
+        checkpointer.load(phase.modules, ema, {"optimizer": optimizer}, device)
+        log(f"resumed {phase.title} phase at step {progress.step}")
+    for module in phase.modules.values():
+        if any(p.requires_grad for p in module.parameters()):
+            module.train()
+    started, start_step = time.monotonic(), progress.step
+    last_time = started  # trained_seconds counts training, not the curve evaluations
+    while progress.step < phase.max_steps and time.monotonic() < deadline and not stop.stop:
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * min(1.0, (progress.step + 1) / config.warmup_steps)
+        loss = phase.batch_loss(progress.step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(phase.params, 1.0)
+        optimizer.step()
+        if ema is not None:
+            ema.update(phase.params, progress.step)
+        progress.step += 1
+        if progress.step % config.log_every == 0:
+            rate = (progress.step - start_step) / max(time.monotonic() - started, 1e-6)
+            log(f"{phase.name} step {progress.step} loss {loss.item():.4f} p_name "
+                f"{p_name_at(config, progress.step):.2f} ({rate:.1f} steps/s, {rate * config.batch_size:.0f} "
+                "samples/s this run)")
+        if progress.step % config.checkpoint_every == 0:
+            checkpointer.save(progress, phase.modules, ema, {"optimizer": optimizer}, config)
+        if config.curve_every and progress.step % config.curve_every == 0:
+            progress.trained_seconds += time.monotonic() - last_time
+            record_curve_point(config, Path(config.out), phase.ema_pipeline(ema), progress, log,
+                               step_key=f"{phase.name}_step")
+            last_time = time.monotonic()
+    progress.trained_seconds += time.monotonic() - last_time
+    return optimizer, ema
 
 
 def train_unet(config, unet, text_encoder, latents, values, caption_tokenizer, progress, checkpointer, deadline,
                stop, log, device, vae, tokenizer):
-    params = list(unet.parameters()) + list(text_encoder.parameters())
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    ema = EMA(params, config.ema_decay) if config.ema_decay > 0 else None
-    modules = {"vae": vae, "unet": unet, "text_encoder": text_encoder}
-    if config.resume and checkpointer.exists() and progress.step > 0:
-        checkpointer.load(modules, ema, {"optimizer": optimizer}, device)
-        log(f"resumed UNet phase at step {progress.step}")
     noise_scheduler = training_scheduler()
     noise_scheduler.alphas_cumprod = noise_scheduler.alphas_cumprod.to(device)
-    unet.train()
-    text_encoder.train()
-    started, start_step = time.monotonic(), progress.step
-    last_time = started  # trained_seconds counts training, not the curve evaluations
-    while progress.step < config.unet_steps and time.monotonic() < deadline and not stop.stop:
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr * min(1.0, (progress.step + 1) / config.warmup_steps)
+
+    def batch_loss(step: int) -> torch.Tensor:
         idx = torch.randint(len(latents), (config.batch_size,), device=device)
         x0 = latents[idx]
-        ids = sample_token_ids(config, caption_tokenizer, values[idx], progress.step)
+        ids = sample_token_ids(config, caption_tokenizer, values[idx], step)
         noise = torch.randn_like(x0)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (config.batch_size,), device=device)
         noisy = noise_scheduler.add_noise(x0, noise, t)
@@ -490,27 +552,14 @@ def train_unet(config, unet, text_encoder, latents, values, caption_tokenizer, p
         with _autocast(config, device):
             hidden = text_encoder(ids)[0]
             pred = unet(noisy, t, hidden).sample
-        loss = F.mse_loss(pred.float(), target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        if ema is not None:
-            ema.update(params, progress.step)
-        progress.step += 1
-        if progress.step % config.log_every == 0:
-            rate = (progress.step - start_step) / max(time.monotonic() - started, 1e-6)
-            log(f"unet step {progress.step} loss {loss.item():.4f} p_name {p_name_at(config, progress.step):.2f} "
-                f"({rate:.1f} steps/s, {rate * config.batch_size:.0f} samples/s this run)")
-        if progress.step % config.checkpoint_every == 0:
-            checkpointer.save(progress, modules, ema, {"optimizer": optimizer}, config)
-        if config.curve_every and progress.step % config.curve_every == 0:
-            progress.trained_seconds += time.monotonic() - last_time
-            record_curve_point(config, Path(config.out), ema_pipeline(vae, text_encoder, tokenizer, unet, ema),
-                               progress, log)
-            last_time = time.monotonic()
-    progress.trained_seconds += time.monotonic() - last_time
-    return optimizer, ema
+        return F.mse_loss(pred.float(), target)
+
+    phase = DenoiserPhase(
+        name="unet", title="UNet", max_steps=config.unet_steps,
+        params=list(unet.parameters()) + list(text_encoder.parameters()),
+        modules={"vae": vae, "unet": unet, "text_encoder": text_encoder}, batch_loss=batch_loss,
+        ema_pipeline=lambda ema: ema_pipeline(vae, text_encoder, tokenizer, unet, ema))
+    return train_denoiser(config, phase, progress, checkpointer, deadline, stop, log, device)
 
 
 def train(config: TrainBackboneConfig) -> dict:
@@ -585,15 +634,17 @@ def train(config: TrainBackboneConfig) -> dict:
     return result
 
 
-def parse_args(argv: list[str] | None = None) -> TrainBackboneConfig:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    defaults = {f.name: f.default for f in fields(TrainBackboneConfig)}
-    for f in fields(TrainBackboneConfig):
+def parse_config(config_class: type, presets: dict[str, dict], argv: list[str] | None = None,
+                 description: str | None = None):
+    """Build ``config_class`` from command-line flags (one per field), on top of ``presets[--preset]``."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = {f.name: f.default for f in fields(config_class)}
+    for f in fields(config_class):
         flag = "--" + f.name.replace("_", "-")
         if f.name == "out":
             parser.add_argument(flag, required=True, help="output folder")
         elif f.name == "preset":
-            parser.add_argument(flag, choices=sorted(PRESETS), default="cpu", help="defaults for a kind of machine")
+            parser.add_argument(flag, choices=sorted(presets), default=f.default, help="defaults for a kind of machine")
         elif isinstance(f.default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
         elif isinstance(f.default, tuple):
@@ -602,8 +653,12 @@ def parse_args(argv: list[str] | None = None) -> TrainBackboneConfig:
             parser.add_argument(flag, type=type(f.default), default=None)
     args = vars(parser.parse_args(argv))
     given = {k: v for k, v in args.items() if v is not None and k not in ("out", "preset")}
-    merged = {**defaults, **PRESETS[args["preset"]], **given, "out": args["out"], "preset": args["preset"]}
-    return TrainBackboneConfig(**merged)
+    merged = {**defaults, **presets[args["preset"]], **given, "out": args["out"], "preset": args["preset"]}
+    return config_class(**merged)
+
+
+def parse_args(argv: list[str] | None = None) -> TrainBackboneConfig:
+    return parse_config(TrainBackboneConfig, PRESETS, argv, __doc__)
 
 
 def main(argv: list[str] | None = None) -> dict:

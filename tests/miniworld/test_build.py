@@ -1,7 +1,9 @@
 """``promptloop miniworld build``: the recipe that rebuilds every shipped artefact, run end to end at tiny sizes."""
 import pytest
+import torch
 from diffusers import StableDiffusionPipeline
 
+from promptloop.backbones import auto_backbone
 from promptloop.cli import main
 from promptloop.miniworld.build import STEP_NAMES, plan
 from promptloop.miniworld.policy_warmstart import miniworld_policy_config
@@ -35,3 +37,8 @@ def test_tiny_build_writes_artefacts_that_load_through_the_standard_loaders(tmp_
     assert reward(images, ["red circle"]).scores.isfinite().all()
     policy = PromptPolicy.from_pretrained(out / "policy", miniworld_policy_config("closed", out / "policy"))
     assert policy.model is not None
+    tuned = StableDiffusionPipeline.from_pretrained(out / "backbone_a_tuned")
+    assert (out / "backbone_a_tuned.meta.json").is_file()
+    assert any(not torch.equal(a, b) for a, b in zip(tuned.unet.state_dict().values(), pipe.unet.state_dict().values()))
+    flow = auto_backbone(str(out / "backbone_b"))
+    assert type(flow.pipe).__name__ == "StableDiffusion3Pipeline" and (out / "backbone_b.eval.json").is_file()

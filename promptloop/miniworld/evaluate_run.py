@@ -54,7 +54,10 @@ def training_curve(results, steps: dict[int, Path], backbone: str = "backbone_a"
     return curve
 
 
-def plot_curve(curve: dict[str, list[dict]], path: Path) -> None:
+def plot_curve(curve: dict[str, list[dict]], path: Path, x_key: str = "step", label: str = "PromptLoop",
+               xlabel: str = "GRPO step (0 = warm start)", baseline_label: str = "base backbone") -> None:
+    """One panel per metric: mean and 95% band of the rows with an ``x_key`` value against it, and a dashed line
+    at the baseline row (``x_key`` None, else the first row)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -62,14 +65,14 @@ def plot_curve(curve: dict[str, list[dict]], path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(curve), figsize=(4 * len(curve), 3), dpi=120)
     for ax, (metric, rows) in zip(axes, curve.items()):
-        trained = [r for r in rows if r["step"] is not None]
-        x = [r["step"] for r in trained]
-        ax.plot(x, [r["mean"] for r in trained], marker="o", ms=3, label="PromptLoop")
-        ax.fill_between(x, [r["ci_low"] for r in trained], [r["ci_high"] for r in trained], alpha=0.2)
-        base = next(r for r in rows if r["step"] is None)
-        ax.axhline(base["mean"], color="gray", ls="--", lw=1, label="base backbone")
+        points = [r for r in rows if r[x_key] is not None]
+        x = [r[x_key] for r in points]
+        ax.plot(x, [r["mean"] for r in points], marker="o", ms=3, label=label)
+        ax.fill_between(x, [r["ci_low"] for r in points], [r["ci_high"] for r in points], alpha=0.2)
+        base = next((r for r in rows if r[x_key] is None), rows[0])
+        ax.axhline(base["mean"], color="gray", ls="--", lw=1, label=baseline_label)
         ax.set_title(metric.split("/")[-1])
-        ax.set_xlabel("GRPO step (0 = warm start)")
+        ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()

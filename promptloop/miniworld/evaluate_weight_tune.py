@@ -27,7 +27,7 @@ from typing import Optional
 from promptloop.rl.checkpoint import read_meta
 
 from .demo import FULL, evaluation_config
-from .evaluate_run import METRICS
+from .evaluate_run import METRICS, plot_curve
 from .weight_tune import checkpoint_pipelines
 
 
@@ -61,27 +61,6 @@ def weight_tune_curve(results, reward_queries: dict[str, int]) -> dict[str, list
     return curve
 
 
-def plot_curve(curve: dict[str, list[dict]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(curve), figsize=(4 * len(curve), 3), dpi=120)
-    for ax, (metric, rows) in zip(axes, curve.items()):
-        x = [r["reward_queries"] for r in rows]
-        ax.plot(x, [r["mean"] for r in rows], marker="o", ms=3, label="weight-tuned (DRaFT-1)")
-        ax.fill_between(x, [r["ci_low"] for r in rows], [r["ci_high"] for r in rows], alpha=0.2)
-        ax.axhline(rows[0]["mean"], color="gray", ls="--", lw=1, label="backbone A")
-        ax.set_title(metric.split("/")[-1])
-        ax.set_xlabel("reward queries (images scored)")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
 def _start_backbone(run_dir: Path) -> str:
     first = sorted((run_dir / "checkpoints").glob("step-*"))[0]
     return read_meta(first)["config"]["backbone"]
@@ -102,7 +81,8 @@ def evaluate_weight_tune(run_dir: str | Path, out_dir: str | Path, prompts: int 
     results = run_evaluation(evaluation_config(out, {}, size, backbones=backbones), log=log)
     curve = weight_tune_curve(results, spent)
     (out / "weight_tune_curve.json").write_text(json.dumps(curve, indent=2) + "\n")
-    plot_curve(curve, out / "weight_tune_curve.png")
+    plot_curve(curve, out / "weight_tune_curve.png", x_key="reward_queries", label="weight-tuned (DRaFT-1)",
+               xlabel="reward queries (images scored)", baseline_label="backbone A")
     return curve
 
 

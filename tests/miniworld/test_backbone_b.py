@@ -2,7 +2,6 @@
 stock pipeline's, resume, and the shipped folder through the stock loader and the project's adapter."""
 import functools
 import json
-import random
 
 import pytest
 import torch
@@ -14,27 +13,20 @@ from promptloop.backbones import auto_backbone, rollout
 from promptloop.backbones.sd3 import SD3Backbone
 from promptloop.backbones.types import SamplerSettings
 from promptloop.miniworld import train_flow_backbone
-from promptloop.miniworld.backbone import SHIPPED_BACKBONE_A, TINY_SIZES, assemble_pipeline, build_text_encoder, \
-    build_unet, build_vae
+from promptloop.miniworld.backbone import SHIPPED_BACKBONE_A
 from promptloop.miniworld.backbone_b import NO_T5, SHIPPED_BACKBONE_B, T5_SEQUENCE_LENGTH, BackboneBSizes, \
     build_text_encoders, build_transformer, encode_prompt_ids
-from promptloop.miniworld.domain import caption, sample_scene
-from promptloop.miniworld.recognise import attribute_accuracy
 from promptloop.miniworld.tokenizer import CaptionTokenizer, make_miniworld_tokenizer
+from caption_following import caption_following
 from promptloop.miniworld.train_backbone import Checkpointer
 from promptloop.miniworld.train_flow_backbone import RepeatedTokenJointAttnProcessor, main, parse_args, \
     sample_token_ids
 
 
 @pytest.fixture(scope="module")
-def backbone_a_tiny(tmp_path_factory):
+def backbone_a_tiny(tiny_backbone_a_dir):
     """A tiny backbone A folder: B takes its VAE (frozen) and its tokenizer."""
-    tokenizer = make_miniworld_tokenizer()
-    pipe = assemble_pipeline(build_vae(TINY_SIZES), build_text_encoder(TINY_SIZES, tokenizer), tokenizer,
-                             build_unet(TINY_SIZES))
-    path = tmp_path_factory.mktemp("backbone_a") / "pipeline"
-    pipe.save_pretrained(path, safe_serialization=True)
-    return path
+    return tiny_backbone_a_dir
 
 
 @pytest.fixture(scope="module")
@@ -184,15 +176,8 @@ def test_shipped_backbone_b_is_a_few_megabytes_half_precision_sd3_folder():
 def test_shipped_backbone_b_follows_captions_through_the_adapter():
     backbone = auto_backbone(str(SHIPPED_BACKBONE_B))
     assert isinstance(backbone, SD3Backbone)
-    rng = random.Random(7)
-    captions = [caption(sample_scene(rng), ("colour", "row", "column", "background")) for _ in range(8)]
-    prompts = [c for c in captions for _ in range(2)]
-    out = rollout(backbone, prompts, seeds=list(range(len(prompts))),
-                  settings=SamplerSettings(num_inference_steps=10, guidance_scale=4.0))
-    accuracy = attribute_accuracy(out.pil(), prompts)
+    accuracy = caption_following(backbone, ("colour", "row", "column", "background"))
     # Chance is 0.17 (colour), 0.25 (background) and 0.33 (row, column); the shipped model's table
     # (backbone_b.eval.md) has colour 0.79 and 1.00 on the others at guidance 4.
-    assert accuracy["colour"]["accuracy"] >= 0.4, accuracy
-    assert accuracy["background"]["accuracy"] >= 0.6, accuracy
-    assert accuracy["row"]["accuracy"] >= 0.6, accuracy
-    assert accuracy["column"]["accuracy"] >= 0.6, accuracy
+    assert accuracy["colour"] >= 0.4, accuracy
+    assert min(accuracy["background"], accuracy["row"], accuracy["column"]) >= 0.6, accuracy

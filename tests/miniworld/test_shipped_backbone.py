@@ -1,20 +1,14 @@
 """The shipped backbone A loads through the standard loaders, samples, and follows captions above chance; the
 export keeps it small and loadable with no dtype argument."""
-import random
-
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 
-from promptloop.backbones import StableDiffusionBackbone, auto_backbone, rollout
-from promptloop.backbones.types import SamplerSettings
-from promptloop.miniworld.backbone import SHIPPED_BACKBONE_A, TINY_SIZES, assemble_pipeline, build_text_encoder, \
-    build_unet, build_vae
-from promptloop.miniworld.domain import caption, sample_scene
+from promptloop.backbones import StableDiffusionBackbone, auto_backbone
+from promptloop.miniworld.backbone import SHIPPED_BACKBONE_A
 from promptloop.miniworld.export_backbone import export_pipeline
-from promptloop.miniworld.recognise import attribute_accuracy
-from promptloop.miniworld.tokenizer import make_miniworld_tokenizer
+from caption_following import caption_following
 
 
 def test_shipped_backbone_is_a_few_megabytes_of_safetensors():
@@ -36,25 +30,9 @@ def test_shipped_backbone_loads_with_the_stock_pipeline_and_samples():
 def test_shipped_backbone_follows_background_and_position_through_the_adapter():
     backbone = auto_backbone(str(SHIPPED_BACKBONE_A))
     assert isinstance(backbone, StableDiffusionBackbone)
-    rng = random.Random(7)
-    captions = [caption(sample_scene(rng), ("row", "column", "background")) for _ in range(8)]
-    prompts = [c for c in captions for _ in range(2)]
-    out = rollout(backbone, prompts, seeds=list(range(len(prompts))),
-                  settings=SamplerSettings(num_inference_steps=10, guidance_scale=4.0))
-    accuracy = attribute_accuracy(out.pil(), prompts)
+    accuracy = caption_following(backbone, ("row", "column", "background"))
     # Chance is 0.25 (background) and 0.33 (row, column); the shipped model scored 1.00 on all three.
-    assert accuracy["background"]["accuracy"] >= 0.6, accuracy
-    assert accuracy["row"]["accuracy"] >= 0.6, accuracy
-    assert accuracy["column"]["accuracy"] >= 0.6, accuracy
-
-
-@pytest.fixture
-def tiny_pipeline_dir(tmp_path):
-    tokenizer = make_miniworld_tokenizer()
-    pipe = assemble_pipeline(build_vae(TINY_SIZES), build_text_encoder(TINY_SIZES, tokenizer), tokenizer,
-                             build_unet(TINY_SIZES))
-    pipe.save_pretrained(tmp_path / "pipeline", safe_serialization=True)
-    return tmp_path / "pipeline"
+    assert min(accuracy.values()) >= 0.6, accuracy
 
 
 def _stored_dtypes(path) -> set:
@@ -62,12 +40,12 @@ def _stored_dtypes(path) -> set:
         return {f.get_slice(k).get_dtype() for k in f.keys()}
 
 
-def test_export_halves_unet_and_vae_and_loads_back_as_float32(tiny_pipeline_dir, tmp_path):
-    dest = export_pipeline(tiny_pipeline_dir, tmp_path / "shipped")
+def test_export_halves_unet_and_vae_and_loads_back_as_float32(tiny_backbone_a_dir, tmp_path):
+    dest = export_pipeline(tiny_backbone_a_dir, tmp_path / "shipped")
     assert _stored_dtypes(dest / "unet" / "diffusion_pytorch_model.safetensors") == {"F16"}
     assert _stored_dtypes(dest / "vae" / "diffusion_pytorch_model.safetensors") == {"F16"}
     assert _stored_dtypes(dest / "text_encoder" / "model.safetensors") == {"F32"}
-    original = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir)
+    original = StableDiffusionPipeline.from_pretrained(tiny_backbone_a_dir)
     shipped = StableDiffusionPipeline.from_pretrained(dest)
     assert {shipped.unet.dtype, shipped.vae.dtype, shipped.text_encoder.dtype} == {torch.float32}
     for name, p in original.unet.named_parameters():

@@ -7,9 +7,7 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
 from promptloop.backbones import SamplerSettings, auto_backbone
-from promptloop.miniworld.backbone import TINY_SIZES, assemble_pipeline, build_text_encoder, build_unet, build_vae
 from promptloop.miniworld.evaluate_weight_tune import SHIPPED_TUNED, evaluate_weight_tune, ship
-from promptloop.miniworld.tokenizer import make_miniworld_tokenizer
 from promptloop.miniworld.weight_tune import (WeightTuneConfig, checkpoint_pipelines, differentiable_preference,
                                               parse_args, sample_pixels, train)
 from promptloop.rewards import load_reward
@@ -19,14 +17,8 @@ UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    tokenizer = make_miniworld_tokenizer()
-    pipe = assemble_pipeline(build_vae(TINY_SIZES), build_text_encoder(TINY_SIZES, tokenizer), tokenizer,
-                             build_unet(TINY_SIZES))
-    path = tmp_path_factory.mktemp("tiny") / "pipeline"
-    pipe.save_pretrained(path, safe_serialization=True)
-    return path
+def tiny_dir(tiny_backbone_a_dir):
+    return tiny_backbone_a_dir
 
 
 @pytest.fixture(scope="module")

@@ -167,7 +167,8 @@ def kill_trial(server: TrainingForkServer, root: Path, reference: Reference, rng
     run_dir, events = root / "run", root / "events.log"
     pid = server.start(run_dir, events, root / "unused.safetensors", resume=False)
     if target == "checkpoint write":
-        step = rng.choice(range(CHECKPOINT_EVERY, GRPO["max_steps"] + 1, CHECKPOINT_EVERY))
+        # Not the last checkpoint: after it the run may finish before the kill lands.
+        step = rng.choice(range(CHECKPOINT_EVERY, GRPO["max_steps"], CHECKPOINT_EVERY))
         _wait_for(events, "saving", step, timeout=120)
         time.sleep(rng.uniform(0, reference.save_seconds))
     else:
@@ -191,7 +192,8 @@ def kill_trial(server: TrainingForkServer, root: Path, reference: Reference, rng
     resumed_events = root / "resumed_events.log"
     server.run(run_dir, resumed_events, root / "final.safetensors", resume=True)
     final = load_file(str(root / "final.safetensors"))
-    resumed_from = next(s for _, n, s in read_events(resumed_events) if n == "begin") - 1
+    # No "begin" event: the first run had finished, so the resumed one had no step left.
+    resumed_from = next((s - 1 for _, n, s in read_events(resumed_events) if n == "begin"), GRPO["max_steps"])
     assert resumed_from == checkpoint_step, (resumed_from, checkpoint_step)
     return TrialOutcome(
         target=target, killed=killed, phase=_phase(before, kill_time), steps_done=max(done, default=0),

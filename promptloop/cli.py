@@ -46,7 +46,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         pipeline.backbone.pipe.to(args.device)
     output = pipeline(prompts, num_refinements=args.refinements, mode=args.mode, seed=args.seed,
                       num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-                      preview_size=args.preview_size, feedback_delay=args.feedback_delay, progress=True)
+                      preview_size=args.preview_size, feedback_delay=args.feedback_delay,
+                      initial_rewrite=args.initial_rewrite, progress=True)
     written = write_outputs(Path(args.out), output)
     print(f"wrote {len(written)} files to {args.out}")
     return 0
@@ -151,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--feedback-delay", type=int, default=0,
                         help="closed mode: pipelined feedback, the policy's call overlaps this many sampler steps "
                              "(0: synchronous)")
+    sample.add_argument("--initial-rewrite", action="store_true",
+                        help="closed mode: the policy also writes the prompt for step 0 (no preview yet), on top of "
+                             "--refinements (for policies trained with grpo.initial_rewrite)")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--device", default=None)
     sample.add_argument("--out", default="outputs/sample")

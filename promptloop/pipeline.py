@@ -91,6 +91,7 @@ class PromptLoopPipeline:
         width: Optional[int] = None,
         preview_size: Optional[int] = 256,
         feedback_delay: int = 0,
+        initial_rewrite: bool = False,
         output_type: Literal["pil", "pt"] = "pil",
         progress: bool = False,
         **extra: Any,
@@ -103,6 +104,8 @@ class PromptLoopPipeline:
         the same seeds give the same images. ``policy_seed`` (default: the first seed) seeds the policy's sampling.
         ``feedback_delay`` (closed mode): pipelined feedback, the prompt taking effect at step k is written from the
         preview of step k - 1 - d while the sampler goes on (see :func:`~promptloop.backbones.rollout`).
+        ``initial_rewrite`` (closed mode): the policy also writes the prompt for step 0, before any preview exists,
+        on top of the ``num_refinements`` (for policies trained with ``grpo.initial_rewrite``).
         """
         queries = [prompt] if isinstance(prompt, str) else list(prompt)
         if mode not in REFINEMENT_MODES:
@@ -111,18 +114,21 @@ class PromptLoopPipeline:
             raise ValueError(f"num_refinements must be an int >= 0, got {num_refinements!r}.")
         if mode in ("oneshot", "none"):
             num_refinements = 0
-        elif num_refinements == 0:
+        elif num_refinements == 0 and not (mode == "closed" and initial_rewrite):
             mode = "none"
         seeds = [seed + i for i in range(len(queries))] if isinstance(seed, int) else list(seed)
         settings = SamplerSettings(
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, negative_prompt=negative_prompt,
             height=height, width=width, preview_size=preview_size, extra=dict(extra),
         )
-        schedule = RefinementSchedule.uniform(num_refinements) if num_refinements else RefinementSchedule.none()
+        for name, value in (("feedback_delay", feedback_delay), ("initial_rewrite", initial_rewrite)):
+            if value and mode != "closed":
+                raise ValueError(f"{name}={value} applies to mode 'closed' only (mode is {mode!r}); leave it unset.")
+        if num_refinements or initial_rewrite:
+            schedule = RefinementSchedule.uniform(num_refinements, initial_rewrite)
+        else:
+            schedule = RefinementSchedule.none()
         schedule.steps(num_inference_steps)  # clear error before the policy runs
-        if feedback_delay and mode != "closed":
-            raise ValueError(f"feedback_delay={feedback_delay} applies to mode 'closed' only (mode is {mode!r}); "
-                             "leave it at 0.")
         policy_seed = seeds[0] if policy_seed is None and seeds else policy_seed
         kwargs: dict[str, Any] = dict(settings=settings, schedule=schedule, progress=progress)
         if mode == "closed":

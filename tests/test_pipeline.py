@@ -52,6 +52,14 @@ def test_pipelined_closed_loop_reproduces_its_images(loop):
     assert all(t.decision_steps == [3, 5] for t in out.trajectories)
 
 
+def test_initial_rewrite_writes_the_first_prompt_too(loop):
+    out = loop(QUERIES, num_refinements=0, initial_rewrite=True, num_inference_steps=4, seed=3, output_type="pt")
+    reference = rollout(loop.backbone, QUERIES, [3, 4], SamplerSettings(num_inference_steps=4),
+                        RefinementSchedule.explicit([0]), refine=loop.policy.as_refine_fn(seed=3))
+    assert torch.equal(out.images, reference.images)
+    assert all(t.decision_steps == [0] and t.previews == [None] for t in out.trajectories)
+
+
 def test_apriori_makes_one_policy_call_and_no_previews(loop, monkeypatch):
     calls = []
     act = loop.policy.act
@@ -74,6 +82,7 @@ def test_mode_none_is_plain_sampling(loop):
     (dict(num_refinements=-1), "num_refinements must be an int >= 0"),
     (dict(num_refinements=5, num_inference_steps=4), "at least 6 sampling steps"),
     (dict(mode="apriori", feedback_delay=1), "applies to mode 'closed' only"),
+    (dict(mode="oneshot", initial_rewrite=True), "initial_rewrite=True applies to mode 'closed' only"),
     (dict(num_refinements=3, num_inference_steps=6, feedback_delay=1), "more than 1 apart"),
 ])
 def test_bad_arguments_are_clear_errors(loop, kwargs, match):

@@ -6,7 +6,8 @@ step, decode, noise level, token counting). Decision semantics come from
 estimate of step ``i - 1``, so refinements cost no extra denoiser evaluation. With ``feedback_delay = d > 0``
 (pipelined feedback) the prompt that takes effect at step ``i`` is written from the x0 estimate of step
 ``i - 1 - d`` while the sampler runs steps ``i - d .. i - 1`` with the prompts in force, the policy call overlapping
-them in a worker thread.
+them in a worker thread. A schedule's initial rewrite (step 0) is written before any x0 estimate exists: its
+observation has no preview.
 
 Text budget convention: a prompt fits when ``backbone.count_tokens(prompt) <= backbone.text_budget``; longer
 prompts are cut at the last word boundary that fits and flagged in ``Trajectory.truncated``.
@@ -129,7 +130,7 @@ def _plan(queries, seeds, settings, schedule, refine, prompts, initial_prompts, 
         raise ValueError("Give either `refine` (feedback mode) or `prompts` (a-priori mode), not both.")
     if refine is not None and not callable(refine):
         raise TypeError(f"refine must be callable (observations -> prompts), got {type(refine).__name__}.")
-    if prompts is None and refine is None and any(s.num_refinements for s in schedules):
+    if prompts is None and refine is None and any(s.num_decisions for s in schedules):
         raise ValueError(
             "The schedule has refinements but neither `refine` (feedback mode) nor `prompts` (a-priori mode) "
             "was given; pass one, or use RefinementSchedule.none()."
@@ -143,10 +144,10 @@ def _plan(queries, seeds, settings, schedule, refine, prompts, initial_prompts, 
         apriori = []
         for i, (row_prompts, s) in enumerate(zip(prompts, schedules)):
             row_prompts = _check_strings(f"prompts[{i}]", row_prompts, allow_empty=True)
-            if len(row_prompts) != s.num_refinements + 1:
+            if len(row_prompts) != s.num_decisions + 1:
                 raise ValueError(
-                    f"prompts[{i}] has {len(row_prompts)} prompts but row {i}'s schedule has {s.num_refinements} "
-                    f"refinements: give {s.num_refinements + 1} (the initial prompt, then one per decision step)."
+                    f"prompts[{i}] has {len(row_prompts)} prompts but row {i}'s schedule has {s.num_decisions} "
+                    f"decisions: give {s.num_decisions + 1} (the initial prompt, then one per decision step)."
                 )
             apriori.append(row_prompts)
         initial = [p[0] for p in apriori]
@@ -374,10 +375,13 @@ def _run(backbone: Backbone, plan: _Plan, settings: SamplerSettings, refine, cal
 
 def _observe(backbone, plan, rows, deciding, state: SamplerState, step, effective_step, x0, settings, timer):
     """Decode the previews of the deciding rows (x0 of the latest completed step) into their observations, for
-    prompts that take effect at ``effective_step``."""
+    prompts that take effect at ``effective_step``. Before the first step (``x0`` None) there is no preview."""
     deciding_rows = [rows[i] for i in deciding]
-    with timer.phase("preview", deciding_rows):
-        previews = to_pil(backbone.decode(x0[deciding], size=settings.preview_size, preview=True))
+    if x0 is None:
+        previews = [None] * len(deciding)
+    else:
+        with timer.phase("preview", deciding_rows):
+            previews = to_pil(backbone.decode(x0[deciding], size=settings.preview_size, preview=True))
     noise = backbone.noise_level(state, step)
     observations = []
     for i, preview in zip(deciding, previews):
@@ -395,13 +399,14 @@ def _observe(backbone, plan, rows, deciding, state: SamplerState, step, effectiv
 
 class _Pipeline:
     """Pipelined feedback: the rewrites taking effect at step ``k`` are requested at step ``max(k - delay, 1)``
-    (from the x0 of the step before) and computed in one worker thread while the sampler goes on. One call is in
-    flight at a time, in schedule order, so the policy sees the same sequence of calls as the synchronous loop."""
+    (from the x0 of the step before) and computed in one worker thread while the sampler goes on; an initial rewrite
+    (step 0) has nothing to overlap and is awaited at once. One call is in flight at a time, in schedule order, so
+    the policy sees the same sequence of calls as the synchronous loop."""
 
     def __init__(self, delay: int, deciding_at: dict[int, list[int]], device):
         self.requests: dict[int, list[tuple[int, list[int]]]] = {}
         for k in sorted(deciding_at):
-            self.requests.setdefault(max(k - delay, 1), []).append((k, deciding_at[k]))
+            self.requests.setdefault(min(k, max(k - delay, 1)), []).append((k, deciding_at[k]))
         self.pending: dict[int, tuple[list[int], Future]] = {}
         self.cuda = torch.device(device).type == "cuda"
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="promptloop-refine")

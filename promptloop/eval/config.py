@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
+from ..backbones.schedule import RefinementSchedule
 from ..configuration import ConfigError, build
 
 METHOD_KINDS = ("base", "untrained", "oneshot", "closed", "closed-noimage", "apriori")
@@ -82,8 +83,14 @@ class MethodEntry:
         "Pipelined feedback for 'closed' / 'closed-noimage': the prompt taking effect at step k is written from the "
         "preview of step k - 1 - d while the sampler goes on (the policy call overlaps d sampler steps). 0: the "
         "synchronous loop, as trained.", default=0)
+    initial_rewrite: bool = _help(
+        "'closed' / 'closed-noimage': the policy also writes the prompt for step 0, before any preview exists, on "
+        "top of the N_R refinements (as trained with grpo.initial_rewrite).", default=False)
 
     def __post_init__(self):
+        if self.initial_rewrite and self.kind not in ("closed", "closed-noimage"):
+            raise ValueError(f"initial_rewrite applies to kinds 'closed' and 'closed-noimage', not {self.kind!r} "
+                             "('oneshot' and 'apriori' already write the first prompt before sampling); remove it")
         if self.feedback_delay < 0:
             raise ValueError(f"feedback_delay={self.feedback_delay} must be >= 0")
         if self.feedback_delay and self.kind not in ("closed", "closed-noimage"):
@@ -203,6 +210,7 @@ class EvalConfig:
                     label=f"{label}@{n}" if len(counts) > 1 else label, method=label, kind=entry.kind,
                     policy=entry.policy, num_refinements=n,
                     adapter=entry.adapter and entry.kind != "untrained", feedback_delay=entry.feedback_delay,
+                    initial_rewrite=entry.initial_rewrite,
                 ))
         return variants
 
@@ -219,6 +227,14 @@ class MethodVariant:
     num_refinements: int
     adapter: bool
     feedback_delay: int = 0
+    initial_rewrite: bool = False
+
+    @property
+    def schedule(self) -> RefinementSchedule:
+        """Evenly spaced decisions: the N_R refinements, after step 0 with an initial rewrite."""
+        if not (self.num_refinements or self.initial_rewrite):
+            return RefinementSchedule.none()
+        return RefinementSchedule.uniform(self.num_refinements, self.initial_rewrite)
 
     @property
     def folder_name(self) -> str:

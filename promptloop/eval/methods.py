@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator, Optional, Sequence
 
-from ..backbones import Backbone, RefinementSchedule, SamplerSettings, rollout, withhold_preview
+from ..backbones import Backbone, SamplerSettings, rollout, withhold_preview
 from ..backbones.types import RolloutOutput
 from ..pipeline import apriori_prompts, oneshot_prompts, policy_mode
 from ..policy import PromptPolicy
@@ -37,8 +37,7 @@ def sample_batch(
     if policy is None:
         raise ValueError(f"Method {variant.label!r} (kind {variant.kind!r}) needs a policy.")
     steps = settings.num_inference_steps
-    n = variant.num_refinements
-    schedule = RefinementSchedule.uniform(n) if n else RefinementSchedule.none()
+    n, schedule = variant.num_refinements, variant.schedule
     with adapter_state(policy, variant.adapter):
         if variant.kind in ("untrained", "oneshot"):
             initial = oneshot_prompts(policy, queries, steps, seed=policy_seed)

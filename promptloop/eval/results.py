@@ -13,8 +13,8 @@
     confidence      float: level of every interval (e.g. 0.95)
     metrics         [str]: metric names, e.g. "reward/imagereward", "prompt_words", "drift", "seconds_per_image"
     backbones       [str]: backbone labels
-    methods         [{label, method, kind, policy, num_refinements, adapter, feedback_delay}]: the evaluated
-                      method variants
+    methods         [{label, method, kind, policy, num_refinements, adapter, feedback_delay, initial_rewrite}]: the
+                      evaluated method variants
     samples         [{backbone, method, prompt_index, seed, query, final_prompt, prompts, decision_steps,
                       image, strip, metrics: {metric: float | null}}]: one per image; ``image`` / ``strip`` are
                       paths relative to the output folder (``strip`` null when none was saved); ``prompts`` the
@@ -176,8 +176,10 @@ _TOP_LEVEL = {"schema_version": int, "created": str, "config": dict, "prompt_set
 _SAMPLE_KEYS = {"backbone", "method", "prompt_index", "seed", "query", "final_prompt", "prompts", "decision_steps",
                 "image", "strip", "metrics"}
 _STAT_KEYS = {"backbone", "method", "metric", "mean", "ci_low", "ci_high", "std", "n"}
-_METHOD_KEYS = {"label", "method", "kind", "policy", "num_refinements", "adapter", "feedback_delay"}
-_OLDER_METHOD_KEYS = _METHOD_KEYS - {"feedback_delay"}  # results written before pipelined feedback existed
+_METHOD_KEYS = {"label", "method", "kind", "policy", "num_refinements", "adapter", "feedback_delay",
+                "initial_rewrite"}
+# results written before initial rewrites, and before pipelined feedback, existed
+_OLDER_METHOD_KEYS = (_METHOD_KEYS - {"initial_rewrite"}, _METHOD_KEYS - {"initial_rewrite", "feedback_delay"})
 
 
 def validate_results_json(data: dict[str, Any]) -> None:
@@ -193,7 +195,7 @@ def validate_results_json(data: dict[str, Any]) -> None:
         raise ValueError(f"results.schema_version={data['schema_version']} (this code reads {SCHEMA_VERSION})")
     labels = []
     for i, method in enumerate(data["methods"]):
-        if not (isinstance(method, dict) and set(method) == _OLDER_METHOD_KEYS):
+        if not (isinstance(method, dict) and set(method) in _OLDER_METHOD_KEYS):
             _keys(f"methods[{i}]", method, _METHOD_KEYS)
         labels.append(method["label"])
     metrics = set(data["metrics"])

@@ -9,7 +9,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from ..backbones import Backbone, RefinementSchedule, SamplerSettings, auto_backbone, check_feedback_delay
+from ..backbones import Backbone, SamplerSettings, auto_backbone, check_feedback_delay
 from ..configuration import to_dict
 from ..policy import PromptPolicy
 from ..rewards import Reward, load_reward
@@ -44,9 +44,8 @@ def check_config(config: EvalConfig) -> list[MethodVariant]:
             raise ValueError(f"backbones.{label}.name_or_path {backbone.name_or_path!r} does not exist.")
         for v in variants:
             try:
-                schedule = RefinementSchedule.uniform(v.num_refinements)
-                schedule.steps(backbone.num_inference_steps)
-                check_feedback_delay(v.feedback_delay, [schedule], backbone.num_inference_steps)
+                v.schedule.steps(backbone.num_inference_steps)
+                check_feedback_delay(v.feedback_delay, [v.schedule], backbone.num_inference_steps)
             except ValueError as e:
                 raise ValueError(f"method {v.label!r} on backbone {label!r}: {e}") from e
     for v in variants:

@@ -74,6 +74,11 @@ class GRPOSection:
     group_size: int = _help("Trajectories per query (G); advantages are relative within the group.", default=8)
     num_refinements: int = _help("Refinements per trajectory (N_R), drawn at random steps in training. Must be 1 "
                                  "with policy.mode 'oneshot' (one rewrite before sampling).", default=5)
+    initial_rewrite: bool = _help(
+        "The policy also writes the prompt for step 0, before the first denoiser evaluation (it sees the query and "
+        "no preview: no x0 estimate exists yet), then refines at the N_R decision steps. PromptLoop's MDP acts from "
+        "t = T on; a backbone that commits to the layout in its first steps leaves most of its room there. "
+        "Closed loop only; evaluation and inference take the same flag.", default=False)
     feedback: bool = _help(
         "Show the policy the x0 preview at each refinement (the method). False withholds it (the policy still sees "
         "the query, its earlier prompts and the progress): the feedback ablation, trained the same way.",
@@ -178,6 +183,9 @@ class TrainConfig:
         if mode == "oneshot" and self.grpo.num_refinements != 1:
             raise ValueError(f"policy.mode='oneshot' writes one prompt before sampling: set grpo.num_refinements=1 "
                              f"(got {self.grpo.num_refinements}).")
+        if mode == "oneshot" and self.grpo.initial_rewrite:
+            raise ValueError("grpo.initial_rewrite is a closed-loop option; policy.mode='oneshot' already writes "
+                             "the prompt before sampling. Set grpo.initial_rewrite=false.")
 
 
 @dataclass
@@ -203,11 +211,12 @@ def derive_sizes(grpo: GRPOSection, num_processes: int = 1) -> DerivedSizes:
                          f"processes ({num_processes})")
     prompts = grpo.prompts_per_step // num_processes
     trajectories = prompts * grpo.group_size
-    actions = trajectories * grpo.num_refinements
+    decisions = grpo.num_refinements + int(grpo.initial_rewrite)
+    actions = trajectories * decisions
     if actions % grpo.mini_batches:
         raise ValueError(f"actions per process ({actions} = prompts {prompts} x group_size {grpo.group_size} x "
-                         f"num_refinements {grpo.num_refinements}) must be divisible by grpo.mini_batches="
-                         f"{grpo.mini_batches}")
+                         f"decisions {decisions} (num_refinements, plus 1 with initial_rewrite)) must be divisible "
+                         f"by grpo.mini_batches={grpo.mini_batches}")
     per_step = actions // grpo.mini_batches
     if per_step % grpo.micro_batch_size:
         raise ValueError(f"actions per optimizer step ({per_step}) must be divisible by grpo.micro_batch_size="

@@ -191,12 +191,16 @@ class GRPOTrainer:
                                preview_size=b.preview_size)
 
     def _schedules(self, num: int, group: int, seed: int) -> list[RefinementSchedule]:
-        g, n = self.config.grpo, self.config.grpo.num_refinements
+        g = self.config.grpo
+
+        def schedule(s: int) -> RefinementSchedule:
+            return RefinementSchedule.random(g.num_refinements, seed=s, initial_rewrite=g.initial_rewrite)
+
         if g.schedule == "per_batch":
-            return [RefinementSchedule.random(n, seed=seed)] * num
+            return [schedule(seed)] * num
         if g.schedule == "per_group":
-            return [RefinementSchedule.random(n, seed=_step_seed(seed, i // group)) for i in range(num)]
-        return [RefinementSchedule.random(n, seed=_step_seed(seed, i)) for i in range(num)]
+            return [schedule(_step_seed(seed, i // group)) for i in range(num)]
+        return [schedule(_step_seed(seed, i)) for i in range(num)]
 
     def _rollout_chunk(self, queries: list[str], seeds: list[int], settings: SamplerSettings,
                        schedules: RefinementSchedule | list[RefinementSchedule], refine: RefineFn) -> RolloutOutput:
@@ -480,10 +484,10 @@ class GRPOTrainer:
         """Held-out queries, fixed noise seeds and policy seed, evenly spaced refinements."""
         if not self.eval_queries:
             return {}
-        n = self.config.grpo.num_refinements
-        refine = self.policy.as_refine_fn(seed=self.config.grpo.seed)
+        g = self.config.grpo
+        refine = self.policy.as_refine_fn(seed=g.seed)
         out = self._rollout_chunk(self.eval_queries, list(range(len(self.eval_queries))), self._settings(),
-                                  RefinementSchedule.uniform(n), refine)
+                                  RefinementSchedule.uniform(g.num_refinements, g.initial_rewrite), refine)
         scores = self.reward(out.pil(), self.eval_queries, reward_metadata(out.trajectories)).scores
         finite = scores[torch.isfinite(scores)]
         return {"eval/reward_mean": float(finite.mean()) if len(finite) else float("nan")}

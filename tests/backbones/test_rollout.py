@@ -258,3 +258,30 @@ def test_pipelined_feedback_errors(sd_backbone):
 
     with pytest.raises(RuntimeError, match="policy crashed"):  # a worker's error reaches the caller
         rollout(sd_backbone, ["a"], [0], settings, RefinementSchedule.explicit([3]), refine=failing, feedback_delay=1)
+
+
+def test_initial_rewrite_decides_step_0_without_a_preview(sd_backbone, record_steps):
+    refine, calls = append_refine()
+    rec = record_steps(sd_backbone)
+    out = rollout(sd_backbone, ["a red cat"], [5], SETTINGS, RefinementSchedule.uniform(2, initial_rewrite=True),
+                  refine=refine)
+    rec.close()
+    traj = out.trajectories[0]
+    assert traj.decision_steps == [0, 2, 4] and [o[0].step for o in calls] == [0, 2, 4]
+    assert calls[0][0].preview is None and calls[0][0].num_refinements == 3 and traj.previews[0] is None
+    assert all(o[0].preview is not None for o in calls[1:])
+    assert traj.step_prompt_index == [1, 1, 2, 2, 3, 3]  # the query itself is never denoised with
+    assert len(rec.latents) == SETTINGS.num_inference_steps  # no extra denoiser evaluation
+    # step 0 ran with the rewritten prompt: the first latent equals a plain run from that prompt
+    first = record_steps(sd_backbone)
+    rollout(sd_backbone, ["a red cat"], [5], SETTINGS, initial_prompts=["a red cat oil painting"])
+    assert torch.equal(first.latents[0], rec.latents[0])
+
+
+def test_initial_rewrite_with_pipelined_feedback_matches_synchronous(sd_backbone):
+    schedule = RefinementSchedule.explicit([0, 3])
+    sync = rollout(sd_backbone, ["a red cat"], [5], SETTINGS, schedule, refine=append_refine()[0])
+    refine, calls = append_refine()
+    piped = rollout(sd_backbone, ["a red cat"], [5], SETTINGS, schedule, refine=refine, feedback_delay=1)
+    assert torch.equal(sync.images, piped.images)
+    assert [o[0].step for o in calls] == [0, 3] and calls[1][0].metadata["preview_step"] == 1

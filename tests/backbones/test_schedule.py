@@ -47,8 +47,8 @@ def test_explicit_sorted_and_validated():
     assert RefinementSchedule.explicit([7, 3]).steps(10) == [3, 7]
     with pytest.raises(ValueError, match=r"duplicates \[3\]"):
         RefinementSchedule.explicit([3, 3])
-    with pytest.raises(ValueError, match=r"\[0\] are out of range"):
-        RefinementSchedule.explicit([0, 2])
+    with pytest.raises(ValueError, match=r"\[-1\] are out of range"):
+        RefinementSchedule.explicit([-1, 2])
     with pytest.raises(ValueError, match=r"\[10\] are out of range for num_inference_steps=10.*1\.\.9"):
         RefinementSchedule.explicit([2, 10]).steps(10)
     with pytest.raises(TypeError, match="ints"):
@@ -66,3 +66,16 @@ def test_bad_counts():
         RefinementSchedule.uniform(-1)
     with pytest.raises(ValueError, match="num_inference_steps"):
         RefinementSchedule.uniform(1).steps(0)
+
+
+def test_initial_rewrite_adds_step_0_on_top_of_the_refinements():
+    uniform = RefinementSchedule.uniform(3, initial_rewrite=True)
+    assert uniform.steps(10) == [0] + RefinementSchedule.uniform(3).steps(10) and uniform.num_decisions == 4
+    random = RefinementSchedule.random(2, seed=4, initial_rewrite=True)
+    assert random.steps(10) == [0] + RefinementSchedule.random(2, seed=4).steps(10)
+    explicit = RefinementSchedule.explicit([5, 0])
+    assert explicit == RefinementSchedule(kind="explicit", num_refinements=1, explicit_steps=(5,), initial_rewrite=True)
+    assert explicit.steps(10) == [0, 5] and RefinementSchedule.explicit([0]).steps(1) == [0]
+    assert RefinementSchedule.none().num_decisions == 0
+    with pytest.raises(TypeError, match="initial_rewrite must be a bool"):
+        RefinementSchedule.uniform(2, initial_rewrite=1)

@@ -59,6 +59,8 @@ def test_default_closed_loop_sweeps_one_three_five(tmp_path):
     ({"methods": {"base": {"kind": "base", "feedback_delay": 1}}}, "applies to kinds 'closed'"),
     ({"methods": {"base": {"kind": "base"}, "loop": {"kind": "closed", "policy": "a/b", "feedback_delay": -1}}},
      "feedback_delay=-1 must be >= 0"),
+    ({"methods": {"base": {"kind": "base"}, "loop": {"kind": "apriori", "policy": "a/b", "initial_rewrite": True}}},
+     "initial_rewrite applies to kinds 'closed'"),
     ({"methods": {"base": {"kind": "base"}, "loop_nr1": {"kind": "oneshot", "policy": "a/b"},
                   "loop": {"kind": "closed", "policy": "a/b", "num_refinements": [1, 2]}}}, "share the folder"),
 ])

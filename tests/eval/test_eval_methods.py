@@ -36,10 +36,10 @@ def calls(models, monkeypatch):
     return seen
 
 
-def _run(models, kind, n=0, adapter=True, feedback_delay=0, steps=4):
+def _run(models, kind, n=0, adapter=True, feedback_delay=0, steps=4, initial_rewrite=False):
     backbone, policy = models
     variant = MethodVariant(label=kind, method=kind, kind=kind, policy="p", num_refinements=n, adapter=adapter,
-                            feedback_delay=feedback_delay)
+                            feedback_delay=feedback_delay, initial_rewrite=initial_rewrite)
     settings = SamplerSettings(num_inference_steps=steps, preview_size=32)
     return sample_batch(variant, backbone, None if kind == "base" else policy, QUERIES, [0, 0], settings, 0)
 
@@ -73,3 +73,9 @@ def test_pipelined_closed_loop_writes_from_an_older_preview(models, calls):
     out = _run(models, "closed", n=2, feedback_delay=1, steps=6)
     assert calls == [("closed", True, [True, True], 2)] * 2
     assert [len(t.prompts) for t in out.trajectories] == [3, 3] and out.trajectories[0].decision_steps == [2, 4]
+
+
+def test_initial_rewrite_adds_a_decision_at_step_0_without_the_preview(models, calls):
+    out = _run(models, "closed", n=2, initial_rewrite=True)
+    assert calls == [("closed", True, [False, False], 3)] + [("closed", True, [True, True], 3)] * 2
+    assert all(t.decision_steps == [0, 1, 3] and len(t.prompts) == 4 for t in out.trajectories)

@@ -56,8 +56,23 @@ def test_feedback_ablation_withholds_every_preview_and_nothing_else(tmp_path, vl
     assert [(o.row, o.step, o.query) for o in seen_shown] == [(o.row, o.step, o.query) for o in seen_withheld]
 
 
+def test_initial_rewrite_trains_a_step_0_action_without_a_preview(tmp_path, vlm_dir):
+    trainer, seen = _trainer(tmp_path, vlm_dir, initial_rewrite=True, mini_batches=2)
+    batch = trainer.collect(QUERIES[:2], step=0)
+    assert len(batch.actions) == 32 and sorted({a.refinement_index for a in batch.actions}) == [0, 1]
+    first = [o for o in seen if o.refinement_index == 0]
+    assert len(first) == 16 and all(o.step == 0 and o.preview is None and o.num_refinements == 2 for o in first)
+    assert all(o.preview is not None and o.step >= 1 for o in seen if o.refinement_index == 1)
+    assert all(t.decision_steps[0] == 0 and t.step_prompt_index[0] == 1 for t in batch.trajectories)
+    before = adapter_state(trainer)
+    assert len(trainer.train()) == 2
+    assert any(not torch.equal(before[k], v) for k, v in adapter_state(trainer).items())
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"policy": {"mode": "oneshot"}, "grpo": {"num_refinements": 3}}, "set grpo.num_refinements=1"),
+    ({"policy": {"mode": "oneshot"}, "grpo": {"num_refinements": 1, "initial_rewrite": True}},
+     "initial_rewrite is a closed-loop option"),
     ({"policy": {"mode": "apriori"}}, "cannot be trained"),
 ])
 def test_untrainable_modes_are_config_errors(overrides, message):

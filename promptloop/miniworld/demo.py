@@ -27,6 +27,8 @@ class DemoSize:
     sampler_steps: int
     eval_prompts: int
     eval_seeds: int
+    initial_rewrite: bool = False
+    """Closed loop: the policy also writes the prompt for step 0 (``grpo.initial_rewrite``), in training and eval."""
 
 
 FULL = DemoSize(steps=40, prompts_per_step=4, group_size=8, num_refinements=3, sampler_steps=10, eval_prompts=24,
@@ -65,7 +67,8 @@ def train_config(out_dir: Path, prompts_file: Path, size: DemoSize = FULL):
         policy=miniworld_policy_config("closed"),
         reward=RewardSection(spec="miniworld-preference"),
         grpo=GRPOSection(prompts_per_step=size.prompts_per_step, group_size=size.group_size,
-                         num_refinements=size.num_refinements, schedule="per_group", shared_noise=True,
+                         num_refinements=size.num_refinements, initial_rewrite=size.initial_rewrite,
+                         schedule="per_group", shared_noise=True,
                          mini_batches=4, micro_batch_size=size.group_size, learning_rate=2e-3, beta=0.04,
                          max_steps=size.steps, seed=0),
         logging=LoggingSection(output_dir=str(out_dir / "train"), report_to="none",
@@ -92,6 +95,8 @@ def evaluation_config(out_dir: str | Path, policies: dict[str, str | Path], size
     backbone_sections = {name: dict(name_or_path=str(path), num_inference_steps=size.sampler_steps,
                                     guidance_scale=2.0, batch_size=16) for name, path in backbones.items()}
     policy_method = dict(kind=kind, num_refinements=[0 if kind == "oneshot" else size.num_refinements])
+    if size.initial_rewrite and kind != "oneshot":
+        policy_method["initial_rewrite"] = True
     methods = {"base": {"kind": "base"}}
     if policies:
         methods["untrained"] = dict(policy_method, policy=str(next(iter(policies.values()))), adapter=False)

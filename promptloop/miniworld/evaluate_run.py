@@ -2,13 +2,16 @@
 fidelity, step by step: the reward-hacking measurement of PromptLoop.
 
     python -m promptloop.miniworld.evaluate_run RUN_DIR [--out DIR] [--every 50] [--prompts 32] [--seeds 4]
-        [--kind closed|closed-noimage|oneshot] [--backbone DIR] [--refinements N] [--temperature T]
+        [--kind closed|closed-noimage|oneshot] [--backbone DIR] [--refinements N] [--initial-rewrite]
+        [--temperature T]
 
 ``RUN_DIR`` is a ``promptloop train`` output folder (``--logging.output_dir``) of a mini-world config. Every
 ``--every``-th checkpoint (and the last) is evaluated in closed loop with the demo's evaluation
 (:func:`promptloop.miniworld.demo.evaluation_config`: base backbone A, the untrained policy, held-out queries x
 fixed seeds); ``--backbone`` evaluates on another mini-world pipeline (backbone B, the weight-tuned A),
-``--refinements`` at another N_R, ``--temperature 0`` with greedy rewrites. Writes the evaluation folder (``results.md``, ``results.json``, ``report.html``) and
+``--refinements`` at another N_R, ``--initial-rewrite`` with the policy writing the first prompt too (runs trained
+with ``grpo.initial_rewrite``), ``--temperature 0`` with greedy rewrites. Writes the evaluation folder
+(``results.md``, ``results.json``, ``report.html``) and
 ``training_curve.png`` / ``training_curve.json``: each metric's mean and 95% CI against the training step (the
 untrained policy is step 0).
 """
@@ -82,13 +85,14 @@ def plot_curve(curve: dict[str, list[dict]], path: Path, x_key: str = "step", la
 
 def evaluate_run(run_dir: str | Path, out_dir: str | Path, every: int = 50, prompts: int = 32, seeds: int = 4,
                  kind: str = "closed", backbone: str | Path = SHIPPED_BACKBONE_A,
-                 refinements: int = FULL.num_refinements, temperature: float = 1.0,
+                 refinements: int = FULL.num_refinements, temperature: float = 1.0, initial_rewrite: bool = False,
                  log=print) -> dict[str, list[dict]]:
     from promptloop.eval.runner import run_evaluation
 
     steps = checkpoint_steps(run_dir, every)
     out = Path(out_dir)
-    size = dataclasses.replace(FULL, eval_prompts=prompts, eval_seeds=seeds, num_refinements=refinements)
+    size = dataclasses.replace(FULL, eval_prompts=prompts, eval_seeds=seeds, num_refinements=refinements,
+                               initial_rewrite=initial_rewrite)
     name = Path(backbone).name
     config = evaluation_config(out, {f"step-{s}": p for s, p in steps.items()}, size, kind, {name: backbone},
                                temperature)
@@ -113,11 +117,15 @@ def main(argv=None) -> dict:
                         help="mini-world pipeline folder to evaluate on (default: the shipped backbone A)")
     parser.add_argument("--refinements", type=int, default=FULL.num_refinements,
                         help="N_R at evaluation (closed loop; ignored for --kind oneshot)")
+    parser.add_argument("--initial-rewrite", action="store_true",
+                        help="closed loop: the policy also writes the prompt for step 0 (runs trained with "
+                             "grpo.initial_rewrite)")
     parser.add_argument("--temperature", type=float, default=1.0,
                         help="policy sampling temperature; 0 decodes greedily")
     args = parser.parse_args(argv)
     return evaluate_run(args.run_dir, args.out or Path(args.run_dir) / "eval_curve", args.every, args.prompts,
-                        args.seeds, args.kind, args.backbone, args.refinements, args.temperature)
+                        args.seeds, args.kind, args.backbone, args.refinements, args.temperature,
+                        args.initial_rewrite)
 
 
 if __name__ == "__main__":

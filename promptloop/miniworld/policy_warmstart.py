@@ -6,8 +6,9 @@ Before RL the policy must write grammatical mini-world prompts (at most ``MAX_CA
 attribute) that keep every attribute the query names. The warm start teaches exactly that and nothing about what
 makes a good image: inputs are the policy's real chats (``build_chat`` with the mini world's system prompts, see
 ``miniworld_policy_config``: closed loop with x0-preview-like images, one-shot and a-priori), targets copy the
-query's words and add random values for a random number of its free attributes. Which free choices are good, and
-how to use the preview, is left for RL to find. Use the policy with ``miniworld_policy_config(mode)``: it was
+query's words and add random values for a random number of its free attributes (with ``edit_later``, a later
+rewrite instead keeps the prompt in force or makes one random edit of it). Which free choices are good, and how to
+use the preview, is left for RL to find. Use the policy with ``miniworld_policy_config(mode)``: it was
 trained with those system prompts.
 
 The tokenizer is a byte-level ``Qwen2Tokenizer`` whose merges are learned (``tokenizers`` BPE) from the chats, so
@@ -105,6 +106,40 @@ def target_prompt(query: str, rng: random.Random) -> str:
     return " ".join(kept + [rng.choice(ATTRIBUTE_VALUES[name]) for name in free if name in extra])
 
 
+def edited_prompt(prompt: str, query: str, rng: random.Random) -> str:
+    """A later refinement's warm-start target: the current ``prompt`` (which keeps ``query``) unchanged half the
+    time, else with one random edit of what the query leaves free: a value added for a free attribute (within the
+    budget), a value the prompt added replaced by another, or such a value removed. A refiner builds on its
+    current prompt; which edits help is left for RL."""
+    if rng.random() < 0.5:
+        return prompt
+    named, fixed = parse_caption(prompt), parse_caption(query)
+    words = prompt.split()
+    free = [name for name in ATTRIBUTES if name not in named]
+    added = [name for name in named if name not in fixed]
+    edits = (["add"] if free and len(words) < MAX_CAPTION_WORDS else []) + (["replace", "remove"] if added else [])
+    if not edits:
+        return prompt
+    edit = rng.choice(edits)
+    if edit == "add":
+        name = rng.choice(free)
+        return " ".join(words + [rng.choice(ATTRIBUTE_VALUES[name])])
+    name = rng.choice(added)
+    if edit == "remove":
+        return " ".join(w for w in words if w != named[name])
+    other = rng.choice([v for v in ATTRIBUTE_VALUES[name] if v != named[name]])
+    return " ".join(other if w == named[name] else w for w in words)
+
+
+def rewrite_chain(query: str, length: int, rng: random.Random) -> list[str]:
+    """``length`` successive warm-start prompts for ``query``: the first rewrites the query freely
+    (:func:`target_prompt`), each later one edits the one before (:func:`edited_prompt`)."""
+    chain: list[str] = []
+    for _ in range(length):
+        chain.append(edited_prompt(chain[-1], query, rng) if chain else target_prompt(query, rng))
+    return chain
+
+
 def sample_query(rng: random.Random) -> str:
     """A user query: a caption naming 1 to ``MAX_CAPTION_WORDS`` attributes, in canonical order or shuffled."""
     scene = sample_scene(rng)
@@ -125,8 +160,9 @@ def sample_preview(prompt: str, noise_level: float, rng: random.Random) -> Image
     return degrade(image, sample_degradation(rng, 0.3 + 2.0 * noise_level), seed=rng.randrange(2**31))
 
 
-def sample_example(mode: str, rng: random.Random) -> tuple[Observation, str]:
-    """One warm-start example: an observation in ``mode`` and the target answer."""
+def sample_example(mode: str, rng: random.Random, edit_later: bool = False) -> tuple[Observation, str]:
+    """One warm-start example: an observation in ``mode`` and the target answer. Rewrites after the first are
+    independent rewrites of the query, or with ``edit_later`` edits of the prompt before (:func:`rewrite_chain`)."""
     query = sample_query(rng)
     if mode == "oneshot":
         return Observation(row=0, query=query, prompt=query, history=[query], preview=None, step=0, num_steps=20,
@@ -134,23 +170,29 @@ def sample_example(mode: str, rng: random.Random) -> tuple[Observation, str]:
     num_steps = rng.choice((10, 20, 30, 50))
     num_refinements = rng.randint(1, 5)
     if mode == "apriori":
-        lines = [f"{i}: {target_prompt(query, rng)}" for i in range(1, num_refinements + 1)]
+        prompts = (rewrite_chain(query, num_refinements, rng) if edit_later
+                   else [target_prompt(query, rng) for _ in range(num_refinements)])
+        lines = [f"{i}: {prompt}" for i, prompt in enumerate(prompts, start=1)]
         return Observation(row=0, query=query, prompt=query, history=[query], preview=None, step=0,
                            num_steps=num_steps, refinement_index=0, num_refinements=num_refinements,
                            noise_level=1.0), "\n".join(lines)
     k = rng.randrange(num_refinements)
     step = round(k * num_steps / num_refinements)
     noise_level = 1.0 - step / num_steps
-    history = [query] + [target_prompt(query, rng) for _ in range(k)]
+    if edit_later:
+        *earlier, target = rewrite_chain(query, k + 1, rng)
+    else:
+        earlier, target = [target_prompt(query, rng) for _ in range(k)], None
+    history = [query] + earlier
     preview = None if rng.random() < 0.1 else sample_preview(history[-1], noise_level, rng)
     observation = Observation(row=0, query=query, prompt=history[-1], history=history, preview=preview, step=step,
                               num_steps=num_steps, refinement_index=k, num_refinements=num_refinements,
                               noise_level=noise_level)
-    return observation, target_prompt(query, rng)
+    return observation, target if target is not None else target_prompt(query, rng)
 
 
 # ----------------------------------------------------------------------------------------------- model and tokens
-def chat_corpus(rng: random.Random, size: int) -> Iterable[str]:
+def chat_corpus(rng: random.Random, size: int, edit_later: bool = False) -> Iterable[str]:
     """Texts the policy reads and writes: system prompts (the mini world's and the defaults), user turns of every
     mode, targets, domain words."""
     yield from DEFAULT_SYSTEM_PROMPTS.values()
@@ -159,13 +201,14 @@ def chat_corpus(rng: random.Random, size: int) -> Iterable[str]:
         yield f"{word}\n {word}"
     for i in range(size):
         mode = ("closed", "oneshot", "apriori")[i % 3]
-        observation, target = sample_example(mode, rng)
+        observation, target = sample_example(mode, rng, edit_later)
         user = build_chat(observation, mode).messages[1]["content"]
         yield from (part["text"] for part in user if part["type"] == "text")
         yield target
 
 
-def make_policy_tokenizer(seed: int = 0, corpus_size: int = 600, vocab_size: int = 1024) -> Qwen2Tokenizer:
+def make_policy_tokenizer(seed: int = 0, corpus_size: int = 600, vocab_size: int = 1024,
+                          edit_later: bool = False) -> Qwen2Tokenizer:
     """A byte-level ``Qwen2Tokenizer`` (Qwen-VL special tokens, real chat template) with BPE merges learned from
     the mini world's chats: ids 0-255 are the byte symbols, merged tokens follow, special tokens come last."""
     base = Qwen2Tokenizer(vocab={s: i for i, s in enumerate(byte_symbols())}, merges=[], unk_token=None)
@@ -173,7 +216,7 @@ def make_policy_tokenizer(seed: int = 0, corpus_size: int = 600, vocab_size: int
     bpe.pre_tokenizer = base.backend_tokenizer.pre_tokenizer  # Qwen2's split + byte-level mapping
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
-    bpe.train_from_iterator(chat_corpus(random.Random(seed), corpus_size), trainer)
+    bpe.train_from_iterator(chat_corpus(random.Random(seed), corpus_size, edit_later), trainer)
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
               for m in json.loads(bpe.to_str())["model"]["merges"]]
     vocab = {symbol: i for i, symbol in enumerate(byte_symbols())}
@@ -226,10 +269,14 @@ class WarmStartConfig:
     """Sampled chats (a third per mode) the tokenizer's BPE merges are learned from."""
     device: str = "cpu"
     """Where to train ("cuda" on a GPU: the default run then takes about a minute)."""
+    edit_later: bool = False
+    """Later closed-loop / a-priori targets edit the prompt before (keep it, or change one free attribute) instead
+    of rewriting the query afresh (the shipped policy: false; docs/results.md, section 1, for the measured
+    alternative)."""
 
     def __post_init__(self):
         for f in fields(self):
-            if f.name not in ("seed", "device") and getattr(self, f.name) <= 0:
+            if f.name not in ("seed", "device", "edit_later") and getattr(self, f.name) <= 0:
                 raise ValueError(f"{f.name} must be positive, got {getattr(self, f.name)}.")
 
 
@@ -256,9 +303,10 @@ def _samples(policy: PromptPolicy, examples: Sequence[tuple[Observation, str]]):
     return policy._split_samples(encoding, images_per_sample, completion_ids, completion_mask)
 
 
-def evaluation_examples(seed: int, per_mode: int) -> dict[str, list[tuple[Observation, str]]]:
+def evaluation_examples(seed: int, per_mode: int,
+                        edit_later: bool = False) -> dict[str, list[tuple[Observation, str]]]:
     rng = random.Random(seed + 7_777)
-    return {mode: [sample_example(mode, rng) for _ in range(per_mode)] for mode in MODES}
+    return {mode: [sample_example(mode, rng, edit_later) for _ in range(per_mode)] for mode in MODES}
 
 
 @torch.no_grad()
@@ -287,11 +335,11 @@ def measure_prompts(policies: dict[str, PromptPolicy], examples: dict[str, list[
 def warm_start(config: WarmStartConfig, log=print) -> tuple[PreTrainedModel, ProcessorMixin, dict]:
     """Build the tokenizer and model, measure, fine-tune on synthetic examples, measure again."""
     start = time.time()
-    tokenizer = make_policy_tokenizer(config.seed, config.tokenizer_corpus)
+    tokenizer = make_policy_tokenizer(config.seed, config.tokenizer_corpus, edit_later=config.edit_later)
     model, processor = build_policy_model(tokenizer, config.hidden_size, config.num_layers, config.seed)
     model.to(config.device)
     policies = _policies(model, processor)
-    held_out = evaluation_examples(config.seed, config.eval_examples)
+    held_out = evaluation_examples(config.seed, config.eval_examples, config.edit_later)
     before = measure_prompts(policies, held_out, seed=config.seed)
     log(f"before: {json.dumps(before)}")
 
@@ -306,7 +354,8 @@ def warm_start(config: WarmStartConfig, log=print) -> tuple[PreTrainedModel, Pro
     model.train()
     for step in range(1, config.steps + 1):
         samples = [s for mode in MODES
-                   for s in _samples(policies[mode], [sample_example(mode, rng) for _ in range(per_mode)])]
+                   for s in _samples(policies[mode], [sample_example(mode, rng, config.edit_later)
+                                                      for _ in range(per_mode)])]
         scored = policies["closed"].log_probs(samples)
         loss = -(scored.log_probs.sum() / scored.mask.sum())
         optimizer.zero_grad(set_to_none=True)
@@ -338,7 +387,10 @@ def _parse_args(argv) -> tuple[Path, WarmStartConfig, int]:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads.")
     for f in fields(WarmStartConfig):
         default = getattr(WarmStartConfig, f.name)
-        parser.add_argument("--" + f.name.replace("_", "-"), type=type(default), default=default, help=f.name)
+        if isinstance(default, bool):
+            parser.add_argument("--" + f.name.replace("_", "-"), action="store_true", help=f.name)
+        else:
+            parser.add_argument("--" + f.name.replace("_", "-"), type=type(default), default=default, help=f.name)
     args = vars(parser.parse_args(argv))
     out, threads = args.pop("out"), args.pop("threads")
     return out, WarmStartConfig(**args), threads
@@ -357,7 +409,8 @@ def main(argv=None) -> None:
 
 __all__ = ["DEFAULT_POLICY_DIR", "METRICS_NAME", "MINIWORLD_SYSTEM_PROMPTS", "MODES", "PREVIEW_PIXELS", "WarmStartConfig",
            "build_policy_model", "caption_check", "make_policy_tokenizer", "measure_prompts", "miniworld_policy_config",
-           "evaluation_examples", "sample_example", "save_policy", "target_prompt", "warm_start"]
+           "edited_prompt", "evaluation_examples", "rewrite_chain", "sample_example", "save_policy", "target_prompt",
+           "warm_start"]
 
 if __name__ == "__main__":
     main()

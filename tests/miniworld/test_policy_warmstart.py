@@ -6,8 +6,9 @@ import pytest
 from promptloop.miniworld.domain import MAX_CAPTION_WORDS, VOCABULARY, parse_caption
 from promptloop.miniworld.policy_warmstart import (DEFAULT_POLICY_DIR, METRICS_NAME, MODES, WarmStartConfig,
                                                    caption_check, evaluation_examples, make_policy_tokenizer,
-                                                   measure_prompts, miniworld_policy_config, sample_example,
-                                                   target_prompt, warm_start)
+                                                   measure_prompts, miniworld_policy_config, rewrite_chain,
+                                                   sample_example, sample_query, target_prompt, warm_start,
+                                                   _parse_args)
 from promptloop.policy import PromptPolicy
 from promptloop.policy.chat import DEFAULT_SYSTEM_PROMPTS
 
@@ -22,17 +23,35 @@ def test_caption_check():
     assert caption_check("", "red") == (False, False)
 
 
-def test_targets_keep_the_query_within_the_budget():
+@pytest.mark.parametrize("edit_later", [False, True])
+def test_targets_keep_the_query_within_the_budget(edit_later):
     rng = random.Random(0)
     for mode in MODES:
         for _ in range(50):
-            observation, target = sample_example(mode, rng)
+            observation, target = sample_example(mode, rng, edit_later)
             lines = [line.split(": ", 1)[1] for line in target.split("\n")] if mode == "apriori" else [target]
             assert len(lines) == (observation.num_refinements if mode == "apriori" else 1)
             for line in lines:
                 assert caption_check(line, observation.query) == (True, True)
             assert (observation.preview is not None) <= (mode == "closed")
     assert len({target_prompt("red", random.Random(i)) for i in range(30)}) > 5  # free slots vary
+
+
+def test_later_rewrites_edit_the_prompt_in_force():
+    rng = random.Random(1)
+    changed = 0
+    for _ in range(200):
+        query = sample_query(rng)
+        chain = rewrite_chain(query, 4, rng)
+        assert all(caption_check(p, query) == (True, True) for p in chain)
+        for before, after in zip(chain, chain[1:]):
+            b, a = parse_caption(before), parse_caption(after)
+            # at most one attribute added, replaced or removed, never one the query names
+            assert len(set(b.items()) ^ set(a.items())) <= 2 and len(set(b) ^ set(a)) <= 1
+            changed += before != after
+    assert 150 < changed < 450  # about half of the 600 later rewrites edit, when an edit is possible
+    _, config, _ = _parse_args(["--edit-later", "--steps", "3"])
+    assert config.edit_later is True and config.steps == 3 and _parse_args([])[1].edit_later is False
 
 
 def test_tokenizer_makes_domain_words_and_system_prompts_short():

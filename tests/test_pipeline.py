@@ -175,12 +175,13 @@ def test_a_run_is_evaluated_greedily_at_another_n_r(quick_demo, tmp_path):
     assert rows["untrained"]["mean"] == pytest.approx(rows["base"]["mean"], abs=1e-6)
 
 
-def test_a_run_is_evaluated_with_an_initial_rewrite(quick_demo, tmp_path):
+def test_a_run_is_evaluated_with_an_initial_rewrite_on_other_seeds(quick_demo, tmp_path):
     from promptloop.miniworld.evaluate_run import evaluate_run
 
-    evaluate_run(quick_demo / "train", tmp_path / "initial", every=50, prompts=2, seeds=1, refinements=1,
-                 initial_rewrite=True, log=lambda *a: None)
+    evaluate_run(quick_demo / "train", tmp_path / "initial", every=50, prompts=2, seeds=1, first_seed=5,
+                 refinements=1, initial_rewrite=True, log=lambda *a: None)
     results = json.loads((tmp_path / "initial" / "results.json").read_text())
+    assert results["seeds"] == [5]
     assert {m["label"]: m["initial_rewrite"] for m in results["methods"]} == {"base": False, "untrained": True,
                                                                                "step-2": True}
     steps = {s["method"]: s["decision_steps"] for s in results["samples"]}

@@ -29,6 +29,8 @@ class DemoSize:
     eval_seeds: int
     initial_rewrite: bool = False
     """Closed loop: the policy also writes the prompt for step 0 (``grpo.initial_rewrite``), in training and eval."""
+    eval_first_seed: int = 0
+    """Evaluation seeds are ``eval_first_seed .. eval_first_seed + eval_seeds - 1`` (fresh seeds confirm a result)."""
 
 
 FULL = DemoSize(steps=40, prompts_per_step=4, group_size=8, num_refinements=3, sampler_steps=10, eval_prompts=24,
@@ -104,7 +106,7 @@ def evaluation_config(out_dir: str | Path, policies: dict[str, str | Path], size
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     return build(EvalConfig, {
         "prompts": {"source": "miniworld:heldout", "limit": size.eval_prompts},
-        "seeds": list(range(size.eval_seeds)),
+        "seeds": list(range(size.eval_first_seed, size.eval_first_seed + size.eval_seeds)),
         "baseline": "base",
         "device": "cpu",
         "backbones": backbone_sections,

@@ -2,7 +2,7 @@
 fidelity, step by step: the reward-hacking measurement of PromptLoop.
 
     python -m promptloop.miniworld.evaluate_run RUN_DIR [--out DIR] [--every 50] [--prompts 32] [--seeds 4]
-        [--kind closed|closed-noimage|oneshot] [--backbone DIR] [--refinements N] [--initial-rewrite]
+        [--first-seed 0] [--kind closed|closed-noimage|oneshot] [--backbone DIR] [--refinements N] [--initial-rewrite]
         [--temperature T]
 
 ``RUN_DIR`` is a ``promptloop train`` output folder (``--logging.output_dir``) of a mini-world config. Every
@@ -84,6 +84,7 @@ def plot_curve(curve: dict[str, list[dict]], path: Path, x_key: str = "step", la
 
 
 def evaluate_run(run_dir: str | Path, out_dir: str | Path, every: int = 50, prompts: int = 32, seeds: int = 4,
+                 first_seed: int = 0,
                  kind: str = "closed", backbone: str | Path = SHIPPED_BACKBONE_A,
                  refinements: int = FULL.num_refinements, temperature: float = 1.0, initial_rewrite: bool = False,
                  log=print) -> dict[str, list[dict]]:
@@ -92,7 +93,7 @@ def evaluate_run(run_dir: str | Path, out_dir: str | Path, every: int = 50, prom
     steps = checkpoint_steps(run_dir, every)
     out = Path(out_dir)
     size = dataclasses.replace(FULL, eval_prompts=prompts, eval_seeds=seeds, num_refinements=refinements,
-                               initial_rewrite=initial_rewrite)
+                               initial_rewrite=initial_rewrite, eval_first_seed=first_seed)
     name = Path(backbone).name
     config = evaluation_config(out, {f"step-{s}": p for s, p in steps.items()}, size, kind, {name: backbone},
                                temperature)
@@ -111,6 +112,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--every", type=int, default=50, help="evaluate every N-th step's checkpoint (and the last)")
     parser.add_argument("--prompts", type=int, default=32, help="held-out queries (miniworld:heldout)")
     parser.add_argument("--seeds", type=int, default=4, help="fixed noise seeds per query")
+    parser.add_argument("--first-seed", type=int, default=0, help="the first of the --seeds consecutive seeds")
     parser.add_argument("--kind", choices=("closed", "closed-noimage", "oneshot"), default="closed",
                         help="how the run's policy is used: as it was trained (policy.mode, grpo.feedback)")
     parser.add_argument("--backbone", default=str(SHIPPED_BACKBONE_A),
@@ -124,7 +126,7 @@ def main(argv=None) -> dict:
                         help="policy sampling temperature; 0 decodes greedily")
     args = parser.parse_args(argv)
     return evaluate_run(args.run_dir, args.out or Path(args.run_dir) / "eval_curve", args.every, args.prompts,
-                        args.seeds, args.kind, args.backbone, args.refinements, args.temperature,
+                        args.seeds, args.first_seed, args.kind, args.backbone, args.refinements, args.temperature,
                         args.initial_rewrite)
 
 

@@ -186,3 +186,4 @@ def test_a_run_is_evaluated_with_an_initial_rewrite_on_other_seeds(quick_demo, t
                                                                                "step-2": True}
     steps = {s["method"]: s["decision_steps"] for s in results["samples"]}
     assert steps["base"] == [] and steps["untrained"] == steps["step-2"] == [0, 5]
+    assert (tmp_path / "initial" / "report.html").read_text().count("N_R = 1 + initial rewrite") == 2

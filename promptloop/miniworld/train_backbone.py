@@ -129,6 +129,9 @@ class TrainBackboneConfig(DenoiserTrainingConfig):
     """The VAE phase stops early once it has used this fraction of ``max_minutes``."""
     kl_weight: float = 1e-6
     """Weight of the VAE's KL term."""
+    vae_object_weight: float = 0.0
+    """Extra L1 weight on object pixels in the VAE phase (0: plain L1, as shipped backbone A's VAE was trained; a
+    small object is ~3 % of the image, and 10 reconstructs colour and shape far sooner: docs/miniworld.md)."""
     decoder_steps: int = 0
     """Steps of decoder fine-tuning after the VAE phase, encoder frozen (the UNet's latent space stays valid, so it
     can run before, after or between UNet runs; ``--resume`` runs the steps not done yet)."""
@@ -313,6 +316,7 @@ def train_vae(config, vae, data, progress, checkpointer, deadline, stop, log, de
         checkpointer.load({"vae": vae}, None, {"optimizer": optimizer}, device)
         log(f"resumed VAE phase at step {progress.step}")
     vae.train()
+    weight = pixel_weights(data, config.vae_object_weight)
     started = time.monotonic()
     while progress.step < config.vae_steps and time.monotonic() < deadline and not stop.stop:
         idx = torch.randint(len(data), (config.vae_batch,), device=device)
@@ -320,7 +324,7 @@ def train_vae(config, vae, data, progress, checkpointer, deadline, stop, log, de
         with _autocast(config, device):
             posterior = vae.encode(x).latent_dist
             recon = vae.decode(posterior.sample()).sample
-        loss = F.l1_loss(recon.float(), x) + config.kl_weight * posterior.kl().float().mean()
+        loss = weighted_l1(recon, x, weight[idx]) + config.kl_weight * posterior.kl().float().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -359,6 +363,16 @@ def object_mask(data: SceneDataset) -> torch.Tensor:
     return (data.images - background[:, :, None, None]).abs().amax(dim=1, keepdim=True) > 0.1
 
 
+def pixel_weights(data: SceneDataset, object_weight: float) -> torch.Tensor:
+    """(N, 1, H, W) reconstruction-loss weights: 1 on background pixels, ``1 + object_weight`` on object pixels."""
+    return 1.0 + object_weight * object_mask(data).float()
+
+
+def weighted_l1(recon: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Mean absolute error over pixels and channels, each pixel counted ``weight`` times (plain L1 for weight 1)."""
+    return (weight * (recon.float() - target).abs()).sum() / (target.shape[1] * weight.sum())
+
+
 def finetune_decoder(config, vae, data, progress, checkpointer, deadline, stop, log, device):
     """Train ``vae.decoder`` and ``vae.post_quant_conv`` on the frozen encoder's posterior samples.
 
@@ -378,7 +392,7 @@ def finetune_decoder(config, vae, data, progress, checkpointer, deadline, stop, 
         vae.eval()
         posterior = [vae.encode(data.images[i:i + 1024]).latent_dist for i in range(0, len(data), 1024)]
         mean, std = torch.cat([d.mean for d in posterior]), torch.cat([d.std for d in posterior])
-    weight = 1.0 + config.decoder_object_weight * object_mask(data).float()
+    weight = pixel_weights(data, config.decoder_object_weight)
     vae.decoder.train()
 
     def save_and_check() -> bool:
@@ -395,8 +409,7 @@ def finetune_decoder(config, vae, data, progress, checkpointer, deadline, stop, 
         z = mean[idx] + std[idx] * torch.randn_like(mean[idx])
         with _autocast(config, device):
             recon = vae.decode(z).sample
-        w = weight[idx]
-        loss = (w * (recon.float() - data.images[idx]).abs()).sum() / (3 * w.sum())
+        loss = weighted_l1(recon, data.images[idx], weight[idx])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -154,3 +154,40 @@ def test_decoder_finetuning_stops_once_the_target_is_reached(trained, tmp_path):
     progress = Checkpointer(out / "checkpoint").load_progress()
     assert progress.decoder_done and progress.decoder_step == 2  # the first check (tiny preset: every 2 steps)
     assert "decoder reached reconstruction accuracy 0.0" in (out / "train_log.txt").read_text()
+
+
+def test_weighted_l1_is_plain_l1_at_unit_weight_and_counts_heavy_pixels_more():
+    torch.manual_seed(0)
+    target = torch.rand(2, 3, 4, 4)
+    recon = torch.rand(2, 3, 4, 4)
+    ones = torch.ones(2, 1, 4, 4)
+    assert torch.allclose(train_backbone.weighted_l1(recon, target, ones), torch.nn.functional.l1_loss(recon, target))
+    wrong_on_one_pixel = target.clone()
+    wrong_on_one_pixel[0, :, 0, 0] += 1.0
+    heavy = ones.clone()
+    heavy[0, 0, 0, 0] = 11.0
+    assert train_backbone.weighted_l1(wrong_on_one_pixel, target, heavy) > \
+        5 * train_backbone.weighted_l1(wrong_on_one_pixel, target, ones)
+
+
+def test_pixel_weights_mark_object_pixels_only():
+    data = train_backbone.render_dataset(1)
+    weights = train_backbone.pixel_weights(data, 10.0)
+    mask = train_backbone.object_mask(data)
+    assert set(weights.unique().tolist()) == {1.0, 11.0}
+    assert torch.equal(weights == 11.0, mask)
+    assert 0.0 < mask.float().mean() < 0.5  # objects are a minority of the pixels
+
+
+def test_the_vae_phase_uses_the_object_weight(tmp_path, monkeypatch):
+    seen = []
+    original = train_backbone.pixel_weights
+
+    def spy(data, object_weight):
+        seen.append(object_weight)
+        return original(data, object_weight)
+
+    monkeypatch.setattr(train_backbone, "pixel_weights", spy)
+    main(["--out", str(tmp_path), "--preset", "tiny", "--unet-steps", "1", "--vae-object-weight", "7"])
+    assert seen == [7.0]
+    assert Checkpointer(tmp_path / "checkpoint").load_progress().phase == "unet"

@@ -21,7 +21,7 @@ import os
 import shutil
 import signal
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -129,6 +129,10 @@ class TrainBackboneConfig(DenoiserTrainingConfig):
     """The VAE phase stops early once it has used this fraction of ``max_minutes``."""
     kl_weight: float = 1e-6
     """Weight of the VAE's KL term."""
+    vae_blocks: int = 0
+    """Down/up blocks of the VAE, which set the latent side: 3 gives 8 x 8 latents (shipped backbone A), 2 gives
+    16 x 16 (small shapes reconstruct there, not at 8 x 8; the UNet then costs about 4x per step: docs/miniworld.md).
+    0 keeps the sizes' default (3; tiny: 2). A resumed run must use its first value."""
     vae_object_weight: float = 0.0
     """Extra L1 weight on object pixels in the VAE phase (0: plain L1, as shipped backbone A's VAE was trained; a
     small object is ~3 % of the image, and 10 reconstructs colour and shape far sooner: docs/miniworld.md)."""
@@ -151,7 +155,20 @@ class TrainBackboneConfig(DenoiserTrainingConfig):
         for name in ("vae_batch", "decoder_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.vae_blocks not in (0, 2, 3, 4):
+            raise ValueError(f"vae_blocks must be 2, 3 or 4 (16, 8 or 4 latent cells a side; 0 for the default), "
+                             f"got {self.vae_blocks}.")
         super().__post_init__()
+
+
+def backbone_sizes(config: TrainBackboneConfig) -> BackboneSizes:
+    """The model sizes of a run: the tiny or full defaults, with ``config.vae_blocks`` VAE blocks if set (extra
+    blocks repeat the last width)."""
+    sizes = TINY_SIZES if config.tiny else BackboneSizes()
+    if not config.vae_blocks:
+        return sizes
+    widths = sizes.vae_channels + (sizes.vae_channels[-1],) * config.vae_blocks
+    return replace(sizes, vae_channels=widths[:config.vae_blocks])
 
 
 PRESETS: dict[str, dict] = {
@@ -596,7 +613,7 @@ def train(config: TrainBackboneConfig) -> dict:
     log(f"config {json.dumps(asdict(config))}")
     log(f"{'resuming' if resuming else 'starting'}: phase {progress.phase} step {progress.step}")
 
-    sizes = TINY_SIZES if config.tiny else BackboneSizes()
+    sizes = backbone_sizes(config)
     vae, text_encoder, unet = build_vae(sizes), build_text_encoder(sizes, tokenizer), build_unet(sizes)
     vae, text_encoder, unet = vae.to(device), text_encoder.to(device), unet.to(device)
     log("params: vae {} text_encoder {} unet {}".format(

@@ -191,3 +191,20 @@ def test_the_vae_phase_uses_the_object_weight(tmp_path, monkeypatch):
     main(["--out", str(tmp_path), "--preset", "tiny", "--unet-steps", "1", "--vae-object-weight", "7"])
     assert seen == [7.0]
     assert Checkpointer(tmp_path / "checkpoint").load_progress().phase == "unet"
+
+
+def test_vae_blocks_set_the_latent_side_of_the_saved_pipeline(tmp_path):
+    main(["--out", str(tmp_path), "--preset", "tiny", "--unet-steps", "1", "--vae-blocks", "3"])
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "pipeline")
+    assert len(pipe.vae.config.block_out_channels) == 3 and pipe.vae_scale_factor == 4
+    assert pipe.unet.config.sample_size == 8  # 32 px / 4
+    latents = pipe("red circle top", num_inference_steps=1, output_type="latent",
+                   generator=torch.Generator().manual_seed(0)).images
+    assert latents.shape[-2:] == (8, 8)
+
+
+def test_bad_vae_blocks_fail_before_training(tmp_path):
+    with pytest.raises(ValueError, match="vae_blocks"):
+        parse_args(["--out", str(tmp_path), "--vae-blocks", "5"])
+    assert train_backbone.backbone_sizes(parse_args(["--out", str(tmp_path)])).latent_size == 8
+    assert train_backbone.backbone_sizes(parse_args(["--out", str(tmp_path), "--vae-blocks", "2"])).latent_size == 16

@@ -25,7 +25,9 @@ class PolicyConfig:
 
     model_name_or_path: str = field(
         default="Qwen/Qwen2.5-VL-3B-Instruct",
-        metadata={"help": "Hub id or local path of the base image-text-to-text chat model."},
+        metadata={"help": "Hub id or local path of the base image-text-to-text chat model. In a saved policy's "
+                          "policy_config.json, a path starting with './' or '../' is relative to that folder (a "
+                          "shipped adapter next to its base)."},
     )
     mode: str = field(
         default="closed",

@@ -121,8 +121,9 @@ class PromptPolicy:
     ) -> "PromptPolicy":
         """Load a saved policy or wrap a base chat VLM.
 
-        - ``path_or_id`` holds ``policy_config.json`` (a saved policy): the base model named in it (or
-          ``base_model_name_or_path``) is loaded and the saved adapter attached (trainable if ``is_trainable``).
+        - ``path_or_id`` holds ``policy_config.json`` (a saved policy): the base model named in it (a path
+          starting with ``./`` or ``../`` is relative to the saved folder; ``base_model_name_or_path`` overrides
+          it) is loaded and the saved adapter attached (trainable if ``is_trainable``).
           ``config``, if given, replaces the saved sampling/chat settings; the model and LoRA fields stay the saved
           ones. ``trust_remote_code`` comes only from ``config`` (False without one), never from the saved file.
         - Otherwise ``path_or_id`` is a base model; ``config`` (default: ``PolicyConfig()``) gives the settings and
@@ -132,10 +133,13 @@ class PromptPolicy:
         saved_config_path = _locate(path_or_id, POLICY_CONFIG_NAME)
         if saved_config_path is not None:
             saved = PolicyConfig.load(saved_config_path)
+            base = saved.model_name_or_path
+            if base.startswith(("./", "../")):
+                base = str((Path(saved_config_path).parent / base).resolve())
             caller = config or PolicyConfig()  # a downloaded folder must not switch remote code on
             config = dataclasses.replace(
                 config or saved,
-                model_name_or_path=base_model_name_or_path or saved.model_name_or_path,
+                model_name_or_path=base_model_name_or_path or base,
                 lora_r=saved.lora_r, lora_alpha=saved.lora_alpha, lora_dropout=saved.lora_dropout,
                 lora_target_modules=saved.lora_target_modules,
                 trust_remote_code=caller.trust_remote_code,

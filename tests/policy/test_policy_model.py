@@ -197,6 +197,29 @@ def test_save_and_load_roundtrip_gives_identical_log_probs(tiny_vlm_dirs, tmp_pa
     assert not greedy.trainable_parameters()
 
 
+def test_a_saved_adapter_may_name_its_base_relative_to_its_folder(tiny_vlm_dirs, tmp_path):
+    import shutil
+
+    shutil.copytree(tiny_vlm_dirs["qwen2_5_vl"], tmp_path / "bundle" / "base")
+    policy = PromptPolicy.from_pretrained(tmp_path / "bundle" / "base", small_config(), device="cpu")
+    for p in policy.trainable_parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    policy.save_pretrained(tmp_path / "bundle" / "adapter")
+    config_path = tmp_path / "bundle" / "adapter" / "policy_config.json"
+    saved = json.loads(config_path.read_text())
+    saved["model_name_or_path"] = "../base"
+    config_path.write_text(json.dumps(saved))
+    moved = tmp_path / "elsewhere"
+    shutil.move(tmp_path / "bundle", moved)
+
+    loaded = PromptPolicy.from_pretrained(moved / "adapter", device="cpu")
+    assert loaded.config.model_name_or_path == str((moved / "base").resolve())
+    samples = policy.act(mixed_observations(), seed=0).samples
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.log_probs(samples).log_probs, policy.log_probs(samples).log_probs,
+                                   atol=1e-6, rtol=0)
+
+
 def test_gradients_reach_only_the_adapter_with_gradient_checkpointing(tiny_vlm_dirs):
     policy = load(tiny_vlm_dirs, "qwen3_vl", gradient_checkpointing=True)
     samples = policy.act(mixed_observations(), seed=0).samples

@@ -9,14 +9,19 @@ project module's own command line, printed before it runs, so any step can also 
 4. ``preference``: the learned preference reward (``train_preference``), with its agreement on images of the new
    backbone;
 5. ``policy``: the warm-started policy (``policy_warmstart``);
-6. ``backbone-b``: backbone B, the flow-matching SD3-architecture backbone on A's frozen VAE
+6. ``policy-edit``: the warm start whose later rewrites edit the prompt in force (``policy_warmstart --edit-later``),
+   which the demo trains from;
+7. ``policy-grpo``: the demo's GRPO run for 400 steps from it, exported next to it (``train_policy``; it trains on
+   the package's backbone A and preference reward, the ones the demo uses);
+8. ``backbone-b``: backbone B, the flow-matching SD3-architecture backbone on A's frozen VAE
    (``train_flow_backbone``, fixed step count);
-7. ``backbone-b-export``: its float16 copy, evaluated as loaded (``export_backbone``);
-8. ``weight-tune``: backbone A's UNet fine-tuned directly on the preference reward (``weight_tune``, DRaFT-1);
-9. ``weight-tune-export``: its checkpoint at 2400 reward queries, evaluated and exported
+9. ``backbone-b-export``: its float16 copy, evaluated as loaded (``export_backbone``);
+10. ``weight-tune``: backbone A's UNet fine-tuned directly on the preference reward (``weight_tune``, DRaFT-1);
+11. ``weight-tune-export``: its checkpoint at 2400 reward queries, evaluated and exported
    (``evaluate_weight_tune``).
 
-``--out DIR`` receives ``backbone_a/``, ``backbone_a.eval.json``, ``preference/``, ``policy/``, ``backbone_b/``
+``--out DIR`` receives ``backbone_a/``, ``backbone_a.eval.json``, ``preference/``, ``policy/``, ``policy_edit/``,
+``policy_grpo/``, ``backbone_b/``
 and ``backbone_a_tuned/`` (the layout of the assets folder) and the training runs in ``DIR/runs/``. bf16 GPU training is not bit-reproducible
 across devices, so a rebuild gives equivalent artefacts, not the same bytes: compare the ``*.eval.json`` and
 ``metrics.json`` files with the shipped ones. ``--preset tiny`` runs every step with tiny sizes (a smoke test of
@@ -31,8 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-STEP_NAMES = ("backbone-train", "backbone-decoder", "backbone-export", "preference", "policy", "backbone-b",
-              "backbone-b-export", "weight-tune", "weight-tune-export")
+STEP_NAMES = ("backbone-train", "backbone-decoder", "backbone-export", "preference", "policy", "policy-edit",
+              "policy-grpo", "backbone-b", "backbone-b-export", "weight-tune", "weight-tune-export")
 
 
 @dataclass(frozen=True)
@@ -89,6 +94,22 @@ STEPS: tuple[BuildStep, ...] = (
         lambda out, device: ["--out", str(out / "policy"), "--seed", "0", "--steps", "2", "--batch-size", "3",
                              "--eval-examples", "2", "--tokenizer-corpus", "40", "--device", device],
         "6.5 minutes on 2 idle CPU cores"),
+    BuildStep(
+        "policy-edit", "promptloop.miniworld.policy_warmstart",
+        lambda out, device: ["--out", str(out / "policy_edit"), "--edit-later", "--seed", "0", "--steps", "4000",
+                             "--threads", "1", "--device", device],
+        lambda out, device: ["--out", str(out / "policy_edit"), "--edit-later", "--seed", "0", "--steps", "2",
+                             "--batch-size", "3", "--eval-examples", "2", "--tokenizer-corpus", "40",
+                             "--device", device],
+        "17 minutes on one CPU thread"),
+    BuildStep(
+        "policy-grpo", "promptloop.miniworld.train_policy",
+        lambda out, device: ["--out", _run_dir(out, "policy_grpo"), "--dest", str(out / "policy_grpo"),
+                             "--warm-start", str(out / "policy_edit"), "--steps", "400", "--seed", "2"],
+        lambda out, device: ["--out", _run_dir(out, "policy_grpo"), "--dest", str(out / "policy_grpo"),
+                             "--warm-start", str(out / "policy_edit"), "--steps", "2", "--checkpoint-every", "1",
+                             "--tiny"],
+        "54 minutes on one loaded CPU core (about 8 s per step)"),
     BuildStep(
         "backbone-b", "promptloop.miniworld.train_flow_backbone",
         lambda out, device: ["--out", _run_dir(out, "backbone_b"), "--vae-from", str(out / "backbone_a"),

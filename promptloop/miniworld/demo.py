@@ -1,9 +1,11 @@
 """``promptloop demo``: PromptLoop end to end in the mini world, on a CPU, with no downloads.
 
-Trains the shipped warm-started policy with GRPO on backbone A against the learned preference reward, then
-evaluates on held-out queries with fixed seeds: the base backbone (no rewriting), the untrained policy (the warm
-start, adapter off) and the trained policy, each scored by the training reward, the hidden gold rule and query
-fidelity. Everything goes through the project's own trainer (``promptloop.rl``) and evaluation harness
+Trains the shipped warm-started policy (``assets/policy_edit``) with GRPO on backbone A against the learned
+preference reward (closed loop, N_R = 3 plus the initial rewrite), then evaluates on held-out queries with fixed
+seeds: the base backbone (no rewriting), the untrained policy (the warm start, adapter off), the policy the demo
+trained, and the shipped policy trained the same way for 400 steps (``assets/policy_grpo``, built by
+``python -m promptloop.miniworld.train_policy``), each scored by the training reward, the hidden gold rule and
+query fidelity. Everything goes through the project's own trainer (``promptloop.rl``) and evaluation harness
 (``promptloop.eval``): the same code that runs SDXL and Qwen2.5-VL.
 """
 from __future__ import annotations
@@ -16,6 +18,14 @@ from pathlib import Path
 from .backbone import SHIPPED_BACKBONE_A
 from .policy_warmstart import miniworld_policy_config
 from .queries import training_queries
+from .rewards import ASSETS_DIR
+
+EDIT_WARM_START = ASSETS_DIR / "policy_edit"
+"""The warm start the demo trains from: supervised so that later rewrites edit the prompt in force
+(``policy_warmstart --edit-later --steps 4000``; docs/miniworld.md)."""
+SHIPPED_TRAINED_POLICY = ASSETS_DIR / "policy_grpo"
+"""The demo's GRPO run for 400 steps (seed 2): a LoRA adapter on ``EDIT_WARM_START`` (``train_policy``)."""
+SHIPPED_TRAINED_LABEL = "shipped-400-steps"
 
 
 @dataclass
@@ -33,10 +43,10 @@ class DemoSize:
     """Evaluation seeds are ``eval_first_seed .. eval_first_seed + eval_seeds - 1`` (fresh seeds confirm a result)."""
 
 
-FULL = DemoSize(steps=40, prompts_per_step=4, group_size=8, num_refinements=3, sampler_steps=10, eval_prompts=24,
-                eval_seeds=4)
-QUICK = DemoSize(steps=2, prompts_per_step=2, group_size=4, num_refinements=2, sampler_steps=6, eval_prompts=4,
-                 eval_seeds=2)
+FULL = DemoSize(steps=40, prompts_per_step=4, group_size=8, num_refinements=3, sampler_steps=10, eval_prompts=32,
+                eval_seeds=4, initial_rewrite=True)
+QUICK = DemoSize(steps=2, prompts_per_step=2, group_size=4, num_refinements=1, sampler_steps=6, eval_prompts=4,
+                 eval_seeds=2, initial_rewrite=True)
 
 
 def _reward_curve(history: list[dict], path: Path) -> None:
@@ -57,8 +67,10 @@ def _reward_curve(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def train_config(out_dir: Path, prompts_file: Path, size: DemoSize = FULL):
-    """The demo's GRPO run (``configs/miniworld_grpo.yaml`` holds the same settings for ``promptloop train``)."""
+def train_config(out_dir: Path, prompts_file: Path, size: DemoSize = FULL, warm_start: Path = EDIT_WARM_START,
+                 seed: int = 0, checkpoint_every: int | None = None):
+    """The demo's GRPO run from ``warm_start`` (``configs/miniworld_grpo.yaml`` holds the same settings for
+    ``promptloop train``); one checkpoint at the end unless ``checkpoint_every`` is given."""
     from ..rl.config import BackboneSection, DataSection, GRPOSection, LoggingSection, RewardSection, TrainConfig
 
     return TrainConfig(
@@ -66,16 +78,17 @@ def train_config(out_dir: Path, prompts_file: Path, size: DemoSize = FULL):
                                  num_inference_steps=size.sampler_steps, guidance_scale=2.0, preview_size=32,
                                  rollout_batch_size=size.prompts_per_step * size.group_size),
         data=DataSection(prompts=str(prompts_file)),
-        policy=miniworld_policy_config("closed"),
+        policy=miniworld_policy_config("closed", warm_start),
         reward=RewardSection(spec="miniworld-preference"),
         grpo=GRPOSection(prompts_per_step=size.prompts_per_step, group_size=size.group_size,
                          num_refinements=size.num_refinements, initial_rewrite=size.initial_rewrite,
                          schedule="per_group", shared_noise=True,
                          mini_batches=4, micro_batch_size=size.group_size, learning_rate=2e-3, beta=0.04,
-                         max_steps=size.steps, seed=0),
+                         max_steps=size.steps, seed=seed),
         logging=LoggingSection(output_dir=str(out_dir / "train"), report_to="none",
-                               image_every=max(size.steps // 3, 1), checkpoint_every=size.steps, keep_last=1,
-                               progress=True),
+                               image_every=checkpoint_every or max(size.steps // 3, 1),
+                               checkpoint_every=checkpoint_every or size.steps, keep_last=3 if checkpoint_every else 1,
+                               log_completions=True, progress=True),
     )
 
 
@@ -139,8 +152,9 @@ def run_demo(out_dir: str | Path, quick: bool = False, log=print) -> dict:
     _reward_curve(history, out / "reward_curve.png")
     (out / "train_history.json").write_text(json.dumps(history, indent=1))
 
-    log("[2/2] evaluation on held-out queries with fixed seeds")
-    eval_config = evaluation_config(out / "eval", {"trained": policy_dir}, size)
+    log("[2/2] evaluation on held-out queries with fixed seeds (the shipped 400-step policy too)")
+    policies = {"trained": policy_dir, SHIPPED_TRAINED_LABEL: SHIPPED_TRAINED_POLICY}
+    eval_config = evaluation_config(out / "eval", policies, size)
     results = run_evaluation(eval_config, log=log)
     table = (out / "eval" / "results.md").read_text(encoding="utf-8")
     (out / "results.md").write_text(table, encoding="utf-8")

@@ -37,6 +37,8 @@ def test_tiny_build_writes_artefacts_that_load_through_the_standard_loaders(tmp_
     assert reward(images, ["red circle"]).scores.isfinite().all()
     policy = PromptPolicy.from_pretrained(out / "policy", miniworld_policy_config("closed", out / "policy"))
     assert policy.model is not None
+    trained = PromptPolicy.from_pretrained(out / "policy_grpo", device="cpu", is_trainable=False)
+    assert trained.has_adapter and trained.config.model_name_or_path == str((out / "policy_edit").resolve())
     tuned = StableDiffusionPipeline.from_pretrained(out / "backbone_a_tuned")
     assert (out / "backbone_a_tuned.meta.json").is_file()
     assert any(not torch.equal(a, b) for a, b in zip(tuned.unet.state_dict().values(), pipe.unet.state_dict().values()))

@@ -24,6 +24,8 @@ def test_miniworld_config_matches_the_demo(tmp_path):
     for key in ("system_prompt", "max_new_tokens", "max_prompt_words", "min_pixels", "max_pixels", "lora_r", "mode"):
         assert getattr(config.policy, key) == getattr(demo.policy, key), key
     assert config.grpo == demo.grpo
+    assert (CONFIGS.parent / config.policy.model_name_or_path).resolve() == \
+        Path(demo.policy.model_name_or_path).resolve()
     for key in ("num_inference_steps", "guidance_scale", "preview_size", "dtype"):
         assert getattr(config.backbone, key) == getattr(demo.backbone, key), key
     assert (CONFIGS.parent / config.data.prompts).is_file()

@@ -1,0 +1,88 @@
+"""Train the shipped GRPO policy: the demo's recipe run longer, then exported next to its warm start.
+
+    python -m promptloop.miniworld.train_policy --out RUN --dest promptloop/miniworld/assets/policy_grpo \
+        [--warm-start promptloop/miniworld/assets/policy_edit] [--steps 400] [--seed 2] [--resume]
+
+The run is ``promptloop demo``'s GRPO run (backbone A, the preference reward, N_R = 3 plus the initial rewrite,
+4 queries x G = 8 per step) for ``--steps`` steps with checkpoints every ``--checkpoint-every`` steps in ``RUN``
+(``--resume`` continues from the latest). Its final policy (a LoRA adapter, 0.2 MB) is copied to ``--dest`` with
+its base model named relative to ``--dest`` (``../policy_edit``), so the pair of folders can move together.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+from promptloop.policy.policy import ADAPTER_CONFIG_NAME, POLICY_CONFIG_NAME
+from promptloop.rl.checkpoint import latest_checkpoint
+
+from .demo import EDIT_WARM_START, FULL, QUICK, train_config
+from .queries import training_queries
+
+
+def export_policy(saved_policy: Path, dest: Path, base: Path) -> Path:
+    """Copy ``saved_policy`` (a ``PromptPolicy.save_pretrained`` folder) to ``dest`` (replaced), naming ``base`` in
+    its ``policy_config.json`` by a path relative to ``dest``."""
+    saved_policy, dest = Path(saved_policy), Path(dest)
+    if not (saved_policy / POLICY_CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{saved_policy} holds no {POLICY_CONFIG_NAME}; pass a saved policy folder.")
+    relative = os.path.relpath(Path(base).resolve(), dest.resolve())
+    relative = relative if relative.startswith("..") else "./" + relative
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(saved_policy, tmp)
+    for name, key in ((POLICY_CONFIG_NAME, "model_name_or_path"), (ADAPTER_CONFIG_NAME, "base_model_name_or_path")):
+        path = tmp / name
+        if path.is_file():
+            values = json.loads(path.read_text())
+            values[key] = relative
+            path.write_text(json.dumps(values, indent=2) + "\n")
+    (tmp / "README.md").unlink(missing_ok=True)  # peft's model card names the absolute base path
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return dest
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="run folder (checkpoints, logs)")
+    parser.add_argument("--dest", required=True, help="where the trained policy is exported")
+    parser.add_argument("--warm-start", default=str(EDIT_WARM_START), help="the policy GRPO starts from")
+    parser.add_argument("--steps", type=int, default=400, help="GRPO steps")
+    parser.add_argument("--seed", type=int, default=2, help="GRPO seed (the shipped run: 2)")
+    parser.add_argument("--checkpoint-every", type=int, default=50, help="checkpoint every this many steps")
+    parser.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    parser.add_argument("--tiny", action="store_true", help="the demo's --quick sizes (tests)")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.checkpoint_every < 1:
+        parser.error("--steps and --checkpoint-every must be at least 1")
+    if not Path(args.warm_start).is_dir():
+        parser.error(f"--warm-start {args.warm_start} is not a folder; build it with "
+                     "`python -m promptloop.miniworld.policy_warmstart --edit-later --steps 4000 --out DIR`")
+    return args
+
+
+def main(argv: list[str] | None = None) -> Path:
+    from promptloop.rl.trainer import GRPOTrainer
+
+    args = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    prompts_file = out / "train_queries.txt"
+    prompts_file.write_text("\n".join(training_queries()) + "\n", encoding="utf-8")
+    size = replace(QUICK if args.tiny else FULL, steps=args.steps)
+    config = train_config(out, prompts_file, size, warm_start=Path(args.warm_start), seed=args.seed,
+                          checkpoint_every=args.checkpoint_every)
+    GRPOTrainer.from_config(config).train(resume=args.resume)
+    final = latest_checkpoint(out / "train")
+    dest = export_policy(final / "policy", Path(args.dest), Path(args.warm_start))
+    print(f"trained policy (step {final.name}) exported to {dest}")
+    return dest
+
+
+if __name__ == "__main__":
+    main()

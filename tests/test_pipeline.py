@@ -145,6 +145,8 @@ def test_demo_quick_trains_and_evaluates_in_the_mini_world(quick_demo):
     results = json.loads((out / "eval" / "results.json").read_text())
     methods = {row["method"] for row in results["summary"]}
     assert {"base", "untrained", "trained", "shipped-400-steps"} <= methods
+    table = (out / "results.md").read_text()
+    assert "Paired difference to `base`" in table and "Paired difference to `untrained`" in table
     assert list((out / "eval").rglob("*.png")), "no images or trajectory strips"
     assert json.loads((out / "summary.json").read_text())["train_steps"] == 2
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
@@ -271,8 +271,25 @@ def markdown_table(results: EvalResults) -> str:
         parts.append(f"\n### {backbone}\n")
         parts.append(_markdown(table_rows(results, backbone)))
         if results.baseline and results.paired:
-            parts.append(f"\nPaired difference to `{results.baseline}` (same prompt and seed), {level} CI:\n")
-            parts.append(_markdown(table_rows(results, backbone, paired=True)))
+            parts.append(_paired_section(results, backbone))
+    return "\n".join(parts) + "\n"
+
+
+def _paired_section(results: EvalResults, backbone: str) -> str:
+    level = f"{results.confidence:.0%}"
+    return (f"\nPaired difference to `{results.baseline}` (same prompt and seed), {level} CI:\n\n"
+            + _markdown(table_rows(results, backbone, paired=True)))
+
+
+def paired_markdown(results: EvalResults, baseline: str) -> str:
+    """Paired-difference tables of every other method against ``baseline`` (another method label than the one
+    ``results`` was summarised against), one per backbone; ``results`` itself is not changed."""
+    if baseline not in results.method_labels():
+        raise ValueError(f"baseline={baseline!r} is not a method of these results ({results.method_labels()}).")
+    other = replace(results, baseline=baseline)
+    summarise(other)
+    parts = [(f"\n### {backbone}\n" if len(other.backbones) > 1 else "") + _paired_section(other, backbone)
+             for backbone in other.backbones]
     return "\n".join(parts) + "\n"
 
 
@@ -312,5 +329,5 @@ def write_results(results: EvalResults, out_dir: str | Path) -> dict[str, Path]:
     return paths
 
 
-__all__ = ["EvalResults", "PROMPT_METRICS", "SCHEMA_VERSION", "Sample", "Statistic", "markdown_table",
+__all__ = ["EvalResults", "PROMPT_METRICS", "SCHEMA_VERSION", "Sample", "Statistic", "markdown_table", "paired_markdown",
            "summarise", "table_rows", "validate_results_json", "write_results"]

@@ -133,6 +133,7 @@ def evaluation_config(out_dir: str | Path, policies: dict[str, str | Path], size
 
 def run_demo(out_dir: str | Path, quick: bool = False, log=print) -> dict:
     """Train, evaluate, write the report folder; returns a summary dict (also written as ``summary.json``)."""
+    from ..eval.results import paired_markdown
     from ..eval.runner import run_evaluation
     from ..rl.trainer import GRPOTrainer
 
@@ -156,7 +157,7 @@ def run_demo(out_dir: str | Path, quick: bool = False, log=print) -> dict:
     policies = {"trained": policy_dir, SHIPPED_TRAINED_LABEL: SHIPPED_TRAINED_POLICY}
     eval_config = evaluation_config(out / "eval", policies, size)
     results = run_evaluation(eval_config, log=log)
-    table = (out / "eval" / "results.md").read_text(encoding="utf-8")
+    table = (out / "eval" / "results.md").read_text(encoding="utf-8") + paired_markdown(results, "untrained")
     (out / "results.md").write_text(table, encoding="utf-8")
     summary = {"seconds": time.perf_counter() - start, "quick": quick, "train_steps": size.steps,
                "first_step_reward": history[0]["reward/mean"], "last_step_reward": history[-1]["reward/mean"],

@@ -172,3 +172,23 @@ def test_results_read_back_and_the_report_can_embed_its_images(eval_run):
     assert {k: v for k, v in again.items() if k != "created"} == {k: v for k, v in data.items() if k != "created"}
     html = render_report(results, out_dir, embed_images=True, grid_prompts=1)
     assert 'src="data:image/png;base64,' in html and 'src="images/' not in html and 'src="strips/' not in html
+
+
+def test_paired_differences_against_another_method_match_a_hand_computation(eval_run):
+    from promptloop.eval.results import paired_markdown
+
+    _, data = eval_run
+    results = EvalResults.from_json_dict(data)
+    markdown = paired_markdown(results, "untrained")
+    assert "Paired difference to `untrained`" in markdown and "| untrained |" not in markdown
+    values = {(s["prompt_index"], s["seed"]): s["metrics"]["reward/bright"] for s in data["samples"]
+              if s["method"] == "closed@2"}
+    reference = {(s["prompt_index"], s["seed"]): s["metrics"]["reward/bright"] for s in data["samples"]
+                 if s["method"] == "untrained"}
+    diffs = [values[k] - reference[k] for k in values]
+    mean = sum(diffs) / len(diffs)
+    row = next(line for line in markdown.splitlines() if line.startswith("| closed@2 |"))
+    assert row.split("|")[2].strip().startswith(f"{mean:+.4g}")
+    assert results.baseline == "base" and all(r.baseline == "base" for r in results.paired)  # unchanged
+    with pytest.raises(ValueError, match="not a method"):
+        paired_markdown(results, "nope")

@@ -1,6 +1,8 @@
 """The mini world's policy: a tiny Qwen2.5-VL (the real transformers class), warm-started by supervised fine-tuning.
 
     python -m promptloop.miniworld.policy_warmstart --out promptloop/miniworld/assets/policy [--seed 0]
+    python -m promptloop.miniworld.policy_warmstart --out promptloop/miniworld/assets/policy_edit --edit-later \
+        --steps 4000 --threads 1     # the warm start the demo trains from
 
 Before RL the policy must write grammatical mini-world prompts (at most ``MAX_CAPTION_WORDS`` domain words, one per
 attribute) that keep every attribute the query names. The warm start teaches exactly that and nothing about what

@@ -32,7 +32,11 @@ class BackboneSizes:
     latent_channels: int = 4
     """Latent channels of the VAE."""
     unet_channels: tuple[int, ...] = (32, 64, 64)
-    """``UNet2DConditionModel.block_out_channels``; cross-attention in all blocks but the lowest."""
+    """``UNet2DConditionModel.block_out_channels``; cross-attention in every block from ``unet_attention_from``
+    to the last but one."""
+    unet_attention_from: int = 0
+    """Index of the first UNet block with cross-attention; 1 leaves the full-resolution block without attention,
+    as SDXL does (at 16 x 16 latents attention there costs more than the rest of the UNet)."""
     text_hidden: int = 64
     """Hidden size of the text encoder (also the UNet's ``cross_attention_dim``)."""
     text_layers: int = 2
@@ -44,6 +48,10 @@ class BackboneSizes:
         self.vae_channels, self.unet_channels = tuple(self.vae_channels), tuple(self.unet_channels)
         if len(self.unet_channels) < 2:
             raise ValueError("unet_channels needs at least two blocks.")
+        if not 0 <= self.unet_attention_from < len(self.unet_channels) - 1:
+            raise ValueError(f"unet_attention_from must leave at least one block with cross-attention: 0 to "
+                             f"{len(self.unet_channels) - 2} for {len(self.unet_channels)} blocks, "
+                             f"got {self.unet_attention_from}.")
         if self.text_hidden % 4:
             raise ValueError(f"text_hidden must be a multiple of 4 (4 heads), got {self.text_hidden}.")
 
@@ -79,9 +87,9 @@ def build_text_encoder(sizes: BackboneSizes, tokenizer: CLIPTokenizer) -> CLIPTe
 
 
 def build_unet(sizes: BackboneSizes) -> UNet2DConditionModel:
-    n = len(sizes.unet_channels)
-    down = ("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",)
-    up = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1)
+    n, first = len(sizes.unet_channels), sizes.unet_attention_from
+    down = ("DownBlock2D",) * first + ("CrossAttnDownBlock2D",) * (n - 1 - first) + ("DownBlock2D",)
+    up = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1 - first) + ("UpBlock2D",) * first
     return UNet2DConditionModel(
         sample_size=sizes.latent_size, in_channels=sizes.latent_channels, out_channels=sizes.latent_channels,
         layers_per_block=1, block_out_channels=sizes.unet_channels, down_block_types=down, up_block_types=up,

@@ -10,6 +10,7 @@ latents are A's (a new copy with ``shift_factor = 0.0``, which SD3 pipelines rea
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,6 +100,12 @@ the text decides the global layout."""
 def flow_scheduler(shift: float = FLOW_SHIFT) -> FlowMatchEulerDiscreteScheduler:
     """The sampler shipped with the pipeline (its ``shift`` also shapes the training noise levels)."""
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+
+
+def vae_latent_shape(pipeline_dir: str | Path = SHIPPED_BACKBONE_A) -> tuple[int, int]:
+    """``(channels, side)`` of the latents of a saved backbone A's VAE, read from its config (nothing loads)."""
+    config = json.loads((Path(pipeline_dir) / "vae" / "config.json").read_text())
+    return config["latent_channels"], config["sample_size"] // 2 ** (len(config["block_out_channels"]) - 1)
 
 
 def load_frozen_vae(pipeline_dir: str | Path = SHIPPED_BACKBONE_A) -> AutoencoderKL:

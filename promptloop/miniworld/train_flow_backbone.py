@@ -31,7 +31,7 @@ from transformers import CLIPTokenizer
 
 from .backbone import SHIPPED_BACKBONE_A
 from .backbone_b import FLOW_SHIFT, T5_SEQUENCE_LENGTH, TINY_SIZES_B, BackboneBSizes, assemble_sd3_pipeline, \
-    build_text_encoders, build_transformer, encode_prompt_ids, load_frozen_vae
+    build_text_encoders, build_transformer, encode_prompt_ids, load_frozen_vae, vae_latent_shape
 from .data import render_dataset
 from .evaluate_backbone import EvalSettings, evaluate_dir, format_table
 from .tokenizer import CaptionTokenizer
@@ -65,8 +65,9 @@ class TrainFlowConfig(DenoiserTrainingConfig):
     """Attention heads."""
     head_dim: int = 32
     """Width of one head."""
-    patch_size: int = 2
-    """Patch size on the 8 x 8 latent."""
+    patch_size: int = 0
+    """Transformer patch size; 0: a quarter of the latent side, i.e. 16 image tokens (2 on 8 x 8 latents, as the
+    shipped B; 4 on 16 x 16, where patch 2 costs 3x per step: docs/miniworld.md)."""
     eval_steps: int = 10
     """Sampling steps in the evaluation (the RL runs sample with 10)."""
     eval_guidance: tuple[float, ...] = (4.0, 2.0)
@@ -84,10 +85,12 @@ class TrainFlowConfig(DenoiserTrainingConfig):
         self.sizes()  # validates the sizes before anything loads
 
     def sizes(self) -> BackboneBSizes:
+        """The model sizes, on the latents of ``vae_from``'s VAE."""
+        channels, side = vae_latent_shape(self.vae_from)
         if self.tiny:
-            return TINY_SIZES_B
-        return BackboneBSizes(num_layers=self.num_layers, num_heads=self.num_heads, head_dim=self.head_dim,
-                              patch_size=self.patch_size)
+            return replace(TINY_SIZES_B, latent_channels=channels, latent_size=side)
+        return BackboneBSizes(latent_channels=channels, latent_size=side, num_layers=self.num_layers,
+                              num_heads=self.num_heads, head_dim=self.head_dim, patch_size=self.patch_size or side // 4)
 
 
 PRESETS: dict[str, dict] = {
@@ -188,8 +191,7 @@ def train(config: TrainFlowConfig) -> dict:
     log(f"{'resuming' if resuming else 'starting'} at step {progress.step if resuming else 0}")
 
     vae = load_frozen_vae(config.vae_from).to(device)
-    sizes = replace(config.sizes(), latent_channels=vae.config.latent_channels,
-                    latent_size=vae.config.sample_size // 2 ** (len(vae.config.block_out_channels) - 1))
+    sizes = config.sizes()
     if progress is None:
         progress = Progress(phase="flow", scaling_factor=vae.config.scaling_factor)
     transformer = build_transformer(sizes).to(device)

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from transformers import CLIPTokenizer
 
 from promptloop.miniworld import train_backbone
+from promptloop.miniworld.backbone import BackboneSizes, build_unet
 from promptloop.miniworld.train_backbone import Checkpointer, main, parse_args
 
 
@@ -208,3 +209,22 @@ def test_bad_vae_blocks_fail_before_training(tmp_path):
         parse_args(["--out", str(tmp_path), "--vae-blocks", "5"])
     assert train_backbone.backbone_sizes(parse_args(["--out", str(tmp_path)])).latent_size == 8
     assert train_backbone.backbone_sizes(parse_args(["--out", str(tmp_path), "--vae-blocks", "2"])).latent_size == 16
+
+
+def test_full_size_16x16_latents_get_a_deeper_unet_without_attention_at_full_resolution(tmp_path):
+    sizes = train_backbone.backbone_sizes(parse_args(["--out", str(tmp_path), "--vae-blocks", "2"]))
+    assert sizes.unet_channels == (32, 64, 64, 64) and sizes.unet_attention_from == 1
+    unet = build_unet(sizes)
+    assert unet.config.down_block_types == ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                            "DownBlock2D")
+    assert unet.config.up_block_types == ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
+    out = unet(torch.randn(1, 4, 16, 16), 10, encoder_hidden_states=torch.randn(1, 7, 64)).sample
+    assert out.shape == (1, 4, 16, 16)
+    default = train_backbone.backbone_sizes(parse_args(["--out", str(tmp_path)]))
+    assert build_unet(default).config.down_block_types == ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                                            "DownBlock2D")
+
+
+def test_unet_attention_from_must_leave_an_attention_block():
+    with pytest.raises(ValueError, match="unet_attention_from"):
+        BackboneSizes(unet_channels=(32, 64), unet_attention_from=1)

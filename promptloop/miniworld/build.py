@@ -3,29 +3,29 @@
 The artefacts in ``promptloop/miniworld/assets/`` are the outputs of these steps, run in order (each one is a
 project module's own command line, printed before it runs, so any step can also be run by hand):
 
-1. ``backbone-train``: backbone A's VAE, UNet and text encoder (``train_backbone``, fixed step counts);
-2. ``backbone-decoder``: decoder fine-tuning on the frozen encoder (``train_backbone --resume``);
-3. ``backbone-export``: the float16 copy that ships, evaluated as loaded (``export_backbone``);
-4. ``preference``: the learned preference reward (``train_preference``), with its agreement on images of the new
+1. ``backbone-train``: backbone A's VAE (16 x 16 latents), UNet and text encoder (``train_backbone``, fixed step
+   counts);
+2. ``backbone-export``: the float16 copy that ships, evaluated as loaded (``export_backbone``);
+3. ``preference``: the learned preference reward (``train_preference``), with its agreement on images of the new
    backbone;
-5. ``policy``: the warm-started policy (``policy_warmstart``);
-6. ``policy-edit``: the warm start whose later rewrites edit the prompt in force (``policy_warmstart --edit-later``),
+4. ``policy``: the warm-started policy (``policy_warmstart``);
+5. ``policy-edit``: the warm start whose later rewrites edit the prompt in force (``policy_warmstart --edit-later``),
    which the demo trains from;
-7. ``policy-grpo``: the demo's GRPO run for 400 steps from it, exported next to it (``train_policy``; it trains on
+6. ``policy-grpo``: the demo's GRPO run for 400 steps from it, exported next to it (``train_policy``; it trains on
    the package's backbone A and preference reward, the ones the demo uses);
-8. ``backbone-b``: backbone B, the flow-matching SD3-architecture backbone on A's frozen VAE
+7. ``backbone-b``: backbone B, the flow-matching SD3-architecture backbone on A's frozen VAE
    (``train_flow_backbone``, fixed step count);
-9. ``backbone-b-export``: its float16 copy, evaluated as loaded (``export_backbone``);
-10. ``weight-tune``: backbone A's UNet fine-tuned directly on the preference reward (``weight_tune``, DRaFT-1);
-11. ``weight-tune-export``: its checkpoint at 2400 reward queries, evaluated and exported
-   (``evaluate_weight_tune``).
+8. ``backbone-b-export``: its float16 copy, evaluated as loaded (``export_backbone``);
+9. ``weight-tune``: backbone A's UNet fine-tuned directly on the preference reward (``weight_tune``, DRaFT-1);
+10. ``weight-tune-export``: its checkpoint at 2400 reward queries, evaluated and exported
+    (``evaluate_weight_tune``).
 
 ``--out DIR`` receives ``backbone_a/``, ``backbone_a.eval.json``, ``preference/``, ``policy/``, ``policy_edit/``,
-``policy_grpo/``, ``backbone_b/``
-and ``backbone_a_tuned/`` (the layout of the assets folder) and the training runs in ``DIR/runs/``. bf16 GPU training is not bit-reproducible
-across devices, so a rebuild gives equivalent artefacts, not the same bytes: compare the ``*.eval.json`` and
-``metrics.json`` files with the shipped ones. ``--preset tiny`` runs every step with tiny sizes (a smoke test of
-the whole recipe in about a minute; what it writes is not useful for anything else).
+``policy_grpo/``, ``backbone_b/`` and ``backbone_a_tuned/`` (the layout of the assets folder) and the training runs
+in ``DIR/runs/``. Training is not bit-reproducible across thread counts and devices, so a rebuild gives equivalent
+artefacts, not the same bytes: compare the ``*.eval.json`` and ``metrics.json`` files with the shipped ones.
+``--preset tiny`` runs every step with tiny sizes (a smoke test of the whole recipe in about a minute; what it writes
+is not useful for anything else).
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-STEP_NAMES = ("backbone-train", "backbone-decoder", "backbone-export", "preference", "policy", "policy-edit",
+STEP_NAMES = ("backbone-train", "backbone-export", "preference", "policy", "policy-edit",
               "policy-grpo", "backbone-b", "backbone-b-export", "weight-tune", "weight-tune-export")
 
 
@@ -61,19 +61,14 @@ def _run_dir(out: Path, name: str = "backbone_a") -> str:
 STEPS: tuple[BuildStep, ...] = (
     BuildStep(
         "backbone-train", "promptloop.miniworld.train_backbone",
-        lambda out, device: ["--out", _run_dir(out), "--preset", "gpu", "--device", device, "--vae-steps", "700",
-                             "--unet-steps", "1335", "--max-minutes", "600"],
+        lambda out, device: ["--out", _run_dir(out), "--preset", "cpu", "--device", device, "--vae-blocks", "2",
+                             "--vae-object-weight", "10", "--vae-steps", "1200", "--vae-batch", "32",
+                             "--unet-steps", "8601", "--checkpoint-every", "300", "--eval-captions", "32",
+                             "--eval-seeds", "4", "--eval-guidance", "2", "4", "--max-minutes", "1200"],
         lambda out, device: ["--out", _run_dir(out), "--preset", "tiny", "--device", device, "--unet-steps", "2",
                              "--max-minutes", "5"],
-        "about 4 minutes on an H200 (bf16); roughly a day on 2 CPU cores (extrapolated, not run)"),
-    BuildStep(
-        "backbone-decoder", "promptloop.miniworld.train_backbone",
-        lambda out, device: ["--out", _run_dir(out), "--resume", "--device", device, "--unet-steps", "1335",
-                             "--decoder-steps", "1800", "--decoder-batch", "16", "--checkpoint-every", "300",
-                             "--eval-captions", "32", "--eval-seeds", "4", "--max-minutes", "600"],
-        lambda out, device: ["--out", _run_dir(out), "--resume", "--preset", "tiny", "--device", device,
-                             "--unet-steps", "2", "--decoder-steps", "2", "--max-minutes", "5"],
-        "about 50 minutes on 2 loaded CPU cores (one thread)"),
+        "3.4 hours of training on 2 CPU cores (one or two threads, 5 invocations with --resume): VAE 25 minutes, "
+        "UNet 0.7-1.2 steps/s"),
     BuildStep(
         "backbone-export", "promptloop.miniworld.export_backbone",
         lambda out, device: [str(Path(_run_dir(out))), str(out / "backbone_a"), "--captions", "32", "--seeds", "4",
@@ -113,12 +108,13 @@ STEPS: tuple[BuildStep, ...] = (
     BuildStep(
         "backbone-b", "promptloop.miniworld.train_flow_backbone",
         lambda out, device: ["--out", _run_dir(out, "backbone_b"), "--vae-from", str(out / "backbone_a"),
-                             "--device", device, "--steps", "8539", "--lr", "6e-4", "--curve-every", "1000",
+                             "--device", device, "--steps", "16865", "--lr", "6e-4", "--curve-every", "1000",
                              "--curve-captions", "16", "--curve-seeds", "4", "--eval-captions", "32",
                              "--eval-seeds", "4", "--max-minutes", "600"],
         lambda out, device: ["--out", _run_dir(out, "backbone_b"), "--vae-from", str(out / "backbone_a"),
                              "--preset", "tiny", "--device", device, "--steps", "2", "--max-minutes", "5"],
-        "73 minutes on one loaded CPU core (55 + 18 in two invocations); a GPU preset exists, not run"),
+        "97 minutes of training on one loaded CPU thread (5 invocations with --resume); a GPU preset exists, "
+        "not run"),
     BuildStep(
         "backbone-b-export", "promptloop.miniworld.export_backbone",
         lambda out, device: [_run_dir(out, "backbone_b"), str(out / "backbone_b"), "--captions", "32", "--seeds", "4",

@@ -185,16 +185,16 @@ def test_shipped_backbone_b_follows_captions_through_the_adapter():
 
 def test_sizes_follow_the_vae_latents_with_16_image_tokens_by_default(tmp_path, tiny_backbone_a_dir):
     shipped = parse_args(["--out", str(tmp_path)]).sizes()
-    assert (shipped.latent_size, shipped.patch_size) == (8, 2)  # the shipped A's 8 x 8 latents
-    vae_dir = tmp_path / "a16" / "vae"
+    assert (shipped.latent_size, shipped.patch_size) == (16, 4)  # the shipped A's 16 x 16 latents
+    assert build_transformer(shipped).pos_embed.height == 4
+    vae_dir = tmp_path / "a8" / "vae"
     vae_dir.mkdir(parents=True)
     config = json.loads((SHIPPED_BACKBONE_A / "vae" / "config.json").read_text())
-    config["block_out_channels"] = config["block_out_channels"][:2]  # 16 x 16 latents
+    config["block_out_channels"] = config["block_out_channels"] + config["block_out_channels"][-1:]  # 8 x 8 latents
     (vae_dir / "config.json").write_text(json.dumps(config))
-    sizes = parse_args(["--out", str(tmp_path), "--vae-from", str(tmp_path / "a16")]).sizes()
-    assert (sizes.latent_size, sizes.patch_size) == (16, 4)
-    assert build_transformer(sizes).pos_embed.height == 4
-    explicit = parse_args(["--out", str(tmp_path), "--vae-from", str(tmp_path / "a16"), "--patch-size", "2"]).sizes()
-    assert explicit.patch_size == 2
+    sizes = parse_args(["--out", str(tmp_path), "--vae-from", str(tmp_path / "a8")]).sizes()
+    assert (sizes.latent_size, sizes.patch_size) == (8, 2)
+    explicit = parse_args(["--out", str(tmp_path), "--vae-from", str(tmp_path / "a8"), "--patch-size", "1"]).sizes()
+    assert explicit.patch_size == 1
     tiny = parse_args(["--out", str(tmp_path), "--preset", "tiny", "--vae-from", str(tiny_backbone_a_dir)]).sizes()
     assert tiny.latent_size == 16 and tiny.patch_size == 2

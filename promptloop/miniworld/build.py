@@ -131,7 +131,7 @@ STEPS: tuple[BuildStep, ...] = (
                              "--preference", str(out / "preference"), "--steps", "2", "--batch-size", "2",
                              "--checkpoint-every", "1", "--num-inference-steps", "2", "--device", device,
                              "--no-progress"],
-        "7 minutes on one loaded CPU core (150 of the run's 750 steps)"),
+        "8 minutes on one loaded CPU core"),
     BuildStep(
         "weight-tune-export", "promptloop.miniworld.evaluate_weight_tune",
         lambda out, device: [_run_dir(out, "backbone_a_tuned"), "--prompts", "32", "--seeds", "4",

@@ -104,7 +104,7 @@ STEPS: tuple[BuildStep, ...] = (
         lambda out, device: ["--out", _run_dir(out, "policy_grpo"), "--dest", str(out / "policy_grpo"),
                              "--warm-start", str(out / "policy_edit"), "--steps", "2", "--checkpoint-every", "1",
                              "--tiny"],
-        "54 minutes on one loaded CPU core (about 8 s per step)"),
+        "76 minutes on one loaded CPU core (about 11 s per step)"),
     BuildStep(
         "backbone-b", "promptloop.miniworld.train_flow_backbone",
         lambda out, device: ["--out", _run_dir(out, "backbone_b"), "--vae-from", str(out / "backbone_a"),

@@ -20,8 +20,8 @@ def _row(step, query, prompts, reward):
 def log(tmp_path):
     rows = []
     for step in (1, 2, 3):
-        # "blue" at the first action scores +1 over its group, "blue" later -1, the unchanged one and the one that
-        # drops "circle" sit at +0.25 and -0.75 (the group mean is 1.75).
+        # Group mean 1.75: "blue" at the first action +1.25, "blue" later -0.75, unchanged +0.25, "circle"
+        # dropped -0.75.
         rows += [_row(step, "red circle", ["red circle blue", "red circle blue"], 3.0),
                  _row(step, "red circle", ["red circle", "red circle blue"], 1.0),
                  _row(step, "red circle", ["red circle", "red circle"], 2.0),

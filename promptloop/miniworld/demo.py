@@ -84,6 +84,7 @@ def train_config(out_dir: Path, prompts_file: Path, size: DemoSize = FULL, warm_
                          num_refinements=size.num_refinements, initial_rewrite=size.initial_rewrite,
                          schedule="per_group", shared_noise=True,
                          mini_batches=4, micro_batch_size=size.group_size, learning_rate=2e-3, beta=0.04,
+                         advantage_scale="batch",
                          max_steps=size.steps, seed=seed),
         logging=LoggingSection(output_dir=str(out_dir / "train"), report_to="none",
                                image_every=checkpoint_every or max(size.steps // 3, 1),

@@ -103,7 +103,9 @@ class GRPOSection:
     beta: float = _help("KL coefficient to the reference policy (adapter off). 0 disables the KL term.",
                         default=0.0)
     advantage_scale: Literal["group", "batch", "none"] = _help(
-        "Divide centred rewards by the group std (GRPO), the batch std, or not at all.", default="group")
+        "Divide centred rewards by the group std (GRPO), the batch std, or not at all. With 'group', a group whose "
+        "rewards nearly tie gets as much weight as one where the prompts changed the image; 'batch' weighs groups "
+        "by their reward spread (the mini-world recipe, docs/results.md).", default="group")
     loss_normalisation: Literal["token", "sequence"] = _help(
         "Average the per-token loss over all tokens of a mini-batch, or per action then over actions.",
         default="token")

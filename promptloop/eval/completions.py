@@ -141,17 +141,19 @@ def windows(rows: list[Completion], size: int = 50, top: int = 5) -> list[Window
     return out
 
 
-def render(rows: list[Completion], window: int = 50, top: int = 5, min_count: int = 30) -> str:
-    """Both tables as markdown; attribution rows with fewer than ``min_count`` trajectories are left out."""
+def render(rows: list[Completion], summary: list[Window], attribution: dict[tuple[str, str], Interval],
+           min_count: int = 30) -> str:
+    """The :func:`windows` ``summary`` and the :func:`edit_attribution` of ``rows`` as markdown tables; attribution
+    rows with fewer than ``min_count`` trajectories are left out."""
     lines = [f"{len(rows)} trajectories, steps {min(r.step for r in rows)}-{max(r.step for r in rows)}.", "",
              "| steps | trajectories | mean reward | keeps the query | most added words (share of final prompts) |",
              "|---|---|---|---|---|"]
-    for w in windows(rows, window, top):
+    for w in summary:
         added = ", ".join(f"{word} {share:.2f}" for word, share in w.top_added) or "-"
         lines.append(f"| {w.first}-{w.last} | {w.trajectories} | {w.mean_reward:.3f} | {w.keeps_query:.2f} | {added} |")
     lines += ["", "Centred reward (r - group mean) of the trajectories with each edit, 95% interval:", "",
               "| edit | where | trajectories | mean centred reward |", "|---|---|---|---|"]
-    for (edit, where), stat in edit_attribution(rows).items():
+    for (edit, where), stat in attribution.items():
         if stat.n >= min_count:
             lines.append(f"| {edit} | {where or '-'} | {stat.n} | {stat.mean:+.3f} ± {stat.half_width:.3f} |")
     return "\n".join(lines) + "\n"
@@ -171,12 +173,12 @@ def main(argv: list[str] | None = None) -> str:
     rows = load_completions(args.path)
     if not rows:
         parser.error(f"{args.path} holds no trajectory with a finite reward")
-    text = render(rows, args.window, args.top, args.min_count)
+    summary, attribution = windows(rows, args.window, args.top), edit_attribution(rows)
+    text = render(rows, summary, attribution, args.min_count)
     print(text, end="")
     if args.json:
-        payload = {"windows": [w.__dict__ for w in windows(rows, args.window, args.top)],
-                   "attribution": [{"edit": e, "where": where, **s.as_dict()}
-                                   for (e, where), s in edit_attribution(rows).items()]}
+        payload = {"windows": [w.__dict__ for w in summary],
+                   "attribution": [{"edit": e, "where": where, **s.as_dict()} for (e, where), s in attribution.items()]}
         Path(args.json).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     return text
 

@@ -82,8 +82,16 @@ def evaluate_pipeline(pipe: DiffusionPipeline, settings: EvalSettings) -> dict:
             "by_guidance": by_guidance}
 
 
+def weakest_values(accuracy: dict, k: int = 3) -> list[tuple[str, str, float, int]]:
+    """The ``k`` (attribute, value, accuracy, images) with the lowest accuracy in one ``attribute_accuracy`` result."""
+    rows = [(name, value, v["accuracy"], v["count"])
+            for name, a in accuracy.items() for value, v in a.get("by_value", {}).items()]
+    return sorted(rows, key=lambda row: (row[2], -row[3]))[:k]
+
+
 def format_table(result: dict) -> str:
-    """A markdown table: one row per guidance scale, one column per attribute (accuracy, chance in brackets)."""
+    """A markdown table: one row per guidance scale, one column per attribute (accuracy, chance in brackets); then,
+    per guidance scale, the named values drawn least often (an attribute's average can hide one value it misses)."""
     columns = list(ATTRIBUTES) + ["all_named"]
     chance = result["chance"]
     head = "| guidance | " + " | ".join(
@@ -92,6 +100,11 @@ def format_table(result: dict) -> str:
     for scale, accuracy in result["by_guidance"].items():
         cells = [f"{accuracy[c]['accuracy']:.2f}" if c in accuracy else "-" for c in columns]
         lines.append(f"| {scale} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for scale, accuracy in result["by_guidance"].items():
+        weakest = ", ".join(f"{name} {value} {acc:.2f} ({n} images)"
+                            for name, value, acc, n in weakest_values(accuracy))
+        lines.append(f"Weakest named values at guidance {scale}: {weakest}.")
     return "\n".join(lines)
 
 

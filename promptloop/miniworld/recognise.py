@@ -160,14 +160,15 @@ def attribute_accuracy(images, targets) -> dict[str, dict[str, float]]:
     """Per-attribute accuracy over the attributes each target names.
 
     ``targets`` holds, per image, a ``Scene`` (all attributes count), a caption (only the attributes it names count)
-    or an {attribute: value} dict. Returns {attribute: {"accuracy", "count"}} for each attribute named at least
-    once, plus "all_named": the fraction of images with a non-empty target whose named attributes are all right.
+    or an {attribute: value} dict. Returns {attribute: {"accuracy", "count", "by_value"}} for each attribute named
+    at least once, where "by_value" holds {"accuracy", "count"} for each value asked for (a backbone that draws most
+    circles as squares shows it there, not in the shape average), plus "all_named": the fraction of images with a
+    non-empty target whose named attributes are all right.
     """
     images, targets = list(images), list(targets)
     if len(images) != len(targets):
         raise ValueError(f"Got {len(images)} images but {len(targets)} targets; pass one target per image.")
-    correct = dict.fromkeys(ATTRIBUTES, 0)
-    count = dict.fromkeys(ATTRIBUTES, 0)
+    tallies: dict[str, dict[str, list[int]]] = {name: {} for name in ATTRIBUTES}
     all_right, with_target = 0, 0
     for image, target in zip(images, targets):
         wanted = _targets(target)
@@ -175,13 +176,19 @@ def attribute_accuracy(images, targets) -> dict[str, dict[str, float]]:
             continue
         seen = recognise(image)
         hits = [seen[name] == value for name, value in wanted.items()]
-        for (name, _), hit in zip(wanted.items(), hits):
-            count[name] += 1
-            correct[name] += int(hit)
+        for (name, value), hit in zip(wanted.items(), hits):
+            tally = tallies[name].setdefault(value, [0, 0])
+            tally[0] += int(hit)
+            tally[1] += 1
         with_target += 1
         all_right += int(all(hits))
-    result = {name: {"accuracy": correct[name] / count[name], "count": count[name]}
-              for name in ATTRIBUTES if count[name]}
+    result = {}
+    for name in ATTRIBUTES:
+        if tallies[name]:
+            right, count = (sum(column) for column in zip(*tallies[name].values()))
+            result[name] = {"accuracy": right / count, "count": count,
+                            "by_value": {value: {"accuracy": hit / n, "count": n}
+                                         for value, (hit, n) in sorted(tallies[name].items())}}
     if with_target:
         result["all_named"] = {"accuracy": all_right / with_target, "count": with_target}
     return result

@@ -12,7 +12,7 @@ project module's own command line, printed before it runs, so any step can also 
 5. ``policy-edit``: the warm start whose later rewrites edit the prompt in force (``policy_warmstart --edit-later``),
    which the demo trains from;
 6. ``policy-grpo``: the demo's GRPO run for 400 steps from it, exported next to it (``train_policy``; it trains on
-   the package's backbone A and preference reward, the ones the demo uses);
+   the backbone A and preference reward of steps 2 and 3);
 7. ``backbone-b``: backbone B, the flow-matching SD3-architecture backbone on A's frozen VAE
    (``train_flow_backbone``, fixed step count);
 8. ``backbone-b-export``: its float16 copy, evaluated as loaded (``export_backbone``);
@@ -100,9 +100,11 @@ STEPS: tuple[BuildStep, ...] = (
     BuildStep(
         "policy-grpo", "promptloop.miniworld.train_policy",
         lambda out, device: ["--out", _run_dir(out, "policy_grpo"), "--dest", str(out / "policy_grpo"),
-                             "--warm-start", str(out / "policy_edit"), "--steps", "400", "--seed", "2"],
+                             "--warm-start", str(out / "policy_edit"), "--backbone", str(out / "backbone_a"),
+                             "--preference", str(out / "preference"), "--steps", "400", "--seed", "2"],
         lambda out, device: ["--out", _run_dir(out, "policy_grpo"), "--dest", str(out / "policy_grpo"),
-                             "--warm-start", str(out / "policy_edit"), "--steps", "2", "--checkpoint-every", "1",
+                             "--warm-start", str(out / "policy_edit"), "--backbone", str(out / "backbone_a"),
+                             "--preference", str(out / "preference"), "--steps", "2", "--checkpoint-every", "1",
                              "--tiny"],
         "76 minutes on one loaded CPU core (about 11 s per step)"),
     BuildStep(

@@ -68,18 +68,21 @@ def _reward_curve(history: list[dict], path: Path) -> None:
 
 
 def train_config(out_dir: Path, prompts_file: Path, size: DemoSize = FULL, warm_start: Path = EDIT_WARM_START,
-                 seed: int = 0, checkpoint_every: int | None = None):
+                 seed: int = 0, checkpoint_every: int | None = None, backbone: Path = SHIPPED_BACKBONE_A,
+                 preference: Path | None = None):
     """The demo's GRPO run from ``warm_start`` (``configs/miniworld_grpo.yaml`` holds the same settings for
-    ``promptloop train``); one checkpoint at the end unless ``checkpoint_every`` is given."""
+    ``promptloop train``); one checkpoint at the end unless ``checkpoint_every`` is given. ``backbone`` and
+    ``preference`` (the reward model's folder) default to the shipped ones."""
     from ..rl.config import BackboneSection, DataSection, GRPOSection, LoggingSection, RewardSection, TrainConfig
 
     return TrainConfig(
-        backbone=BackboneSection(name_or_path=str(SHIPPED_BACKBONE_A), dtype="float32",
+        backbone=BackboneSection(name_or_path=str(backbone), dtype="float32",
                                  num_inference_steps=size.sampler_steps, guidance_scale=2.0, preview_size=32,
                                  rollout_batch_size=size.prompts_per_step * size.group_size),
         data=DataSection(prompts=str(prompts_file)),
         policy=miniworld_policy_config("closed", warm_start),
-        reward=RewardSection(spec="miniworld-preference"),
+        reward=RewardSection(spec="miniworld-preference",
+                             kwargs={} if preference is None else {"path": str(preference)}),
         grpo=GRPOSection(prompts_per_step=size.prompts_per_step, group_size=size.group_size,
                          num_refinements=size.num_refinements, initial_rewrite=size.initial_rewrite,
                          schedule="per_group", shared_noise=True,

@@ -1,10 +1,12 @@
 """Train the shipped GRPO policy: the demo's recipe run longer, then exported next to its warm start.
 
     python -m promptloop.miniworld.train_policy --out RUN --dest promptloop/miniworld/assets/policy_grpo \
-        [--warm-start promptloop/miniworld/assets/policy_edit] [--steps 400] [--seed 2] [--resume]
+        [--warm-start promptloop/miniworld/assets/policy_edit] [--steps 400] [--seed 2] [--resume] \
+        [--backbone promptloop/miniworld/assets/backbone_a] [--preference promptloop/miniworld/assets/preference]
 
 The run is ``promptloop demo``'s GRPO run (backbone A, the preference reward, N_R = 3 plus the initial rewrite,
-4 queries x G = 8 per step) for ``--steps`` steps with checkpoints every ``--checkpoint-every`` steps in ``RUN``
+4 queries x G = 8 per step; the shipped backbone and reward model unless ``--backbone`` / ``--preference`` name
+others, as ``promptloop miniworld build`` does with the ones it has just built) for ``--steps`` steps with checkpoints every ``--checkpoint-every`` steps in ``RUN``
 (``--resume`` continues from the latest). Its final policy (a LoRA adapter, 0.2 MB) is copied to ``--dest`` with
 its base model named relative to ``--dest`` (``../policy_edit``), so the pair of folders can move together.
 """
@@ -20,7 +22,9 @@ from pathlib import Path
 from promptloop.policy.policy import ADAPTER_CONFIG_NAME, POLICY_CONFIG_NAME
 from promptloop.rl.checkpoint import latest_checkpoint
 
-from .demo import EDIT_WARM_START, FULL, QUICK, train_config
+from .demo import EDIT_WARM_START, FULL, QUICK, SHIPPED_BACKBONE_A, train_config
+from .preference_model import CONFIG_NAME as PREFERENCE_CONFIG_NAME
+from .rewards import DEFAULT_PREFERENCE_DIR
 from .queries import training_queries
 
 
@@ -56,6 +60,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=2, help="GRPO seed (the shipped run: 2)")
     parser.add_argument("--checkpoint-every", type=int, default=50, help="checkpoint every this many steps")
     parser.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    parser.add_argument("--backbone", default=str(SHIPPED_BACKBONE_A),
+                        help="the mini-world backbone A pipeline folder GRPO samples with")
+    parser.add_argument("--preference", default=str(DEFAULT_PREFERENCE_DIR),
+                        help="the learned preference model folder (the training reward)")
     parser.add_argument("--tiny", action="store_true", help="the demo's --quick sizes (tests)")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.checkpoint_every < 1:
@@ -63,6 +71,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not Path(args.warm_start).is_dir():
         parser.error(f"--warm-start {args.warm_start} is not a folder; build it with "
                      "`python -m promptloop.miniworld.policy_warmstart --edit-later --steps 4000 --out DIR`")
+    if not (Path(args.backbone) / "model_index.json").is_file():
+        parser.error(f"--backbone {args.backbone} holds no model_index.json; pass a saved pipeline folder "
+                     "(`python -m promptloop.miniworld.export_backbone RUN DEST` writes one)")
+    if not (Path(args.preference) / PREFERENCE_CONFIG_NAME).is_file():
+        parser.error(f"--preference {args.preference} holds no {PREFERENCE_CONFIG_NAME}; train one with "
+                     "`python -m promptloop.miniworld.train_preference --out DIR`")
     return args
 
 
@@ -76,7 +90,8 @@ def main(argv: list[str] | None = None) -> Path:
     prompts_file.write_text("\n".join(training_queries()) + "\n", encoding="utf-8")
     size = replace(QUICK if args.tiny else FULL, steps=args.steps)
     config = train_config(out, prompts_file, size, warm_start=Path(args.warm_start), seed=args.seed,
-                          checkpoint_every=args.checkpoint_every)
+                          checkpoint_every=args.checkpoint_every, backbone=Path(args.backbone),
+                          preference=Path(args.preference))
     GRPOTrainer.from_config(config).train(resume=args.resume)
     final = latest_checkpoint(out / "train")
     dest = export_policy(final / "policy", Path(args.dest), Path(args.warm_start))

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from ..policy import PolicyConfig
 
@@ -43,6 +43,9 @@ class RewardSection:
     device: Optional[str] = _help("Device of the reward model (default: the training device).", default=None)
     timeout_s: Optional[float] = _help("Seconds to wait for one batch of scores before the step is skipped.",
                                        default=None)
+    kwargs: dict[str, Any] = _help("Keyword arguments for load_reward: local weights of one reward "
+                                   "(path: /weights/imagereward) or, for a composite, per component name "
+                                   "(aesthetic: {path: /weights/aesthetic}).", default_factory=dict)
 
     def __post_init__(self):
         if not self.spec.strip():

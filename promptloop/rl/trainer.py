@@ -180,7 +180,7 @@ class GRPOTrainer:
         backbone.pipe.to(device)
         torch.manual_seed(config.grpo.seed)  # a fresh LoRA adapter's init is part of the run's reproducibility
         policy = PromptPolicy.from_pretrained(config.policy.model_name_or_path, config.policy, device=device)
-        reward = load_reward(config.reward.spec, device=config.reward.device or device)
+        reward = load_reward(config.reward.spec, device=config.reward.device or device, **config.reward.kwargs)
         return cls(config, policy, backbone, reward, queries, eval_queries, accelerator=accelerator)
 
     # ------------------------------------------------------------------------------------------------ rollout

@@ -83,9 +83,10 @@ def evaluate_pipeline(pipe: DiffusionPipeline, settings: EvalSettings) -> dict:
 
 
 def weakest_values(accuracy: dict, k: int = 3) -> list[tuple[str, str, float, int]]:
-    """The ``k`` (attribute, value, accuracy, images) with the lowest accuracy in one ``attribute_accuracy`` result."""
+    """Up to ``k`` (attribute, value, accuracy, images) below 1.0, lowest first, in one ``attribute_accuracy``
+    result."""
     rows = [(name, value, v["accuracy"], v["count"])
-            for name, a in accuracy.items() for value, v in a.get("by_value", {}).items()]
+            for name, a in accuracy.items() for value, v in a.get("by_value", {}).items() if v["accuracy"] < 1.0]
     return sorted(rows, key=lambda row: (row[2], -row[3]))[:k]
 
 
@@ -104,7 +105,7 @@ def format_table(result: dict) -> str:
     for scale, accuracy in result["by_guidance"].items():
         weakest = ", ".join(f"{name} {value} {acc:.2f} ({n} images)"
                             for name, value, acc, n in weakest_values(accuracy))
-        lines.append(f"Weakest named values at guidance {scale}: {weakest}.")
+        lines.append(f"Weakest named values at guidance {scale}: {weakest or 'none below 1.00'}.")
     return "\n".join(lines)
 
 

@@ -59,4 +59,7 @@ def test_backbone_table_names_the_value_an_attribute_average_hides():
     assert accuracy["shape"]["accuracy"] == pytest.approx(5 / 8)
     assert weakest_values(accuracy, k=1) == [("shape", "circle", 0.25, 4)]
     table = format_table({"chance": {}, "by_guidance": {"2.0": accuracy}})
-    assert "Weakest named values at guidance 2.0: shape circle 0.25 (4 images), shape square 1.00 (4 images)" in table
+    assert "Weakest named values at guidance 2.0: shape circle 0.25 (4 images)." in table
+    perfect = attribute_accuracy([square], ["square"])
+    assert weakest_values(perfect) == []
+    assert "none below 1.00" in format_table({"chance": {}, "by_guidance": {"4.0": perfect}})

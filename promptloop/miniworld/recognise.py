@@ -156,7 +156,7 @@ def _targets(target) -> dict[str, str]:
     raise TypeError(f"A target must be a Scene, a caption string or an {{attribute: value}} dict, got {type(target)}.")
 
 
-def attribute_accuracy(images, targets) -> dict[str, dict[str, float]]:
+def attribute_accuracy(images, targets) -> dict[str, dict]:
     """Per-attribute accuracy over the attributes each target names.
 
     ``targets`` holds, per image, a ``Scene`` (all attributes count), a caption (only the attributes it names count)

@@ -6,9 +6,10 @@
 
 The run is ``promptloop demo``'s GRPO run (backbone A, the preference reward, N_R = 3 plus the initial rewrite,
 4 queries x G = 8 per step; the shipped backbone and reward model unless ``--backbone`` / ``--preference`` name
-others, as ``promptloop miniworld build`` does with the ones it has just built) for ``--steps`` steps with checkpoints every ``--checkpoint-every`` steps in ``RUN``
-(``--resume`` continues from the latest). Its final policy (a LoRA adapter, 0.2 MB) is copied to ``--dest`` with
-its base model named relative to ``--dest`` (``../policy_edit``), so the pair of folders can move together.
+others, as ``promptloop miniworld build`` does with the ones it has just built) for ``--steps`` steps with
+checkpoints every ``--checkpoint-every`` steps in ``RUN`` (``--resume`` continues from the latest). Its final
+policy (a LoRA adapter, 0.2 MB) is copied to ``--dest`` with its base model named relative to ``--dest``
+(``../policy_edit``), so the pair of folders can move together.
 """
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ from promptloop.rl.checkpoint import latest_checkpoint
 
 from .demo import EDIT_WARM_START, FULL, QUICK, SHIPPED_BACKBONE_A, train_config
 from .preference_model import CONFIG_NAME as PREFERENCE_CONFIG_NAME
-from .rewards import DEFAULT_PREFERENCE_DIR
 from .queries import training_queries
+from .rewards import DEFAULT_PREFERENCE_DIR
 
 
 def export_policy(saved_policy: Path, dest: Path, base: Path) -> Path:

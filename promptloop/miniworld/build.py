@@ -5,19 +5,21 @@ project module's own command line, printed before it runs, so any step can also 
 
 1. ``backbone-train``: backbone A's VAE (16 x 16 latents), UNet and text encoder (``train_backbone``, fixed step
    counts);
-2. ``backbone-export``: the float16 copy that ships, evaluated as loaded (``export_backbone``);
-3. ``preference``: the learned preference reward (``train_preference``), with its agreement on images of the new
+2. ``backbone-continue``: its UNet and text encoder trained further from the saved pipeline, with a fresh optimizer
+   (``train_backbone --init-from``; circles were still drawn as squares too often after step 1);
+3. ``backbone-export``: the float16 copy that ships, evaluated as loaded (``export_backbone``);
+4. ``preference``: the learned preference reward (``train_preference``), with its agreement on images of the new
    backbone;
-4. ``policy``: the warm-started policy (``policy_warmstart``);
-5. ``policy-edit``: the warm start whose later rewrites edit the prompt in force (``policy_warmstart --edit-later``),
+5. ``policy``: the warm-started policy (``policy_warmstart``);
+6. ``policy-edit``: the warm start whose later rewrites edit the prompt in force (``policy_warmstart --edit-later``),
    which the demo trains from;
-6. ``policy-grpo``: the demo's GRPO run for 400 steps from it, exported next to it (``train_policy``; it trains on
-   the backbone A and preference reward of steps 2 and 3);
-7. ``backbone-b``: backbone B, the flow-matching SD3-architecture backbone on A's frozen VAE
+7. ``policy-grpo``: the demo's GRPO run for 400 steps from it, exported next to it (``train_policy``; it trains on
+   the backbone A and preference reward of steps 3 and 4);
+8. ``backbone-b``: backbone B, the flow-matching SD3-architecture backbone on A's frozen VAE
    (``train_flow_backbone``, fixed step count);
-8. ``backbone-b-export``: its float16 copy, evaluated as loaded (``export_backbone``);
-9. ``weight-tune``: backbone A's UNet fine-tuned directly on the preference reward (``weight_tune``, DRaFT-1);
-10. ``weight-tune-export``: its checkpoint at 2400 reward queries, evaluated and exported
+9. ``backbone-b-export``: its float16 copy, evaluated as loaded (``export_backbone``);
+10. ``weight-tune``: backbone A's UNet fine-tuned directly on the preference reward (``weight_tune``, DRaFT-1);
+11. ``weight-tune-export``: its checkpoint at 2400 reward queries, evaluated and exported
     (``evaluate_weight_tune``).
 
 ``--out DIR`` receives ``backbone_a/``, ``backbone_a.eval.json``, ``preference/``, ``policy/``, ``policy_edit/``,
@@ -36,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-STEP_NAMES = ("backbone-train", "backbone-export", "preference", "policy", "policy-edit",
+STEP_NAMES = ("backbone-train", "backbone-continue", "backbone-export", "preference", "policy", "policy-edit",
               "policy-grpo", "backbone-b", "backbone-b-export", "weight-tune", "weight-tune-export")
 
 
@@ -70,11 +72,21 @@ STEPS: tuple[BuildStep, ...] = (
         "3.4 hours of training on 2 CPU cores (one or two threads, 5 invocations with --resume): VAE 25 minutes, "
         "UNet 0.7-1.2 steps/s"),
     BuildStep(
+        "backbone-continue", "promptloop.miniworld.train_backbone",
+        lambda out, device: ["--out", _run_dir(out, "backbone_a_continued"), "--preset", "cpu", "--device", device,
+                             "--init-from", str(Path(_run_dir(out)) / "pipeline"), "--p-name-start", "0.6",
+                             "--unet-steps", "3076", "--checkpoint-every", "300", "--eval-captions", "32",
+                             "--eval-seeds", "4", "--eval-guidance", "2", "4", "--max-minutes", "600"],
+        lambda out, device: ["--out", _run_dir(out, "backbone_a_continued"), "--preset", "tiny", "--device", device,
+                             "--init-from", str(Path(_run_dir(out)) / "pipeline"), "--unet-steps", "2",
+                             "--max-minutes", "5"],
+        "37 minutes on 2 CPU threads (1.4 UNet steps/s), with 3 curve points and the evaluation"),
+    BuildStep(
         "backbone-export", "promptloop.miniworld.export_backbone",
-        lambda out, device: [str(Path(_run_dir(out))), str(out / "backbone_a"), "--captions", "32", "--seeds", "4",
-                             "--guidance", "4", "2"],
-        lambda out, device: [str(Path(_run_dir(out))), str(out / "backbone_a"), "--captions", "2", "--seeds", "1",
-                             "--steps", "2"],
+        lambda out, device: [_run_dir(out, "backbone_a_continued"), str(out / "backbone_a"), "--captions", "32",
+                             "--seeds", "4", "--guidance", "4", "2"],
+        lambda out, device: [_run_dir(out, "backbone_a_continued"), str(out / "backbone_a"), "--captions", "2",
+                             "--seeds", "1", "--steps", "2"],
         "3 minutes on 2 CPU cores"),
     BuildStep(
         "preference", "promptloop.miniworld.train_preference",

@@ -1,11 +1,12 @@
 """Train mini-world backbone A: the VAE first, then the UNet and text encoder jointly; save, then evaluate.
 
     python -m promptloop.miniworld.train_backbone --out DIR [--preset gpu|cpu|tiny] [--device cuda]
-        [--max-minutes M] [--resume] [--decoder-steps N] [--curve-every N]
+        [--max-minutes M] [--resume] [--decoder-steps N] [--curve-every N] [--init-from PIPELINE_DIR]
 
 ``--decoder-steps N`` fine-tunes the VAE decoder alone (encoder frozen) after the VAE phase, before the UNet phase
 continues; it may be added to a run that has already trained its UNet. ``--curve-every N`` evaluates the EMA
-weights every N UNet steps into ``curve.jsonl``.
+weights every N UNet steps into ``curve.jsonl``. ``--init-from`` continues a saved pipeline's UNet and text encoder
+(VAE phase skipped, fresh optimizer).
 
 Writes into DIR: ``checkpoint/`` (training state, replaced atomically every ``--checkpoint-every`` steps and at
 exit; ``--resume`` continues from it), ``pipeline/`` (``StableDiffusionPipeline.save_pretrained``, EMA weights,
@@ -28,9 +29,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from transformers import CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTokenizer
 
 from .backbone import TINY_SIZES, BackboneSizes, assemble_pipeline, build_text_encoder, build_unet, build_vae, \
     training_scheduler
@@ -150,11 +152,18 @@ class TrainBackboneConfig(DenoiserTrainingConfig):
     each checkpoint, on all 1296 clean scenes)."""
     unet_steps: int = 1_000_000
     """UNet steps cap (the time budget usually stops training first)."""
+    init_from: str = ""
+    """A saved backbone A pipeline folder to continue training: its VAE, text encoder, UNet and tokenizer are the
+    starting point, the VAE phase is skipped and the UNet phase starts at step 0 with a fresh optimizer and EMA
+    (how the shipped backbone A was trained further: docs/miniworld.md). Empty: train from scratch."""
 
     def __post_init__(self):
         for name in ("vae_batch", "decoder_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.init_from and not (Path(self.init_from) / "unet" / "config.json").is_file():
+            raise ValueError(f"--init-from {self.init_from} holds no unet/ folder; pass a pipeline folder saved by "
+                             "train_backbone or export_backbone (e.g. promptloop/miniworld/assets/backbone_a).")
         if self.vae_blocks not in (0, 2, 3, 4):
             raise ValueError(f"vae_blocks must be 2, 3 or 4 (16, 8 or 4 latent cells a side; 0 for the default), "
                              f"got {self.vae_blocks}.")
@@ -597,6 +606,13 @@ def train_unet(config, unet, text_encoder, latents, values, caption_tokenizer, p
     return train_denoiser(config, phase, progress, checkpointer, deadline, stop, log, device)
 
 
+def load_trainable_modules(pipeline_dir: Path) -> tuple[AutoencoderKL, CLIPTextModel, UNet2DConditionModel]:
+    """The VAE, text encoder and UNet of a saved pipeline folder, in float32 (shipped copies are float16)."""
+    return (AutoencoderKL.from_pretrained(pipeline_dir, subfolder="vae", torch_dtype=torch.float32),
+            CLIPTextModel.from_pretrained(pipeline_dir, subfolder="text_encoder", torch_dtype=torch.float32),
+            UNet2DConditionModel.from_pretrained(pipeline_dir, subfolder="unet", torch_dtype=torch.float32))
+
+
 def train(config: TrainBackboneConfig) -> dict:
     """Run (or resume) training within ``config.max_minutes``, then save the pipeline and evaluate it."""
     t_start = time.monotonic()
@@ -610,16 +626,26 @@ def train(config: TrainBackboneConfig) -> dict:
         torch.backends.cudnn.allow_tf32 = True
     checkpointer = Checkpointer(out / "checkpoint")
     resuming = config.resume and checkpointer.exists()
-    progress = checkpointer.load_progress() if resuming else Progress()
-    tokenizer = checkpointer.load_tokenizer() if resuming else make_miniworld_tokenizer()
+    if resuming:
+        progress, tokenizer = checkpointer.load_progress(), checkpointer.load_tokenizer()
+    elif config.init_from:
+        progress, tokenizer = Progress(phase="unet"), CLIPTokenizer.from_pretrained(Path(config.init_from) / "tokenizer")
+    else:
+        progress, tokenizer = Progress(), make_miniworld_tokenizer()
     checkpointer.tokenizer = tokenizer
     if not resuming:
         torch.manual_seed(config.seed)
     log(f"config {json.dumps(asdict(config))}")
     log(f"{'resuming' if resuming else 'starting'}: phase {progress.phase} step {progress.step}")
 
-    sizes = backbone_sizes(config)
-    vae, text_encoder, unet = build_vae(sizes), build_text_encoder(sizes, tokenizer), build_unet(sizes)
+    if config.init_from:
+        vae, text_encoder, unet = load_trainable_modules(Path(config.init_from))
+        if not resuming:
+            progress.scaling_factor = vae.config.scaling_factor
+        log(f"initialised from {config.init_from}")
+    else:
+        sizes = backbone_sizes(config)
+        vae, text_encoder, unet = build_vae(sizes), build_text_encoder(sizes, tokenizer), build_unet(sizes)
     vae, text_encoder, unet = vae.to(device), text_encoder.to(device), unet.to(device)
     log("params: vae {} text_encoder {} unet {}".format(
         *(sum(p.numel() for p in m.parameters()) for m in (vae, text_encoder, unet))))
@@ -638,7 +664,8 @@ def train(config: TrainBackboneConfig) -> dict:
         checkpointer.save(progress, {"vae": vae}, None, {"optimizer": vae_optimizer}, config)
         log(f"vae done; latent std {std:.3f}, scaling_factor {progress.scaling_factor:.4f}")
     else:
-        vae.load_state_dict(load_file(checkpointer.readable_dir() / "vae.safetensors", device=str(device)))
+        if resuming:
+            vae.load_state_dict(load_file(checkpointer.readable_dir() / "vae.safetensors", device=str(device)))
         vae.register_to_config(scaling_factor=progress.scaling_factor)
     vae.requires_grad_(False)
     if progress.decoder_step < config.decoder_steps and not progress.decoder_done:

@@ -228,3 +228,30 @@ def test_full_size_16x16_latents_get_a_deeper_unet_without_attention_at_full_res
 def test_unet_attention_from_must_leave_an_attention_block():
     with pytest.raises(ValueError, match="unet_attention_from"):
         BackboneSizes(unet_channels=(32, 64), unet_attention_from=1)
+
+
+def test_init_from_continues_a_saved_pipeline_with_its_vae_and_tokenizer(trained, tmp_path):
+    source, _, _ = trained
+    main(["--out", str(tmp_path), "--preset", "tiny", "--unet-steps", "2", "--init-from", str(source / "pipeline"),
+          "--vae-blocks", "3"])  # sizes flags are ignored: the saved models decide
+    log = (tmp_path / "train_log.txt").read_text()
+    assert "vae step" not in log and f"initialised from {source / 'pipeline'}" in log
+    progress = Checkpointer(tmp_path / "checkpoint").load_progress()
+    assert progress.phase == "unet" and progress.step == 2
+    before = StableDiffusionPipeline.from_pretrained(source / "pipeline")
+    after = StableDiffusionPipeline.from_pretrained(tmp_path / "pipeline")
+    assert after.vae.config.scaling_factor == before.vae.config.scaling_factor
+    assert all(torch.equal(a, b) for a, b in zip(before.vae.state_dict().values(), after.vae.state_dict().values()))
+    assert after.tokenizer.get_vocab() == before.tokenizer.get_vocab()
+    assert after.unet.config.block_out_channels == before.unet.config.block_out_channels
+    assert any(not torch.equal(a, b) for a, b in zip(before.unet.state_dict().values(),
+                                                       after.unet.state_dict().values()))
+    main(["--out", str(tmp_path), "--preset", "tiny", "--unet-steps", "3", "--init-from", str(source / "pipeline"),
+          "--resume"])
+    assert Checkpointer(tmp_path / "checkpoint").load_progress().step == 3
+    assert "resumed UNet phase at step 2" in (tmp_path / "train_log.txt").read_text()
+
+
+def test_init_from_must_be_a_pipeline_folder(tmp_path):
+    with pytest.raises(ValueError, match="--init-from .* holds no unet/ folder"):
+        parse_args(["--out", str(tmp_path / "run"), "--init-from", str(tmp_path)])

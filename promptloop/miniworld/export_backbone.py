@@ -5,7 +5,7 @@
 Reads ``RUN_DIR/pipeline`` (written by ``train_backbone`` or ``train_flow_backbone``), writes ``DEST`` with the
 diffusers models (UNet or transformer, VAE) in float16 (half the size) and the text encoders in float32, evaluates
 the copy as loaded back, and writes ``DEST.eval.json`` / ``DEST.eval.md`` beside it (with
-``RUN_DIR/checkpoint/state.json``'s progress as provenance).
+``RUN_DIR/checkpoint/state.json``'s progress, and the model it was continued from, as provenance).
 
 The text encoders stay float32 because transformers loads a model in its saved dtype by default while diffusers
 loads in float32: a float16 text encoder would make ``StableDiffusionPipeline.from_pretrained(DEST)`` (no dtype
@@ -40,14 +40,32 @@ def export_pipeline(pipeline_dir: str | Path, dest: str | Path) -> Path:
     return dest
 
 
+def training_provenance(run_dir: Path) -> dict:
+    """The run's progress from ``checkpoint/state.json`` ({} without one). A run started with ``--init-from`` also
+    records that folder and, where an export's ``<folder>.eval.json`` lies beside it, that model's own training
+    record (so a chain of continued runs stays traceable)."""
+    state = run_dir / "checkpoint" / "state.json"
+    if not state.is_file():
+        return {}
+    saved = json.loads(state.read_text())
+    record = dict(saved["progress"])
+    init_from = saved.get("config", {}).get("init_from")
+    if init_from:
+        record["init_from"] = init_from
+        earlier = Path(init_from).with_name(Path(init_from).name + ".eval.json")
+        if earlier.is_file() and "training" in (earlier_eval := json.loads(earlier.read_text())):
+            record["init_from_training"] = earlier_eval["training"]
+    return record
+
+
 def export_run(run_dir: str | Path, dest: str | Path, settings: EvalSettings) -> dict:
     """Export ``run_dir/pipeline`` to ``dest``, evaluate the exported copy, write ``dest.eval.json`` and ``.md``."""
     run_dir, dest = Path(run_dir), Path(dest)
     export_pipeline(run_dir / "pipeline", dest)
     result = evaluate_dir(dest, settings)
-    state = run_dir / "checkpoint" / "state.json"
-    if state.is_file():
-        result["training"] = json.loads(state.read_text())["progress"]
+    provenance = training_provenance(run_dir)
+    if provenance:
+        result["training"] = provenance
     json_path, md_path = dest.with_name(dest.name + ".eval.json"), dest.with_name(dest.name + ".eval.md")
     json_path.write_text(json.dumps(result, indent=2) + "\n")
     md_path.write_text(format_table(result) + "\n")

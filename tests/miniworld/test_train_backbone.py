@@ -12,6 +12,8 @@ from transformers import CLIPTokenizer
 
 from promptloop.miniworld import train_backbone
 from promptloop.miniworld.backbone import BackboneSizes, build_unet
+from promptloop.miniworld.evaluate_backbone import EvalSettings
+from promptloop.miniworld.export_backbone import export_run
 from promptloop.miniworld.train_backbone import Checkpointer, main, parse_args
 
 
@@ -230,26 +232,33 @@ def test_unet_attention_from_must_leave_an_attention_block():
         BackboneSizes(unet_channels=(32, 64), unet_attention_from=1)
 
 
-def test_init_from_continues_a_saved_pipeline_with_its_vae_and_tokenizer(trained, tmp_path):
-    source, _, _ = trained
-    main(["--out", str(tmp_path), "--preset", "tiny", "--unet-steps", "2", "--init-from", str(source / "pipeline"),
-          "--vae-blocks", "3"])  # sizes flags are ignored: the saved models decide
-    log = (tmp_path / "train_log.txt").read_text()
-    assert "vae step" not in log and f"initialised from {source / 'pipeline'}" in log
-    progress = Checkpointer(tmp_path / "checkpoint").load_progress()
+def test_init_from_continues_an_exported_pipeline_and_the_export_records_the_chain(trained, tmp_path):
+    source_run, _, _ = trained
+    settings = EvalSettings(captions=2, seeds=1, steps=2, guidance_scales=[4.0])
+    source = tmp_path / "backbone_a"
+    export_run(source_run, source, settings)  # float16 copy with backbone_a.eval.json beside it, as shipped
+    run = tmp_path / "continued"
+    main(["--out", str(run), "--preset", "tiny", "--unet-steps", "2", "--init-from", str(source),
+          "--vae-blocks", "3"])  # size flags are ignored: the saved models decide
+    log = (run / "train_log.txt").read_text()
+    assert "vae step" not in log and f"initialised from {source}" in log
+    progress = Checkpointer(run / "checkpoint").load_progress()
     assert progress.phase == "unet" and progress.step == 2
-    before = StableDiffusionPipeline.from_pretrained(source / "pipeline")
-    after = StableDiffusionPipeline.from_pretrained(tmp_path / "pipeline")
+    before = StableDiffusionPipeline.from_pretrained(source)
+    after = StableDiffusionPipeline.from_pretrained(run / "pipeline")
     assert after.vae.config.scaling_factor == before.vae.config.scaling_factor
     assert all(torch.equal(a, b) for a, b in zip(before.vae.state_dict().values(), after.vae.state_dict().values()))
     assert after.tokenizer.get_vocab() == before.tokenizer.get_vocab()
     assert after.unet.config.block_out_channels == before.unet.config.block_out_channels
     assert any(not torch.equal(a, b) for a, b in zip(before.unet.state_dict().values(),
                                                        after.unet.state_dict().values()))
-    main(["--out", str(tmp_path), "--preset", "tiny", "--unet-steps", "3", "--init-from", str(source / "pipeline"),
-          "--resume"])
-    assert Checkpointer(tmp_path / "checkpoint").load_progress().step == 3
-    assert "resumed UNet phase at step 2" in (tmp_path / "train_log.txt").read_text()
+    main(["--out", str(run), "--preset", "tiny", "--unet-steps", "3", "--init-from", str(source), "--resume"])
+    assert Checkpointer(run / "checkpoint").load_progress().step == 3
+    assert "resumed UNet phase at step 2" in (run / "train_log.txt").read_text()
+
+    training = export_run(run, tmp_path / "backbone_a2", settings)["training"]
+    assert training["step"] == 3 and training["init_from"] == str(source)
+    assert training["init_from_training"]["step"] == 4  # the source run's own record
 
 
 def test_init_from_must_be_a_pipeline_folder(tmp_path):

@@ -629,7 +629,8 @@ def train(config: TrainBackboneConfig) -> dict:
     if resuming:
         progress, tokenizer = checkpointer.load_progress(), checkpointer.load_tokenizer()
     elif config.init_from:
-        progress, tokenizer = Progress(phase="unet"), CLIPTokenizer.from_pretrained(Path(config.init_from) / "tokenizer")
+        progress = Progress(phase="unet")
+        tokenizer = CLIPTokenizer.from_pretrained(Path(config.init_from) / "tokenizer")
     else:
         progress, tokenizer = Progress(), make_miniworld_tokenizer()
     checkpointer.tokenizer = tokenizer

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .backbone import SHIPPED_BACKBONE_A
@@ -69,10 +69,11 @@ def _reward_curve(history: list[dict], path: Path) -> None:
 
 def train_config(out_dir: Path, prompts_file: Path, size: DemoSize = FULL, warm_start: Path = EDIT_WARM_START,
                  seed: int = 0, checkpoint_every: int | None = None, backbone: Path = SHIPPED_BACKBONE_A,
-                 preference: Path | None = None):
+                 preference: Path | None = None, keep_query_words: bool = False):
     """The demo's GRPO run from ``warm_start`` (``configs/miniworld_grpo.yaml`` holds the same settings for
     ``promptloop train``); one checkpoint at the end unless ``checkpoint_every`` is given. ``backbone`` and
-    ``preference`` (the reward model's folder) default to the shipped ones."""
+    ``preference`` (the reward model's folder) default to the shipped ones; ``keep_query_words`` turns on the
+    policy's guard against rewrites that leave out a query word."""
     from ..rl.config import BackboneSection, DataSection, GRPOSection, LoggingSection, RewardSection, TrainConfig
 
     return TrainConfig(
@@ -80,7 +81,7 @@ def train_config(out_dir: Path, prompts_file: Path, size: DemoSize = FULL, warm_
                                  num_inference_steps=size.sampler_steps, guidance_scale=2.0, preview_size=32,
                                  rollout_batch_size=size.prompts_per_step * size.group_size),
         data=DataSection(prompts=str(prompts_file)),
-        policy=miniworld_policy_config("closed", warm_start),
+        policy=replace(miniworld_policy_config("closed", warm_start), keep_query_words=keep_query_words),
         reward=RewardSection(spec="miniworld-preference",
                              kwargs={} if preference is None else {"path": str(preference)}),
         grpo=GRPOSection(prompts_per_step=size.prompts_per_step, group_size=size.group_size,

@@ -65,10 +65,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the mini-world backbone A pipeline folder GRPO samples with")
     parser.add_argument("--preference", default=str(DEFAULT_PREFERENCE_DIR),
                         help="the learned preference model folder (the training reward)")
+    parser.add_argument("--refinements", type=int, default=None,
+                        help=f"N_R, the refinements per trajectory after the initial rewrite (default "
+                             f"{FULL.num_refinements}, the demo's)")
+    parser.add_argument("--keep-query-words", action="store_true",
+                        help="reject rewrites that leave out a query word (policy.keep_query_words)")
     parser.add_argument("--tiny", action="store_true", help="the demo's --quick sizes (tests)")
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.checkpoint_every < 1:
-        parser.error("--steps and --checkpoint-every must be at least 1")
+    if args.steps < 1 or args.checkpoint_every < 1 or (args.refinements is not None and args.refinements < 1):
+        parser.error("--steps, --checkpoint-every and --refinements must be at least 1")
     if not Path(args.warm_start).is_dir():
         parser.error(f"--warm-start {args.warm_start} is not a folder; build it with "
                      "`python -m promptloop.miniworld.policy_warmstart --edit-later --steps 4000 --out DIR`")
@@ -90,9 +95,11 @@ def main(argv: list[str] | None = None) -> Path:
     prompts_file = out / "train_queries.txt"
     prompts_file.write_text("\n".join(training_queries()) + "\n", encoding="utf-8")
     size = replace(QUICK if args.tiny else FULL, steps=args.steps)
-    config = train_config(out, prompts_file, size, warm_start=Path(args.warm_start), seed=args.seed,
-                          checkpoint_every=args.checkpoint_every, backbone=Path(args.backbone),
-                          preference=Path(args.preference))
+    if args.refinements is not None:
+        size = replace(size, num_refinements=args.refinements)
+    config = train_config(out, prompts_file, size, warm_start=Path(args.warm_start),
+                          seed=args.seed, checkpoint_every=args.checkpoint_every, backbone=Path(args.backbone),
+                          preference=Path(args.preference), keep_query_words=args.keep_query_words)
     GRPOTrainer.from_config(config).train(resume=args.resume)
     final = latest_checkpoint(out / "train")
     dest = export_policy(final / "policy", Path(args.dest), Path(args.warm_start))

@@ -79,6 +79,13 @@ class PolicyConfig:
         metadata={"help": "Cut sanitized prompts to this many words (None: no cut). The sampler fits the exact "
                           "token budget of each backbone's text encoder afterwards."},
     )
+    keep_query_words: bool = field(
+        default=False,
+        metadata={"help": "Reject a rewrite that leaves out any word of the user's query: the prompt in force is kept "
+                          "instead (counted like an answer with no usable prompt). Meant for small fixed vocabularies "
+                          "such as the mini world's; free-text rewrites of real models paraphrase, so keep it off "
+                          "there."},
+    )
     system_prompt: Optional[str] = field(
         default=None, metadata={"help": "System prompt text; None uses the default prompt written for `mode`."}
     )

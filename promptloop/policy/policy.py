@@ -16,7 +16,7 @@ from promptloop.backbones.types import Observation, RefineFn
 from promptloop.policy.batch import PolicySample, collate_samples
 from promptloop.policy.chat import build_chat
 from promptloop.policy.config import PolicyConfig
-from promptloop.policy.sanitize import PromptSchedule, parse_prompt_schedule, sanitize_prompt
+from promptloop.policy.sanitize import PromptSchedule, missing_query_words, parse_prompt_schedule, sanitize_prompt
 
 POLICY_CONFIG_NAME = "policy_config.json"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -44,7 +44,8 @@ class PolicyActions:
     prompts: list[str]
     """Sanitized prompts, one per observation (a-priori mode: the step ``refinement_index`` of the schedule)."""
     kept_previous: list[bool]
-    """The answer held no usable prompt and the observation's current prompt was kept."""
+    """The observation's current prompt was kept: the answer held no usable prompt, or it left out a word of the
+    query while ``config.keep_query_words`` is on."""
     truncated: list[bool]
     """The prompt was cut to ``config.max_prompt_words`` words."""
     completion_ids: torch.Tensor
@@ -335,19 +336,20 @@ class PromptPolicy:
         max_words = self.config.max_prompt_words
         if self.config.mode == "apriori":
             actions.schedules = []
-            for text, observation in zip(actions.texts, observations):
+        for text, observation in zip(actions.texts, observations):
+            if self.config.mode == "apriori":
                 schedule = parse_prompt_schedule(text, observation.num_refinements, observation.prompt, max_words)
                 k = min(observation.refinement_index, observation.num_refinements - 1)
                 actions.schedules.append(schedule)
-                actions.prompts.append(schedule.prompts[k])
-                actions.kept_previous.append(schedule.missing[k])
-                actions.truncated.append(schedule.truncated[k])
-            return
-        for text, observation in zip(actions.texts, observations):
-            result = sanitize_prompt(text, observation.prompt, max_words)
-            actions.prompts.append(result.prompt)
-            actions.kept_previous.append(result.kept_previous)
-            actions.truncated.append(result.truncated)
+                prompt, kept, truncated = schedule.prompts[k], schedule.missing[k], schedule.truncated[k]
+            else:
+                result = sanitize_prompt(text, observation.prompt, max_words)
+                prompt, kept, truncated = result.prompt, result.kept_previous, result.truncated
+            if self.config.keep_query_words and not kept and missing_query_words(prompt, observation.query):
+                prompt, kept, truncated = observation.prompt, True, False
+            actions.prompts.append(prompt)
+            actions.kept_previous.append(kept)
+            actions.truncated.append(truncated)
 
     # --------------------------------------------------------------------------------------------------- scoring
     def log_probs(self, samples: Sequence[PolicySample]) -> TokenLogProbs:

@@ -25,6 +25,7 @@ _MD_EMPHASIS = re.compile(r"(\*{1,3}|_{2,3}|`+)")
 _MD_LINE_PREFIX = re.compile(r"^\s*(?:#{1,6}\s+|>\s*|[-*+\u2022]\s+)", re.MULTILINE)
 _QUOTE_PAIRS = {'"': '"', "'": "'", "\u201c": "\u201d", "\u2018": "\u2019", "\u00ab": "\u00bb", "`": "`"}
 _WHITESPACE = re.compile(r"\s+")
+_WORD_EDGE = ".,;:!?\"'()[]{}"
 _NUMBERED_LINE = re.compile(
     r"^\s*(?:[-*#>\s]*)(?:\*\*)?(?:step|prompt|refinement)?\s*(\d+)\s*(?:\*\*)?\s*[:.)\]-]\s*(.*)$", re.IGNORECASE
 )
@@ -123,6 +124,20 @@ def sanitize_prompt(text: Union[str, bytes], previous: str, max_words: Optional[
     text = strip_thinking(_CHAT_TOKEN.sub("\n", clean_text(text)))
     lines = [_strip_markup(line) for line in text.split("\n")]
     return _finish(" ".join(line for line in lines if line), previous, max_words)
+
+
+def _words(text: str) -> set[str]:
+    return {word for word in (w.strip(_WORD_EDGE).lower() for w in text.split()) if word}
+
+
+def missing_query_words(prompt: str, query: str) -> list[str]:
+    """The words of ``query`` (case and edge punctuation ignored) that ``prompt`` does not contain, in query order."""
+    have = _words(prompt)
+    missing: list[str] = []
+    for word in (w.strip(_WORD_EDGE).lower() for w in query.split()):
+        if word and word not in have and word not in missing:
+            missing.append(word)
+    return missing
 
 
 def parse_prompt_schedule(

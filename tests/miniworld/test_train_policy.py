@@ -19,12 +19,14 @@ def test_a_tiny_run_exports_a_policy_that_names_its_warm_start_relatively(tmp_pa
     shutil.copytree(DEFAULT_PREFERENCE_DIR, bundle / "preference")
     dest = main(["--out", str(tmp_path / "run"), "--dest", str(bundle / "policy_grpo"), "--warm-start",
                  str(bundle / "policy_edit"), "--steps", "2", "--checkpoint-every", "1", "--tiny",
-                 "--backbone", str(bundle / "backbone_a"), "--preference", str(bundle / "preference")])
+                 "--backbone", str(bundle / "backbone_a"), "--preference", str(bundle / "preference"),
+                 "--refinements", "3", "--keep-query-words"])
     config = json.loads((tmp_path / "run" / "train" / "config.json").read_text())
+    assert config["grpo"]["num_refinements"] == 3 and config["policy"]["keep_query_words"] is True
     assert config["backbone"]["name_or_path"] == str(bundle / "backbone_a")
     assert config["reward"]["kwargs"] == {"path": str(bundle / "preference")}
     saved = json.loads((dest / "policy_config.json").read_text())
-    assert saved["model_name_or_path"] == "../policy_edit"
+    assert saved["model_name_or_path"] == "../policy_edit" and saved["keep_query_words"] is True
     assert json.loads((dest / "adapter_config.json").read_text())["base_model_name_or_path"] == "../policy_edit"
     assert (tmp_path / "run" / "train" / "completions.jsonl").is_file()
     moved = tmp_path / "moved"
@@ -33,11 +35,14 @@ def test_a_tiny_run_exports_a_policy_that_names_its_warm_start_relatively(tmp_pa
     assert policy.has_adapter and policy.config.model_name_or_path == str((moved / "policy_edit").resolve())
 
 
-def test_export_needs_a_saved_policy_and_a_real_warm_start(tmp_path):
+def test_export_needs_a_saved_policy_and_a_real_warm_start(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="policy_config.json"):
         export_policy(tmp_path, tmp_path / "dest", EDIT_WARM_START)
     with pytest.raises(SystemExit):
         parse_args(["--out", str(tmp_path), "--dest", str(tmp_path / "d"), "--warm-start", str(tmp_path / "none")])
+    with pytest.raises(SystemExit):
+        parse_args(["--out", str(tmp_path), "--dest", str(tmp_path / "d"), "--refinements", "0"])
+    assert "--refinements must be at least 1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flag, message", [("--backbone", "holds no model_index.json"),

@@ -288,3 +288,20 @@ def test_static_kv_cache_gives_the_same_tokens_and_log_probs(tiny_vlm_dirs, fami
     assert torch.allclose(static.log_probs, dynamic.log_probs, atol=TOL)
     with pytest.raises(ValueError, match="cache_implementation='sliding' must be one of"):
         small_config(cache_implementation="sliding")
+
+
+@pytest.mark.parametrize("mode", ["closed", "apriori"])
+def test_keep_query_words_rejects_rewrites_that_drop_a_query_word(tiny_vlm_dirs, monkeypatch, mode):
+    answers = {"closed": ["Red, circle big top", "circle big top", "???"],
+               "apriori": ["1: Red, circle big\n2: red big", "1: circle big", "1: red circle\n2: red circle top"]}[mode]
+    observations = [make_observation(row, "red circle", prompt="red circle left", k=0, n=2) for row in range(3)]
+    guarded = load(tiny_vlm_dirs, mode=mode, max_new_tokens=4, keep_query_words=True)
+    monkeypatch.setattr(guarded.processor.tokenizer, "batch_decode", lambda *a, **k: list(answers))
+    actions = guarded.act(observations, seed=0)
+    assert actions.prompts == ["Red, circle big" if mode == "apriori" else "Red, circle big top",
+                               "red circle left", "red circle left" if mode == "closed" else "red circle"]
+    assert actions.kept_previous == [False, True, mode == "closed"]
+
+    unguarded = load(tiny_vlm_dirs, mode=mode, max_new_tokens=4)
+    monkeypatch.setattr(unguarded.processor.tokenizer, "batch_decode", lambda *a, **k: list(answers))
+    assert unguarded.act(observations, seed=0).prompts[1] == ("circle big" if mode == "apriori" else "circle big top")

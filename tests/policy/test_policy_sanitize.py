@@ -1,6 +1,6 @@
 import pytest
 
-from promptloop.policy import clean_text, parse_prompt_schedule, sanitize_prompt
+from promptloop.policy import clean_text, missing_query_words, parse_prompt_schedule, sanitize_prompt
 
 PREVIOUS = "a red cat on a sofa"
 
@@ -89,3 +89,10 @@ def test_empty_schedule_keeps_the_previous_prompt_everywhere():
 def test_schedule_steps_are_cut_to_the_word_budget():
     schedule = parse_prompt_schedule("1: " + "cat " * 40 + "\n2: dog", 2, PREVIOUS, max_words=4)
     assert schedule.prompts == ["cat cat cat cat", "dog"] and schedule.truncated == [True, False]
+
+
+def test_missing_query_words_ignores_case_order_and_edge_punctuation():
+    assert missing_query_words("Big, RED circle top", "red circle") == []
+    assert missing_query_words("red square", "red circle top circle") == ["circle", "top"]
+    assert missing_query_words("a red-circle", "red circle") == ["red", "circle"]
+    assert missing_query_words("anything", "") == []

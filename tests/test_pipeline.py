@@ -167,11 +167,11 @@ def test_a_runs_checkpoints_are_evaluated_step_by_step(quick_demo, tmp_path):
 def test_a_run_is_evaluated_greedily_at_another_n_r(quick_demo, tmp_path):
     from promptloop.miniworld.evaluate_run import evaluate_run
 
-    curve = evaluate_run(quick_demo / "train", tmp_path / "greedy", every=50, prompts=2, seeds=1, refinements=1,
+    curve = evaluate_run(quick_demo / "train", tmp_path / "greedy", every=50, prompts=2, seeds=1, refinements=2,
                          temperature=0.0, log=lambda *a: None)
     results = json.loads((tmp_path / "greedy" / "results.json").read_text())
     assert results["config"]["policy_sampling"]["do_sample"] is False
-    assert {m["label"]: m["num_refinements"] for m in results["methods"]}["step-2"] == 1
+    assert {m["label"]: m["num_refinements"] for m in results["methods"]}["step-2"] == 2
     rows = {row["method"]: row for row in curve["reward/preference"]}
     # the warm start's greedy rewrite is the query itself (it was trained to keep the query): same images as the base
     assert rows["untrained"]["mean"] == pytest.approx(rows["base"]["mean"], abs=1e-6)

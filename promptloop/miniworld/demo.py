@@ -1,7 +1,8 @@
 """``promptloop demo``: PromptLoop end to end in the mini world, on a CPU, with no downloads.
 
 Trains the shipped warm-started policy (``assets/policy_edit``) with GRPO on backbone A against the learned
-preference reward (closed loop, N_R = 3 plus the initial rewrite), then evaluates on held-out queries with fixed
+preference reward (closed loop, N_R = 1 plus the initial rewrite; rewrites that leave out a query word are
+rejected), then evaluates on held-out queries with fixed
 seeds: the base backbone (no rewriting), the untrained policy (the warm start, adapter off), the policy the demo
 trained, and the shipped policy trained the same way for 400 steps (``assets/policy_grpo``, built by
 ``python -m promptloop.miniworld.train_policy``), each scored by the training reward, the hidden gold rule and
@@ -43,7 +44,7 @@ class DemoSize:
     """Evaluation seeds are ``eval_first_seed .. eval_first_seed + eval_seeds - 1`` (fresh seeds confirm a result)."""
 
 
-FULL = DemoSize(steps=40, prompts_per_step=4, group_size=8, num_refinements=3, sampler_steps=10, eval_prompts=32,
+FULL = DemoSize(steps=40, prompts_per_step=4, group_size=8, num_refinements=1, sampler_steps=10, eval_prompts=32,
                 eval_seeds=4, initial_rewrite=True)
 QUICK = DemoSize(steps=2, prompts_per_step=2, group_size=4, num_refinements=1, sampler_steps=6, eval_prompts=4,
                  eval_seeds=2, initial_rewrite=True)
@@ -69,10 +70,10 @@ def _reward_curve(history: list[dict], path: Path) -> None:
 
 def train_config(out_dir: Path, prompts_file: Path, size: DemoSize = FULL, warm_start: Path = EDIT_WARM_START,
                  seed: int = 0, checkpoint_every: int | None = None, backbone: Path = SHIPPED_BACKBONE_A,
-                 preference: Path | None = None, keep_query_words: bool = False):
+                 preference: Path | None = None, keep_query_words: bool = True):
     """The demo's GRPO run from ``warm_start`` (``configs/miniworld_grpo.yaml`` holds the same settings for
     ``promptloop train``); one checkpoint at the end unless ``checkpoint_every`` is given. ``backbone`` and
-    ``preference`` (the reward model's folder) default to the shipped ones; ``keep_query_words`` turns on the
+    ``preference`` (the reward model's folder) default to the shipped ones; ``keep_query_words`` (on) is the
     policy's guard against rewrites that leave out a query word."""
     from ..rl.config import BackboneSection, DataSection, GRPOSection, LoggingSection, RewardSection, TrainConfig
 

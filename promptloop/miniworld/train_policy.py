@@ -2,10 +2,11 @@
 
     python -m promptloop.miniworld.train_policy --out RUN --dest promptloop/miniworld/assets/policy_grpo \
         [--warm-start promptloop/miniworld/assets/policy_edit] [--steps 400] [--seed 2] [--resume] \
-        [--backbone promptloop/miniworld/assets/backbone_a] [--preference promptloop/miniworld/assets/preference]
+        [--backbone promptloop/miniworld/assets/backbone_a] [--preference promptloop/miniworld/assets/preference] \
+        [--refinements 1] [--no-keep-query-words]
 
-The run is ``promptloop demo``'s GRPO run (backbone A, the preference reward, N_R = 3 plus the initial rewrite,
-4 queries x G = 8 per step; the shipped backbone and reward model unless ``--backbone`` / ``--preference`` name
+The run is ``promptloop demo``'s GRPO run (backbone A, the preference reward, N_R = 1 plus the initial rewrite,
+the guard that rejects rewrites leaving out a query word, 4 queries x G = 8 per step; the shipped backbone and reward model unless ``--backbone`` / ``--preference`` name
 others, as ``promptloop miniworld build`` does with the ones it has just built) for ``--steps`` steps with
 checkpoints every ``--checkpoint-every`` steps in ``RUN`` (``--resume`` continues from the latest). Its final
 policy (a LoRA adapter, 0.2 MB) is copied to ``--dest`` with its base model named relative to ``--dest``
@@ -68,8 +69,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--refinements", type=int, default=None,
                         help=f"N_R, the refinements per trajectory after the initial rewrite (default "
                              f"{FULL.num_refinements}, the demo's)")
-    parser.add_argument("--keep-query-words", action="store_true",
-                        help="reject rewrites that leave out a query word (policy.keep_query_words)")
+    parser.add_argument("--keep-query-words", action=argparse.BooleanOptionalAction, default=True,
+                        help="reject rewrites that leave out a query word (policy.keep_query_words; on in the "
+                             "shipped recipe)")
     parser.add_argument("--tiny", action="store_true", help="the demo's --quick sizes (tests)")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.checkpoint_every < 1 or (args.refinements is not None and args.refinements < 1):

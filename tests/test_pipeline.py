@@ -144,7 +144,7 @@ def test_demo_quick_trains_and_evaluates_in_the_mini_world(quick_demo):
         assert (out / name).is_file(), name
     results = json.loads((out / "eval" / "results.json").read_text())
     methods = {row["method"] for row in results["summary"]}
-    assert {"base", "untrained", "trained", "shipped-400-steps"} <= methods
+    assert {"base", "untrained", "trained", "shipped-800-steps"} <= methods
     table = (out / "results.md").read_text()
     assert "Paired difference to `base`" in table and "Paired difference to `untrained`" in table
     assert list((out / "eval").rglob("*.png")), "no images or trajectory strips"

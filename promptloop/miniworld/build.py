@@ -13,7 +13,7 @@ project module's own command line, printed before it runs, so any step can also 
 5. ``policy``: the warm-started policy (``policy_warmstart``);
 6. ``policy-edit``: the warm start whose later rewrites edit the prompt in force (``policy_warmstart --edit-later``),
    which the demo trains from;
-7. ``policy-grpo``: the demo's GRPO run for 400 steps from it, exported next to it (``train_policy``; it trains on
+7. ``policy-grpo``: the demo's GRPO run for 800 steps from it, exported next to it (``train_policy``; it trains on
    the backbone A and preference reward of steps 3 and 4);
 8. ``backbone-b``: backbone B, the flow-matching SD3-architecture backbone on A's frozen VAE
    (``train_flow_backbone``, fixed step count);
@@ -113,12 +113,12 @@ STEPS: tuple[BuildStep, ...] = (
         "policy-grpo", "promptloop.miniworld.train_policy",
         lambda out, device: ["--out", _run_dir(out, "policy_grpo"), "--dest", str(out / "policy_grpo"),
                              "--warm-start", str(out / "policy_edit"), "--backbone", str(out / "backbone_a"),
-                             "--preference", str(out / "preference"), "--steps", "400", "--seed", "2"],
+                             "--preference", str(out / "preference"), "--steps", "800", "--seed", "2"],
         lambda out, device: ["--out", _run_dir(out, "policy_grpo"), "--dest", str(out / "policy_grpo"),
                              "--warm-start", str(out / "policy_edit"), "--backbone", str(out / "backbone_a"),
                              "--preference", str(out / "preference"), "--steps", "2", "--checkpoint-every", "1",
                              "--tiny"],
-        "37 minutes on one CPU core (5.5 s per step, with another run on the other core)"),
+        "75-90 minutes on one CPU core (5.5-8 s per step, with another run on the other core)"),
     BuildStep(
         "backbone-b", "promptloop.miniworld.train_flow_backbone",
         lambda out, device: ["--out", _run_dir(out, "backbone_b"), "--vae-from", str(out / "backbone_a"),

@@ -4,7 +4,7 @@ Trains the shipped warm-started policy (``assets/policy_edit``) with GRPO on bac
 preference reward (closed loop, N_R = 1 plus the initial rewrite; rewrites that leave out a query word are
 rejected), then evaluates on held-out queries with fixed
 seeds: the base backbone (no rewriting), the untrained policy (the warm start, adapter off), the policy the demo
-trained, and the shipped policy trained the same way for 400 steps (``assets/policy_grpo``, built by
+trained, and the shipped policy trained the same way for 800 steps (``assets/policy_grpo``, built by
 ``python -m promptloop.miniworld.train_policy``), each scored by the training reward, the hidden gold rule and
 query fidelity. Everything goes through the project's own trainer (``promptloop.rl``) and evaluation harness
 (``promptloop.eval``): the same code that runs SDXL and Qwen2.5-VL.
@@ -25,8 +25,8 @@ EDIT_WARM_START = ASSETS_DIR / "policy_edit"
 """The warm start the demo trains from: supervised so that later rewrites edit the prompt in force
 (``policy_warmstart --edit-later --steps 4000``; docs/miniworld.md)."""
 SHIPPED_TRAINED_POLICY = ASSETS_DIR / "policy_grpo"
-"""The demo's GRPO run for 400 steps (seed 2): a LoRA adapter on ``EDIT_WARM_START`` (``train_policy``)."""
-SHIPPED_TRAINED_LABEL = "shipped-400-steps"
+"""The demo's GRPO run for 800 steps (seed 2): a LoRA adapter on ``EDIT_WARM_START`` (``train_policy``)."""
+SHIPPED_TRAINED_LABEL = "shipped-800-steps"
 
 
 @dataclass
@@ -159,7 +159,7 @@ def run_demo(out_dir: str | Path, quick: bool = False, log=print) -> dict:
     _reward_curve(history, out / "reward_curve.png")
     (out / "train_history.json").write_text(json.dumps(history, indent=1))
 
-    log("[2/2] evaluation on held-out queries with fixed seeds (the shipped 400-step policy too)")
+    log("[2/2] evaluation on held-out queries with fixed seeds (the shipped 800-step policy too)")
     policies = {"trained": policy_dir, SHIPPED_TRAINED_LABEL: SHIPPED_TRAINED_POLICY}
     eval_config = evaluation_config(out / "eval", policies, size)
     results = run_evaluation(eval_config, log=log)

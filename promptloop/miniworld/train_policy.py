@@ -1,7 +1,7 @@
 """Train the shipped GRPO policy: the demo's recipe run longer, then exported next to its warm start.
 
     python -m promptloop.miniworld.train_policy --out RUN --dest promptloop/miniworld/assets/policy_grpo \
-        [--warm-start promptloop/miniworld/assets/policy_edit] [--steps 400] [--seed 2] [--resume] \
+        [--warm-start promptloop/miniworld/assets/policy_edit] [--steps 800] [--seed 2] [--resume] \
         [--backbone promptloop/miniworld/assets/backbone_a] [--preference promptloop/miniworld/assets/preference] \
         [--refinements 1] [--no-keep-query-words]
 
@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="run folder (checkpoints, logs)")
     parser.add_argument("--dest", required=True, help="where the trained policy is exported")
     parser.add_argument("--warm-start", default=str(EDIT_WARM_START), help="the policy GRPO starts from")
-    parser.add_argument("--steps", type=int, default=400, help="GRPO steps")
+    parser.add_argument("--steps", type=int, default=800, help="GRPO steps (the shipped policy: 800)")
     parser.add_argument("--seed", type=int, default=2, help="GRPO seed (the shipped run: 2)")
     parser.add_argument("--checkpoint-every", type=int, default=50, help="checkpoint every this many steps")
     parser.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")

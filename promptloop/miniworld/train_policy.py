@@ -6,8 +6,9 @@
         [--refinements 1] [--no-keep-query-words]
 
 The run is ``promptloop demo``'s GRPO run (backbone A, the preference reward, N_R = 1 plus the initial rewrite,
-the guard that rejects rewrites leaving out a query word, 4 queries x G = 8 per step; the shipped backbone and reward model unless ``--backbone`` / ``--preference`` name
-others, as ``promptloop miniworld build`` does with the ones it has just built) for ``--steps`` steps with
+the guard that rejects rewrites leaving out a query word, 4 queries x G = 8 per step; the shipped backbone and
+reward model unless ``--backbone`` / ``--preference`` name others, as ``promptloop miniworld build`` does with
+the ones it has just built) for ``--steps`` steps with
 checkpoints every ``--checkpoint-every`` steps in ``RUN`` (``--resume`` continues from the latest). Its final
 policy (a LoRA adapter, 0.2 MB) is copied to ``--dest`` with its base model named relative to ``--dest``
 (``../policy_edit``), so the pair of folders can move together.

@@ -35,6 +35,11 @@ class TokenLogProbs:
     """``(B, C)`` detached entropy (nats) of the sampled distribution at each position; 0 where masked."""
 
 
+def _drops_query_word(prompt: str, kept_previous: bool, query: str) -> bool:
+    """A new prompt (not the kept previous one) that leaves out a word of ``query`` (``keep_query_words``)."""
+    return not kept_previous and bool(missing_query_words(prompt, query))
+
+
 @dataclass
 class PolicyActions:
     """What :meth:`PromptPolicy.act` returns for a batch of observations (one entry per observation)."""
@@ -336,17 +341,23 @@ class PromptPolicy:
         max_words = self.config.max_prompt_words
         if self.config.mode == "apriori":
             actions.schedules = []
+        guard = self.config.keep_query_words
         for text, observation in zip(actions.texts, observations):
             if self.config.mode == "apriori":
                 schedule = parse_prompt_schedule(text, observation.num_refinements, observation.prompt, max_words)
+                previous = observation.prompt
+                for i in range(len(schedule.prompts)):  # later refinements read the schedule: guard every step
+                    if guard and _drops_query_word(schedule.prompts[i], schedule.missing[i], observation.query):
+                        schedule.prompts[i], schedule.missing[i], schedule.truncated[i] = previous, True, False
+                    previous = schedule.prompts[i]
                 k = min(observation.refinement_index, observation.num_refinements - 1)
                 actions.schedules.append(schedule)
                 prompt, kept, truncated = schedule.prompts[k], schedule.missing[k], schedule.truncated[k]
             else:
                 result = sanitize_prompt(text, observation.prompt, max_words)
                 prompt, kept, truncated = result.prompt, result.kept_previous, result.truncated
-            if self.config.keep_query_words and not kept and missing_query_words(prompt, observation.query):
-                prompt, kept, truncated = observation.prompt, True, False
+                if guard and _drops_query_word(prompt, kept, observation.query):
+                    prompt, kept, truncated = observation.prompt, True, False
             actions.prompts.append(prompt)
             actions.kept_previous.append(kept)
             actions.truncated.append(truncated)

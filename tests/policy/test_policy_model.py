@@ -301,6 +301,9 @@ def test_keep_query_words_rejects_rewrites_that_drop_a_query_word(tiny_vlm_dirs,
     assert actions.prompts == ["Red, circle big" if mode == "apriori" else "Red, circle big top",
                                "red circle left", "red circle left" if mode == "closed" else "red circle"]
     assert actions.kept_previous == [False, True, mode == "closed"]
+    if mode == "apriori":  # later refinements read the schedule, so every step of it is guarded
+        assert actions.schedules[0].prompts == ["Red, circle big", "Red, circle big"]
+        assert actions.schedules[0].missing == [False, True]
 
     unguarded = load(tiny_vlm_dirs, mode=mode, max_new_tokens=4)
     monkeypatch.setattr(unguarded.processor.tokenizer, "batch_decode", lambda *a, **k: list(answers))

@@ -126,18 +126,14 @@ def sanitize_prompt(text: Union[str, bytes], previous: str, max_words: Optional[
     return _finish(" ".join(line for line in lines if line), previous, max_words)
 
 
-def _words(text: str) -> set[str]:
-    return {word for word in (w.strip(_WORD_EDGE).lower() for w in text.split()) if word}
+def _normalised_words(text: str) -> list[str]:
+    return [word for word in (w.strip(_WORD_EDGE).lower() for w in text.split()) if word]
 
 
 def missing_query_words(prompt: str, query: str) -> list[str]:
     """The words of ``query`` (case and edge punctuation ignored) that ``prompt`` does not contain, in query order."""
-    have = _words(prompt)
-    missing: list[str] = []
-    for word in (w.strip(_WORD_EDGE).lower() for w in query.split()):
-        if word and word not in have and word not in missing:
-            missing.append(word)
-    return missing
+    have = set(_normalised_words(prompt))
+    return list(dict.fromkeys(word for word in _normalised_words(query) if word not in have))
 
 
 def parse_prompt_schedule(

@@ -1,4 +1,4 @@
-"""The mini world's policy: a tiny Qwen2.5-VL (the real transformers class), warm-started by supervised fine-tuning.
+r"""The mini world's policy: a tiny Qwen2.5-VL (the real transformers class), warm-started by supervised fine-tuning.
 
     python -m promptloop.miniworld.policy_warmstart --out promptloop/miniworld/assets/policy [--seed 0]
     python -m promptloop.miniworld.policy_warmstart --out promptloop/miniworld/assets/policy_edit --edit-later \

@@ -1,4 +1,4 @@
-"""Train the shipped GRPO policy: the demo's recipe run longer, then exported next to its warm start.
+r"""Train the shipped GRPO policy: the demo's recipe run longer, then exported next to its warm start.
 
     python -m promptloop.miniworld.train_policy --out RUN --dest promptloop/miniworld/assets/policy_grpo \
         [--warm-start promptloop/miniworld/assets/policy_edit] [--steps 800] [--seed 2] [--resume] \

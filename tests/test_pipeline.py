@@ -147,6 +147,8 @@ def test_demo_quick_trains_and_evaluates_in_the_mini_world(quick_demo):
     assert {"base", "untrained", "trained", "shipped-800-steps"} <= methods
     table = (out / "results.md").read_text()
     assert "Paired difference to `base`" in table and "Paired difference to `untrained`" in table
+    assert "### What the policy wrote during training" in table
+    assert "| 1-1 | 8 |" in table and "| 2-2 | 8 |" in table, "one row per training step of the quick demo"
     assert list((out / "eval").rglob("*.png")), "no images or trajectory strips"
     assert json.loads((out / "summary.json").read_text())["train_steps"] == 2
 

@@ -68,6 +68,18 @@ def _reward_curve(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _training_completions_markdown(path: Path, size: DemoSize) -> str:
+    """What the policy wrote during the demo's training (``promptloop.eval.completions``): reward and added words
+    per quarter of the run, and the centred reward of each edit (rows with at least one step's trajectories)."""
+    from ..eval.completions import edit_attribution, load_completions, render, windows
+
+    rows = load_completions(path)
+    summary = windows(rows, max(size.steps // 4, 1))
+    text = render(rows, summary, edit_attribution(rows), min_count=size.prompts_per_step * size.group_size)
+    return ("\n### What the policy wrote during training\n\n"
+            f"From `{path.name}` (`python -m promptloop.eval.completions {path.parent}`).\n\n" + text)
+
+
 def train_config(out_dir: Path, prompts_file: Path, size: DemoSize = FULL, warm_start: Path = EDIT_WARM_START,
                  seed: int = 0, checkpoint_every: int | None = None, backbone: Path = SHIPPED_BACKBONE_A,
                  preference: Path | None = None, keep_query_words: bool = True):
@@ -164,6 +176,7 @@ def run_demo(out_dir: str | Path, quick: bool = False, log=print) -> dict:
     eval_config = evaluation_config(out / "eval", policies, size)
     results = run_evaluation(eval_config, log=log)
     table = (out / "eval" / "results.md").read_text(encoding="utf-8") + paired_markdown(results, "untrained")
+    table += _training_completions_markdown(out / "train" / "completions.jsonl", size)
     (out / "results.md").write_text(table, encoding="utf-8")
     summary = {"seconds": time.perf_counter() - start, "quick": quick, "train_steps": size.steps,
                "first_step_reward": history[0]["reward/mean"], "last_step_reward": history[-1]["reward/mean"],

@@ -75,7 +75,8 @@ class MethodEntry:
                         default="none")
     num_refinements: Optional[list[int]] = _help(
         "N_R values for closed / closed-noimage / apriori (one result per value, labelled LABEL@N_R when more "
-        "than one); null: [1, 3, 5] for closed, [5] otherwise. Must be < the backbone's num_inference_steps.",
+        "than one); null: [1, 3, 5] for closed, [5] otherwise. Must be < the backbone's num_inference_steps; 0 "
+        "(with initial_rewrite) runs the policy's first prompt alone, with no rewrite from a preview.",
         default=None)
     adapter: bool = _help("Use the policy's LoRA adapter; false switches it off (the untrained base VLM in this "
                           "method's loop). Kind 'untrained' always runs with it off.", default=True)
@@ -108,8 +109,11 @@ class MethodEntry:
             return
         if self.num_refinements is None:
             self.num_refinements = list(DEFAULT_NUM_REFINEMENTS[self.kind])
-        if not self.num_refinements or any(n < 1 for n in self.num_refinements):
-            raise ValueError(f"num_refinements={self.num_refinements} must be a non-empty list of ints >= 1")
+        least = 0 if self.initial_rewrite else 1  # N_R = 0 with an initial rewrite: the first prompt alone
+        if not self.num_refinements or any(n < least for n in self.num_refinements):
+            hint = "" if least == 0 else " (0 only with initial_rewrite: true)"
+            raise ValueError(f"num_refinements={self.num_refinements} must be a non-empty list of ints >= "
+                             f"{least}{hint}")
         if len(set(self.num_refinements)) != len(self.num_refinements):
             raise ValueError(f"num_refinements={self.num_refinements} has duplicates")
 

@@ -82,11 +82,12 @@ def _training_completions_markdown(path: Path, size: DemoSize) -> str:
 
 def train_config(out_dir: Path, prompts_file: Path, size: DemoSize = FULL, warm_start: Path = EDIT_WARM_START,
                  seed: int = 0, checkpoint_every: int | None = None, backbone: Path = SHIPPED_BACKBONE_A,
-                 preference: Path | None = None, keep_query_words: bool = True):
+                 preference: Path | None = None, keep_query_words: bool = True, feedback: bool = True):
     """The demo's GRPO run from ``warm_start`` (``configs/miniworld_grpo.yaml`` holds the same settings for
     ``promptloop train``); one checkpoint at the end unless ``checkpoint_every`` is given. ``backbone`` and
     ``preference`` (the reward model's folder) default to the shipped ones; ``keep_query_words`` (on) is the
-    policy's guard against rewrites that leave out a query word."""
+    policy's guard against rewrites that leave out a query word; ``feedback`` off withholds the x0 preview from
+    the policy (the feedback ablation)."""
     from ..rl.config import BackboneSection, DataSection, GRPOSection, LoggingSection, RewardSection, TrainConfig
 
     return TrainConfig(
@@ -99,7 +100,7 @@ def train_config(out_dir: Path, prompts_file: Path, size: DemoSize = FULL, warm_
                              kwargs={} if preference is None else {"path": str(preference)}),
         grpo=GRPOSection(prompts_per_step=size.prompts_per_step, group_size=size.group_size,
                          num_refinements=size.num_refinements, initial_rewrite=size.initial_rewrite,
-                         schedule="per_group", shared_noise=True,
+                         schedule="per_group", shared_noise=True, feedback=feedback,
                          mini_batches=4, micro_batch_size=size.group_size, learning_rate=2e-3, beta=0.04,
                          advantage_scale="batch",
                          max_steps=size.steps, seed=seed),

@@ -3,7 +3,7 @@ r"""Train the shipped GRPO policy: the demo's recipe run longer, then exported n
     python -m promptloop.miniworld.train_policy --out RUN --dest promptloop/miniworld/assets/policy_grpo \
         [--warm-start promptloop/miniworld/assets/policy_edit] [--steps 800] [--seed 2] [--resume] \
         [--backbone promptloop/miniworld/assets/backbone_a] [--preference promptloop/miniworld/assets/preference] \
-        [--refinements 1] [--no-keep-query-words]
+        [--refinements 1] [--no-keep-query-words] [--no-feedback]
 
 The run is ``promptloop demo``'s GRPO run (backbone A, the preference reward, N_R = 1 plus the initial rewrite,
 the guard that rejects rewrites leaving out a query word, 4 queries x G = 8 per step; the shipped backbone and
@@ -73,6 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--keep-query-words", action=argparse.BooleanOptionalAction, default=True,
                         help="reject rewrites that leave out a query word (policy.keep_query_words; on in the "
                              "shipped recipe)")
+    parser.add_argument("--feedback", action=argparse.BooleanOptionalAction, default=True,
+                        help="show the policy the x0 preview at its refinement actions (--no-feedback: the "
+                             "feedback ablation, the same run with the image withheld)")
     parser.add_argument("--tiny", action="store_true", help="the demo's --quick sizes (tests)")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.checkpoint_every < 1 or (args.refinements is not None and args.refinements < 1):
@@ -102,7 +105,8 @@ def main(argv: list[str] | None = None) -> Path:
         size = replace(size, num_refinements=args.refinements)
     config = train_config(out, prompts_file, size, warm_start=Path(args.warm_start),
                           seed=args.seed, checkpoint_every=args.checkpoint_every, backbone=Path(args.backbone),
-                          preference=Path(args.preference), keep_query_words=args.keep_query_words)
+                          preference=Path(args.preference), keep_query_words=args.keep_query_words,
+                          feedback=args.feedback)
     GRPOTrainer.from_config(config).train(resume=args.resume)
     final = latest_checkpoint(out / "train")
     dest = export_policy(final / "policy", Path(args.dest), Path(args.warm_start))

@@ -47,6 +47,14 @@ def test_default_closed_loop_sweeps_one_three_five(tmp_path):
     assert [v.label for v in config.method_variants() if v.method == "loop"] == ["loop@1", "loop@3", "loop@5"]
 
 
+def test_initial_rewrite_alone_is_a_closed_variant_with_no_refinement(tmp_path):
+    config = load_config(EvalConfig, _write(tmp_path, _minimal()), ["--methods.loop.num_refinements=0,1",
+                                                                    "--methods.loop.initial_rewrite", "true"])
+    first, one = [v for v in config.method_variants() if v.method == "loop"]
+    assert (first.label, first.num_refinements, one.label) == ("loop@0", 0, "loop@1")
+    assert first.schedule.steps(10) == [0] and one.schedule.steps(10) == [0, 5]
+
+
 @pytest.mark.parametrize("change,message", [
     ({"methods": {"base": {"kind": "base", "policy": "x/y"}}}, "samples without a policy"),
     ({"methods": {"loop": {"kind": "closed"}}}, "needs a policy"),
@@ -61,6 +69,8 @@ def test_default_closed_loop_sweeps_one_three_five(tmp_path):
      "feedback_delay=-1 must be >= 0"),
     ({"methods": {"base": {"kind": "base"}, "loop": {"kind": "apriori", "policy": "a/b", "initial_rewrite": True}}},
      "initial_rewrite applies to kinds 'closed'"),
+    ({"methods": {"base": {"kind": "base"}, "loop": {"kind": "closed", "policy": "a/b", "num_refinements": [0]}}},
+     r"ints >= 1 \(0 only with initial_rewrite: true\)"),
     ({"methods": {"base": {"kind": "base"}, "loop_nr1": {"kind": "oneshot", "policy": "a/b"},
                   "loop": {"kind": "closed", "policy": "a/b", "num_refinements": [1, 2]}}}, "share the folder"),
 ])

@@ -79,3 +79,9 @@ def test_initial_rewrite_adds_a_decision_at_step_0_without_the_preview(models, c
     out = _run(models, "closed", n=2, initial_rewrite=True)
     assert calls == [("closed", True, [False, False], 3)] + [("closed", True, [True, True], 3)] * 2
     assert all(t.decision_steps == [0, 1, 3] and len(t.prompts) == 4 for t in out.trajectories)
+
+
+def test_initial_rewrite_alone_writes_one_prompt_before_any_preview(models, calls):
+    out = _run(models, "closed", n=0, initial_rewrite=True)
+    assert calls == [("closed", True, [False, False], 1)]
+    assert all(t.decision_steps == [0] and len(t.prompts) == 2 for t in out.trajectories)

@@ -20,9 +20,10 @@ def test_a_tiny_run_exports_a_policy_that_names_its_warm_start_relatively(tmp_pa
     dest = main(["--out", str(tmp_path / "run"), "--dest", str(bundle / "policy_grpo"), "--warm-start",
                  str(bundle / "policy_edit"), "--steps", "2", "--checkpoint-every", "1", "--tiny",
                  "--backbone", str(bundle / "backbone_a"), "--preference", str(bundle / "preference"),
-                 "--refinements", "3", "--keep-query-words"])
+                 "--refinements", "3", "--keep-query-words", "--no-feedback"])
     config = json.loads((tmp_path / "run" / "train" / "config.json").read_text())
     assert config["grpo"]["num_refinements"] == 3 and config["policy"]["keep_query_words"] is True
+    assert config["grpo"]["feedback"] is False
     assert config["backbone"]["name_or_path"] == str(bundle / "backbone_a")
     assert config["reward"]["kwargs"] == {"path": str(bundle / "preference")}
     saved = json.loads((dest / "policy_config.json").read_text())
@@ -60,6 +61,12 @@ def test_the_shipped_trained_policy_is_an_adapter_on_the_shipped_warm_start():
     lora_b = [p for name, p in policy.model.named_parameters() if "lora_B" in name]
     assert lora_b and max(p.abs().max().item() for p in lora_b) > 1e-3  # trained, not a fresh adapter
     assert not any(p.name.endswith((".bin", ".pt")) for p in SHIPPED_TRAINED_POLICY.iterdir())
+
+
+def test_the_recipe_shows_the_preview_unless_told_not_to(tmp_path):
+    assert parse_args(["--out", str(tmp_path), "--dest", str(tmp_path / "d")]).feedback is True
+    assert train_config(tmp_path, tmp_path / "q.txt", QUICK).grpo.feedback is True
+    assert train_config(tmp_path, tmp_path / "q.txt", QUICK, feedback=False).grpo.feedback is False
 
 
 def test_the_trainer_loads_its_reward_with_the_configured_kwargs(tmp_path):

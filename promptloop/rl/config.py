@@ -152,7 +152,8 @@ class LoggingSection:
     eval_every: int = _help("Evaluate on held-out queries every N steps (0: never).", default=0)
     log_completions: bool = _help(
         "Append every trajectory of every step (step, query, prompts in force, reward) to completions.jsonl in the "
-        "run folder (the main process's share of the queries).", default=False)
+        "run folder (the main process's share of the queries). A fresh run starts the file anew; --resume drops "
+        "the rows of steps after its checkpoint, which run again.", default=False)
     checkpoint_every: int = _help("Write a checkpoint every N steps (and at exit).", default=10)
     keep_last: int = _help("Checkpoints kept (oldest removed first).", default=3)
     progress: bool = _help("Show a progress bar with ETA.", default=True)

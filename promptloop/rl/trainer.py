@@ -456,6 +456,18 @@ class GRPOTrainer:
         return checkpoint
 
     # ------------------------------------------------------------------------------------------------ training
+    def _restart_completions_log(self) -> None:
+        """Keep only the ``completions.jsonl`` rows of steps up to ``self.step``: none on a fresh start, those up to
+        the checkpoint on a resume, whose later steps run again (a restart would otherwise count them twice)."""
+        path = self.run_dir / "completions.jsonl"
+        if not path.is_file():
+            return
+        with open(path, encoding="utf-8") as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= self.step]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+
     def _log_completions(self, batch: RolloutBatch) -> None:
         rows = [{"step": self.step + 1, "query": q, "prompts": list(t.prompts),
                  "reward": r if math.isfinite(r) else None}
@@ -503,6 +515,8 @@ class GRPOTrainer:
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
+            if cfg.logging.log_completions:
+                self._restart_completions_log()
         if cfg.logging.report_to != "none":
             flat = {k.replace(".", "/"): v for k, v in _flatten(to_dict(cfg)).items()
                     if isinstance(v, (int, float, str, bool))}

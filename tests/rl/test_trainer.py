@@ -1,7 +1,9 @@
 """GRPO trainer end to end on a tiny SD pipeline and a tiny Qwen2.5-VL policy (CPU, fp32)."""
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,18 +27,34 @@ def test_training_raises_a_learnable_reward_and_changes_the_adapter(tmp_path, vl
     assert all(h["train/nonfinite_skips"] == 0 and h["policy/entropy"] > 0 for h in history)
 
 
+def _logging_completions(trainer):
+    trainer.config.logging.log_completions = True
+    return trainer
+
+
+def _completions(run_dir: Path) -> list[tuple[int, str, list[str]]]:
+    rows = [json.loads(line) for line in (run_dir / "completions.jsonl").read_text().splitlines()]
+    return [(r["step"], r["query"], r["prompts"]) for r in rows]
+
+
 def test_resume_continues_exactly(tmp_path, vlm_dir):
-    straight = tiny_trainer(tmp_path / "straight", vlm_dir, max_steps=4)
+    straight = _logging_completions(tiny_trainer(tmp_path / "straight", vlm_dir, max_steps=4))
     straight.train()
-    first = tiny_trainer(tmp_path / "split", vlm_dir, max_steps=2)
+    (tmp_path / "split").mkdir()
+    stale = json.dumps({"step": 1, "query": "an earlier run", "prompts": ["x"], "reward": 0.0}) + "\n"
+    (tmp_path / "split" / "completions.jsonl").write_text(stale)  # left by an earlier run: a fresh start drops it
+    first = _logging_completions(tiny_trainer(tmp_path / "split", vlm_dir, max_steps=2))
     first.train()
     assert read_meta(latest_checkpoint(tmp_path / "split"))["step"] == 2
-    second = tiny_trainer(tmp_path / "split", vlm_dir, max_steps=4)  # a fresh LoRA init, replaced on resume
+    with open(tmp_path / "split" / "completions.jsonl", "a") as f:  # step 3 logged, then a crash before its checkpoint
+        f.write(stale.replace('"step": 1', '"step": 3'))
+    second = _logging_completions(tiny_trainer(tmp_path / "split", vlm_dir, max_steps=4))  # LoRA replaced on resume
     second.train(resume=True)
     a, b = adapter_state(straight), adapter_state(second)
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
     assert second.stream.position == straight.stream.position
     assert [p.name for p in list_checkpoints(tmp_path / "split")] == ["step-00000002", "step-00000004"]
+    assert _completions(tmp_path / "split") == _completions(tmp_path / "straight")  # each step once, as run
 
 
 class _FlakyReward(Reward):

@@ -458,12 +458,20 @@ class GRPOTrainer:
     # ------------------------------------------------------------------------------------------------ training
     def _restart_completions_log(self) -> None:
         """Keep only the ``completions.jsonl`` rows of steps up to ``self.step``: none on a fresh start, those up to
-        the checkpoint on a resume, whose later steps run again (a restart would otherwise count them twice)."""
+        the checkpoint on a resume, whose later steps run again (a restart would otherwise count them twice). A line
+        cut short by a crash is dropped."""
         path = self.run_dir / "completions.jsonl"
         if not path.is_file():
             return
+
+        def step_of(line: str) -> float:
+            try:
+                return json.loads(line)["step"]
+            except (ValueError, KeyError, TypeError):
+                return math.inf
+
         with open(path, encoding="utf-8") as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= self.step]
+            kept = [line.rstrip("\n") + "\n" for line in f if step_of(line) <= self.step]
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text("".join(kept), encoding="utf-8")
         os.replace(tmp, path)

@@ -46,8 +46,8 @@ def test_resume_continues_exactly(tmp_path, vlm_dir):
     first = _logging_completions(tiny_trainer(tmp_path / "split", vlm_dir, max_steps=2))
     first.train()
     assert read_meta(latest_checkpoint(tmp_path / "split"))["step"] == 2
-    with open(tmp_path / "split" / "completions.jsonl", "a") as f:  # step 3 logged, then a crash before its checkpoint
-        f.write(stale.replace('"step": 1', '"step": 3'))
+    with open(tmp_path / "split" / "completions.jsonl", "a") as f:  # step 3 logged, then a crash mid-write
+        f.write(stale.replace('"step": 1', '"step": 3') + stale[:20])
     second = _logging_completions(tiny_trainer(tmp_path / "split", vlm_dir, max_steps=4))  # LoRA replaced on resume
     second.train(resume=True)
     a, b = adapter_state(straight), adapter_state(second)

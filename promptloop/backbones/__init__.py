@@ -38,7 +38,7 @@ def auto_backbone(pipe_or_path: Any, preview_decoder: Optional[torch.nn.Module] 
     """Wrap a pipeline object, or load a local folder / hub id, with the adapter of its pipeline class.
 
     With a pipeline object, ``kwargs`` go to the adapter's ``from_pipeline``; with a path or id, to its
-    ``from_pretrained`` (and from there to the diffusers ``from_pretrained``, e.g. ``torch_dtype``).
+    ``from_pretrained`` (and from there to the diffusers ``from_pretrained``, e.g. ``dtype``).
     """
     if not isinstance(pipe_or_path, (str, os.PathLike)):
         return adapter_for(type(pipe_or_path).__name__).from_pipeline(
@@ -53,9 +53,33 @@ def auto_backbone(pipe_or_path: Any, preview_decoder: Optional[torch.nn.Module] 
     return adapter_for(class_name).from_pretrained(path, preview_decoder=preview_decoder, **kwargs)
 
 
+def diffusers_dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """The dtype keyword of diffusers' ``from_pretrained`` for the installed version: ``dtype`` since diffusers
+    0.40, ``torch_dtype`` before (0.40 and later still take it, with a deprecation warning)."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    return {"dtype" if Version(version("diffusers")) >= Version("0.40") else "torch_dtype": dtype}
+
+
+def load_backbone(name_or_path: str | os.PathLike, dtype: str = "auto",
+                  device: torch.device | str = "cpu") -> Backbone:
+    """Load a saved pipeline (folder or hub id) with the adapter of its class, in ``dtype`` (a torch dtype name
+    such as "float32"; "auto": bfloat16 on CUDA, float32 elsewhere) and move it to ``device``."""
+    device = torch.device(device)
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" else "float32"
+    if not isinstance(getattr(torch, dtype, None), torch.dtype):
+        raise ValueError(f"dtype={dtype!r} is not a torch dtype name; use e.g. 'float32', 'bfloat16' or 'auto'.")
+    backbone = auto_backbone(name_or_path, **diffusers_dtype_kwargs(getattr(torch, dtype)))
+    backbone.pipe.to(device)
+    return backbone
+
+
 __all__ = [
     "ADAPTERS", "Backbone", "Observation", "PhaseTimes", "PromptEmbeds", "RefineFn", "RefinementSchedule",
     "RolloutOutput", "SamplerSettings", "SamplerState", "StableDiffusionBackbone", "StableDiffusionXLBackbone",
     "StepResult", "Trajectory", "adapter_for", "auto_backbone", "blind_observations", "check_feedback_delay",
-    "fit_prompt", "rollout", "withhold_preview",
+    "diffusers_dtype_kwargs", "fit_prompt", "load_backbone", "rollout", "withhold_preview",
 ]

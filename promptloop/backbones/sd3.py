@@ -87,7 +87,7 @@ class FlowMatchingBackbone(Backbone):
         lora_scale: Optional[float] = None,
         **kwargs: Any,
     ) -> "FlowMatchingBackbone":
-        """Load with ``<PipelineClass>.from_pretrained(id_or_path, **kwargs)`` (``torch_dtype``,
+        """Load with ``<PipelineClass>.from_pretrained(id_or_path, **kwargs)`` (``dtype``,
         ``text_encoder_3=None``, ``variant``, ... pass through) and wrap it as :meth:`from_pipeline` does.
 
         A local folder saved by another pipeline class is rejected before any weights load. Components a local folder

@@ -73,7 +73,7 @@ class StableDiffusionBackbone(Backbone):
         lora_scale: Optional[float] = None,
         **kwargs: Any,
     ) -> "StableDiffusionBackbone":
-        """Load the diffusers pipeline (``kwargs`` go to its ``from_pretrained``, e.g. ``torch_dtype``) and wrap it.
+        """Load the diffusers pipeline (``kwargs`` go to its ``from_pretrained``, e.g. ``dtype``) and wrap it.
 
         A local folder saved by another pipeline family is rejected before any weights load.
         """

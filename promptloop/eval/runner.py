@@ -9,7 +9,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from ..backbones import Backbone, SamplerSettings, auto_backbone, check_feedback_delay
+from ..backbones import Backbone, SamplerSettings, check_feedback_delay, load_backbone
 from ..configuration import to_dict
 from ..policy import PromptPolicy
 from ..rewards import Reward, load_reward
@@ -52,15 +52,6 @@ def check_config(config: EvalConfig) -> list[MethodVariant]:
         if v.kind != "base" and _looks_local(v.policy) and not Path(v.policy).expanduser().exists():
             raise ValueError(f"methods.{v.method}.policy {v.policy!r} does not exist.")
     return variants
-
-
-def load_backbone(entry: BackboneEntry, device: torch.device) -> Backbone:
-    dtype = entry.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" else "float32"
-    backbone = auto_backbone(entry.name_or_path, torch_dtype=getattr(torch, dtype))
-    backbone.pipe.to(device)
-    return backbone
 
 
 def sampler_settings(entry: BackboneEntry) -> SamplerSettings:
@@ -175,7 +166,7 @@ def run_evaluation(config: EvalConfig, queries: Optional[Sequence[str]] = None,
     evaluator = _Evaluator(config, queries, rewards, embedder, out_dir, log)
     samples: list[Sample] = []
     for label, entry in config.backbones.items():
-        backbone = load_backbone(entry, device)
+        backbone = load_backbone(entry.name_or_path, entry.dtype, device)
         for variant in variants:
             policy = policies.get(variant.policy) if variant.kind != "base" else None
             samples += evaluator.run(label, backbone, entry, variant, policy)
@@ -197,4 +188,4 @@ def run_evaluation(config: EvalConfig, queries: Optional[Sequence[str]] = None,
     return results
 
 
-__all__ = ["PolicyCache", "check_config", "load_backbone", "resolve_device", "run_evaluation", "sampler_settings"]
+__all__ = ["PolicyCache", "check_config", "resolve_device", "run_evaluation", "sampler_settings"]

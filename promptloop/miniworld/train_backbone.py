@@ -609,7 +609,7 @@ def train_unet(config, unet, text_encoder, latents, values, caption_tokenizer, p
 def load_trainable_modules(pipeline_dir: Path) -> tuple[AutoencoderKL, CLIPTextModel, UNet2DConditionModel]:
     """The VAE, text encoder and UNet of a saved pipeline folder, in float32 (shipped copies are float16)."""
     return (AutoencoderKL.from_pretrained(pipeline_dir, subfolder="vae", torch_dtype=torch.float32),
-            CLIPTextModel.from_pretrained(pipeline_dir, subfolder="text_encoder", torch_dtype=torch.float32),
+            CLIPTextModel.from_pretrained(pipeline_dir, subfolder="text_encoder", dtype=torch.float32),
             UNet2DConditionModel.from_pretrained(pipeline_dir, subfolder="unet", torch_dtype=torch.float32))
 
 

@@ -164,7 +164,7 @@ class GRPOTrainer:
     @classmethod
     def from_config(cls, config: TrainConfig, accelerator=None) -> "GRPOTrainer":
         """Load the queries (first: cheap errors), then the backbone, the policy and the reward."""
-        from ..backbones import auto_backbone
+        from ..backbones import load_backbone
         from ..rewards import load_reward
         from .data import load_queries
 
@@ -173,11 +173,7 @@ class GRPOTrainer:
             else None
         accelerator = accelerator or make_accelerator(config)
         device = accelerator.device
-        dtype = config.backbone.dtype
-        if dtype == "auto":
-            dtype = "bfloat16" if device.type == "cuda" else "float32"
-        backbone = auto_backbone(config.backbone.name_or_path, torch_dtype=getattr(torch, dtype))
-        backbone.pipe.to(device)
+        backbone = load_backbone(config.backbone.name_or_path, config.backbone.dtype, device)
         torch.manual_seed(config.grpo.seed)  # a fresh LoRA adapter's init is part of the run's reproducibility
         policy = PromptPolicy.from_pretrained(config.policy.model_name_or_path, config.policy, device=device)
         reward = load_reward(config.reward.spec, device=config.reward.device or device, **config.reward.kwargs)

@@ -1,10 +1,13 @@
 """SD1.x (epsilon, DDIM) and SD2.x (v-prediction, Euler): the rollout is the stock pipeline's own sampling."""
+import warnings
+
 import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
-from promptloop.backbones import RefinementSchedule, SamplerSettings, StableDiffusionBackbone, auto_backbone, rollout
-from promptloop.testing.tiny_pipelines import tiny_sdxl_pipeline
+from promptloop.backbones import (RefinementSchedule, SamplerSettings, StableDiffusionBackbone, auto_backbone,
+                                  load_backbone, rollout)
+from promptloop.testing.tiny_pipelines import tiny_sd_pipeline, tiny_sdxl_pipeline
 
 from .conftest import stock_images
 
@@ -112,3 +115,15 @@ def test_from_pipeline_keeps_the_users_pipeline_and_checks_the_class(sd_backbone
         StableDiffusionBackbone.from_pipeline(sdxl_backbone.pipe)
     with pytest.raises(ValueError, match="No promptloop backbone for"):
         auto_backbone(object())
+
+
+def test_load_backbone_resolves_dtype_without_deprecation_warnings(tmp_path):
+    tiny_sd_pipeline().save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # diffusers >= 0.40 warns on torch_dtype
+        backbone = load_backbone(tmp_path, "auto", "cpu")
+        half = load_backbone(tmp_path, "bfloat16", "cpu")
+    assert type(backbone).__name__ == "StableDiffusionBackbone"
+    assert backbone.pipe.unet.dtype == torch.float32 and half.pipe.unet.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype='fp32' is not a torch dtype name"):
+        load_backbone(tmp_path, "fp32")

@@ -37,6 +37,11 @@ RewardFn = Callable[..., Any]
 the final prompt (``"prompt"``) and every prompt in force (``"prompts"``) of trajectory i."""
 
 
+METRICS_LOG = "metrics.jsonl"
+"""The run folder's log of every training step's metrics (one JSON object per line, with its "step"; written by the
+main process, as the trackers are): what TensorBoard shows, for scripts."""
+
+
 class RatioCheckError(RuntimeError):
     """The first on-policy micro-batch had a ratio far from 1: training and sampling log-probs disagree."""
 
@@ -452,11 +457,11 @@ class GRPOTrainer:
         return checkpoint
 
     # ------------------------------------------------------------------------------------------------ training
-    def _restart_completions_log(self) -> None:
-        """Keep only the ``completions.jsonl`` rows of steps up to ``self.step``: none on a fresh start, those up to
-        the checkpoint on a resume, whose later steps run again (a restart would otherwise count them twice). A line
-        cut short by a crash is dropped."""
-        path = self.run_dir / "completions.jsonl"
+    def _restart_step_log(self, name: str) -> None:
+        """Keep only the rows of steps up to ``self.step`` in the run folder's step log ``name`` (a JSON object per
+        line with a "step" key): none on a fresh start, those up to the checkpoint on a resume, whose later steps
+        run again (a restart would otherwise count them twice). A line cut short by a crash is dropped."""
+        path = self.run_dir / name
         if not path.is_file():
             return
 
@@ -472,12 +477,14 @@ class GRPOTrainer:
         tmp.write_text("".join(kept), encoding="utf-8")
         os.replace(tmp, path)
 
-    def _log_completions(self, batch: RolloutBatch) -> None:
-        rows = [{"step": self.step + 1, "query": q, "prompts": list(t.prompts),
-                 "reward": r if math.isfinite(r) else None}
-                for q, t, r in zip(batch.queries, batch.trajectories, batch.rewards.tolist())]
-        with open(self.run_dir / "completions.jsonl", "a", encoding="utf-8") as f:
+    def _append_step_log(self, name: str, rows: Sequence[dict[str, Any]]) -> None:
+        with open(self.run_dir / name, "a", encoding="utf-8") as f:
             f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+    def _log_completions(self, batch: RolloutBatch) -> None:
+        self._append_step_log("completions.jsonl", [
+            {"step": self.step + 1, "query": q, "prompts": list(t.prompts), "reward": r if math.isfinite(r) else None}
+            for q, t, r in zip(batch.queries, batch.trajectories, batch.rewards.tolist())])
 
     def _log_images(self, batch: RolloutBatch) -> None:
         rows = [trajectory_strip(t, img, tile=128) for t, img in
@@ -509,7 +516,8 @@ class GRPOTrainer:
         return {"eval/reward_mean": float(finite.mean()) if len(finite) else float("nan")}
 
     def train(self, resume: bool | str | Path = False) -> list[dict[str, float]]:
-        """Run until ``grpo.max_steps``; returns the per-step metrics (also logged to the trackers)."""
+        """Run until ``grpo.max_steps``; returns the per-step metrics (also logged to the trackers and, by the main
+        process, to ``metrics.jsonl`` in the run folder)."""
         from tqdm.auto import tqdm
 
         cfg = self.config
@@ -519,8 +527,9 @@ class GRPOTrainer:
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
+            self._restart_step_log(METRICS_LOG)
             if cfg.logging.log_completions:
-                self._restart_completions_log()
+                self._restart_step_log("completions.jsonl")
         if cfg.logging.report_to != "none":
             flat = {k.replace(".", "/"): v for k, v in _flatten(to_dict(cfg)).items()
                     if isinstance(v, (int, float, str, bool))}
@@ -592,10 +601,17 @@ class GRPOTrainer:
                 self.save_checkpoint()
                 last_saved = self.step
             history.append(metrics)
+            if main:
+                self._append_step_log(METRICS_LOG, [{"step": self.step, **_json_safe(metrics)}])
             bar.update(1)
             if batch is not None:
                 bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}")
         return last_saved
+
+
+def _json_safe(metrics: dict[str, float]) -> dict[str, Optional[float]]:
+    """NaN/inf as null: strict JSON readers reject them."""
+    return {k: v if math.isfinite(v) else None for k, v in metrics.items()}
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -43,11 +43,14 @@ def test_resume_continues_exactly(tmp_path, vlm_dir):
     (tmp_path / "split").mkdir()
     stale = json.dumps({"step": 1, "query": "an earlier run", "prompts": ["x"], "reward": 0.0}) + "\n"
     (tmp_path / "split" / "completions.jsonl").write_text(stale)  # left by an earlier run: a fresh start drops it
+    (tmp_path / "split" / "metrics.jsonl").write_text('{"step": 1, "reward/mean": 9.0}\n')
     first = _logging_completions(tiny_trainer(tmp_path / "split", vlm_dir, max_steps=2))
     first.train()
     assert read_meta(latest_checkpoint(tmp_path / "split"))["step"] == 2
     with open(tmp_path / "split" / "completions.jsonl", "a") as f:  # step 3 logged, then a crash mid-write
         f.write(stale.replace('"step": 1', '"step": 3') + stale[:20])
+    with open(tmp_path / "split" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "reward/mean": 9.0}\n')
     second = _logging_completions(tiny_trainer(tmp_path / "split", vlm_dir, max_steps=4))  # LoRA replaced on resume
     second.train(resume=True)
     a, b = adapter_state(straight), adapter_state(second)
@@ -55,6 +58,13 @@ def test_resume_continues_exactly(tmp_path, vlm_dir):
     assert second.stream.position == straight.stream.position
     assert [p.name for p in list_checkpoints(tmp_path / "split")] == ["step-00000002", "step-00000004"]
     assert _completions(tmp_path / "split") == _completions(tmp_path / "straight")  # each step once, as run
+    straight_metrics, split_metrics = _step_metrics(tmp_path / "straight"), _step_metrics(tmp_path / "split")
+    assert [m["step"] for m in split_metrics] == [1, 2, 3, 4]
+    assert [m["reward/mean"] for m in split_metrics] == pytest.approx([m["reward/mean"] for m in straight_metrics])
+
+
+def _step_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 class _FlakyReward(Reward):

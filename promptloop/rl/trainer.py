@@ -329,8 +329,9 @@ class GRPOTrainer:
                         mask = mask & torch.tensor([valid[i] for i in mb], device=mask.device).unsqueeze(1)
                         if entropy is not None and mask.any():
                             sums["policy/entropy"] = sums.get("policy/entropy", 0.0) + float(entropy[mask].mean())
-                        if not self._ratio_checked:
+                        if not self._ratio_checked and mask.any():
                             self._check_on_policy(logps, old, mask)
+                            metrics["losses/on_policy_ratio_deviation"] = self.on_policy_ratio_deviation
                         ref = None
                         if g.beta:
                             with torch.no_grad(), self.policy.reference():
@@ -383,10 +384,9 @@ class GRPOTrainer:
         return bool(total.item() > 0)
 
     def _check_on_policy(self, logps: torch.Tensor, old: torch.Tensor, mask: torch.Tensor) -> None:
-        """Before any update the policy is the behaviour policy: its log-probs must reproduce sampling's."""
+        """Before any update the policy is the behaviour policy: its log-probs must reproduce sampling's (checked on
+        the first micro-batch with valid tokens)."""
         self._ratio_checked = True
-        if not mask.any():
-            return
         deviation = float((torch.exp(logps.detach() - old) - 1).abs()[mask].max())
         self.on_policy_ratio_deviation = deviation
         if not math.isfinite(deviation):

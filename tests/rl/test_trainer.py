@@ -24,6 +24,8 @@ def test_training_raises_a_learnable_reward_and_changes_the_adapter(tmp_path, vl
     after = adapter_state(trainer)
     assert max(float((after[k] - before[k]).abs().max()) for k in before) > 1e-3
     assert trainer.on_policy_ratio_deviation < 1e-5  # fp32: training log-probs reproduce sampling's
+    assert history[0]["losses/on_policy_ratio_deviation"] == trainer.on_policy_ratio_deviation  # logged once
+    assert not any("losses/on_policy_ratio_deviation" in h for h in history[1:])
     assert all(h["train/nonfinite_skips"] == 0 and h["policy/entropy"] > 0 for h in history)
 
 

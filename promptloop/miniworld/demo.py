@@ -56,9 +56,16 @@ def _reward_curve(history: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    steps = range(1, len(history) + 1)
+    steps = list(range(1, len(history) + 1))
+    rewards = [h["reward/mean"] for h in history]
+    window = max(len(rewards) // 8, 1)  # each step's mean is over a few queries: the running mean shows the trend
+    running = []
+    for i in range(len(rewards)):
+        recent = rewards[max(i + 1 - window, 0):i + 1]
+        running.append(sum(recent) / len(recent))
     fig, ax = plt.subplots(figsize=(5, 3), dpi=120)
-    ax.plot(steps, [h["reward/mean"] for h in history], marker="o", ms=3, label="training reward (mean)")
+    ax.plot(steps, rewards, marker="o", ms=3, alpha=0.4, label="training reward (step mean)")
+    ax.plot(steps, running, lw=2, label=f"running mean of {window} steps")
     ax.set_xlabel("GRPO step")
     ax.set_ylabel("miniworld-preference")
     ax.grid(alpha=0.3)

@@ -34,9 +34,12 @@ def _logging_completions(trainer):
     return trainer
 
 
+def _step_log(run_dir: Path, name: str) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / name).read_text().splitlines()]
+
+
 def _completions(run_dir: Path) -> list[tuple[int, str, list[str]]]:
-    rows = [json.loads(line) for line in (run_dir / "completions.jsonl").read_text().splitlines()]
-    return [(r["step"], r["query"], r["prompts"]) for r in rows]
+    return [(r["step"], r["query"], r["prompts"]) for r in _step_log(run_dir, "completions.jsonl")]
 
 
 def test_resume_continues_exactly(tmp_path, vlm_dir):
@@ -60,13 +63,10 @@ def test_resume_continues_exactly(tmp_path, vlm_dir):
     assert second.stream.position == straight.stream.position
     assert [p.name for p in list_checkpoints(tmp_path / "split")] == ["step-00000002", "step-00000004"]
     assert _completions(tmp_path / "split") == _completions(tmp_path / "straight")  # each step once, as run
-    straight_metrics, split_metrics = _step_metrics(tmp_path / "straight"), _step_metrics(tmp_path / "split")
+    straight_metrics = _step_log(tmp_path / "straight", "metrics.jsonl")
+    split_metrics = _step_log(tmp_path / "split", "metrics.jsonl")
     assert [m["step"] for m in split_metrics] == [1, 2, 3, 4]
     assert [m["reward/mean"] for m in split_metrics] == pytest.approx([m["reward/mean"] for m in straight_metrics])
-
-
-def _step_metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 class _FlakyReward(Reward):

@@ -13,18 +13,24 @@ Prints a table and writes JSON. Scales:
     python benchmarks/overhead.py --scale miniworld
     python benchmarks/overhead.py --scale full --device cuda --dtype bf16 --clip-tokenizer DIR
     python benchmarks/overhead.py --scale miniworld --modes plain,closed,pipelined --feedback-delay 1
+    python benchmarks/overhead.py --scale full --device cuda --dtype bf16 --policy-backend vllm   # pip install vllm
 
 Times are medians over --repeats runs (one warm-up run per mode first); "per image" divides a batch's wall time by its size.
 The policy's prefill/decode split is measured by re-running each policy call with max_new_tokens=1 (outside
-the timed run): prefill ~ that call, decode = the full call - prefill.
+the timed run): prefill ~ that call, decode = the full call - prefill. With ``--policy-backend vllm`` the policy (saved
+to a folder first at the tiny and full scales) is served by vLLM in its own process: ``peak_mem_gib`` then leaves out
+vLLM's share of the GPU (``--vllm-memory``).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import gc
 import json
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,7 +39,7 @@ import torch
 from promptloop.backbones import RefinementSchedule, SamplerSettings, auto_backbone, check_feedback_delay, rollout
 from promptloop.backbones.types import Observation
 from promptloop.pipeline import apriori_prompts
-from promptloop.policy import PolicyConfig, PromptPolicy
+from promptloop.policy import PolicyConfig, PromptPolicy, PromptWriter, VLLMPromptPolicy
 from promptloop.testing.tiny_vlm import make_tiny_vlm
 
 QUERIES = [
@@ -59,8 +65,28 @@ def build_miniworld(args):
     pipe = StableDiffusionPipeline.from_pretrained(SHIPPED_BACKBONE_A).to(args.device)
     pipe.set_progress_bar_config(disable=True)
     config = miniworld_policy_config("closed", max_new_tokens=args.max_new_tokens)
+    if args.policy_backend == "vllm":
+        return pipe, VLLMPromptPolicy.from_pretrained(DEFAULT_POLICY_DIR, config,
+                                                      gpu_memory_utilization=args.vllm_memory)
     policy = PromptPolicy.from_pretrained(DEFAULT_POLICY_DIR, config, device=args.device)
     return pipe, policy
+
+
+def served_by_vllm(policy: PromptPolicy, args) -> VLLMPromptPolicy:
+    """The same (random-weight) policy saved to a folder and served by vLLM; the transformers copy is freed."""
+    folder = Path(args.policy_dir or tempfile.mkdtemp(prefix="overhead_policy_"))
+    policy.base_model.save_pretrained(folder)
+    policy.processor.save_pretrained(folder)
+    dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[args.dtype]
+    config = dataclasses.replace(policy.config, model_name_or_path=str(folder), dtype=dtype)
+    suppressed = policy.suppressed_token_ids
+    del policy
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    served = VLLMPromptPolicy.from_pretrained(folder, config, gpu_memory_utilization=args.vllm_memory)
+    served.suppressed_token_ids = suppressed
+    return served
 
 
 def build(args):
@@ -90,13 +116,13 @@ def build(args):
     # ids the small tokenizer lacks (the full-size vocabulary is larger) must never be sampled
     vocab = model.config.get_text_config().vocab_size
     policy.suppressed_token_ids = sorted(set(policy.suppressed_token_ids) | set(range(len(processor.tokenizer), vocab)))
-    return pipe, policy
+    return pipe, served_by_vllm(policy, args) if args.policy_backend == "vllm" else policy
 
 
 class TimedRefiner:
     """The policy as a RefineFn, timing each call and (untimed) its prefill share."""
 
-    def __init__(self, policy: PromptPolicy, device: str, split: bool):
+    def __init__(self, policy: PromptWriter, device: str, split: bool):
         self.policy, self.device, self.split = policy, device, split
         self.calls = 0
         self.policy_s = 0.0
@@ -204,6 +230,12 @@ def main(argv=None) -> dict:
     p.add_argument("--feedback-delay", type=int, default=1, help="sampler steps a pipelined policy call overlaps")
     p.add_argument("--no-warmup", action="store_true", help="skip the warm-up runs (when time is short)")
     p.add_argument("--no-split", action="store_true", help="skip the prefill/decode split (saves time)")
+    p.add_argument("--policy-backend", choices=["transformers", "vllm"], default="transformers",
+                   help="what samples the policy's answers (vllm: `pip install vllm`, CUDA)")
+    p.add_argument("--vllm-memory", type=float, default=0.35,
+                   help="--policy-backend vllm: share of the GPU vLLM reserves (weights + KV cache)")
+    p.add_argument("--policy-dir", default=None,
+                   help="--policy-backend vllm, tiny/full scales: folder the random policy is saved to (default: temp)")
     p.add_argument("--clip-tokenizer", default=None, help="saved real CLIP tokenizer (full scale, offline GPU)")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/overhead_<scale>.json)")
     args = p.parse_args(argv)
@@ -241,7 +273,7 @@ def main(argv=None) -> dict:
     report = {
         "scale": args.scale, "device": args.device,
         "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor(),
-        "dtype": args.dtype, "batch": args.batch, "steps": steps, "size": size, "preview_size": args.preview_size,
+        "dtype": args.dtype, "policy_backend": args.policy_backend, "batch": args.batch, "steps": steps, "size": size, "preview_size": args.preview_size,
         "max_new_tokens": args.max_new_tokens, "build_s": build_s, "torch": torch.__version__,
         "command": "python benchmarks/overhead.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "results": results,

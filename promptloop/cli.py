@@ -41,7 +41,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     prompts = [args.prompt] if args.prompt else _read_prompts(args.prompts)
     from .pipeline import PromptLoopPipeline
 
-    pipeline = PromptLoopPipeline.from_pretrained(args.policy, args.backbone, device=args.device)
+    pipeline = PromptLoopPipeline.from_pretrained(args.policy, args.backbone, device=args.device,
+                                                  policy_backend=args.policy_backend)
     if args.device:
         pipeline.backbone.pipe.to(args.device)
     output = pipeline(prompts, num_refinements=args.refinements, mode=args.mode, seed=args.seed,
@@ -142,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample = sub.add_parser("sample", help="sample images with a trained policy and any supported pipeline")
     sample.add_argument("--policy", required=True, help="saved policy folder or hub id")
     sample.add_argument("--backbone", required=True, help="diffusers pipeline folder or hub id")
+    sample.add_argument("--policy-backend", choices=["transformers", "vllm"], default="transformers",
+                        help="what samples the policy's answers: transformers (default) or vLLM (`pip install vllm`, "
+                             "CUDA; faster decoding, same prompts)")
     sample.add_argument("--prompt", help="one prompt")
     sample.add_argument("--prompts", help="text file, one prompt per line")
     sample.add_argument("--refinements", type=int, default=5, help="number of refinement steps N_R")

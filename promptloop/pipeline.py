@@ -10,10 +10,11 @@ from PIL import Image
 
 from .backbones import Backbone, RefinementSchedule, SamplerSettings, auto_backbone, rollout
 from .backbones.types import RolloutOutput, Trajectory, blind_observations
-from .policy import PromptPolicy
+from .policy import PromptPolicy, PromptWriter, VLLMPromptPolicy
 
 RefinementMode = Literal["closed", "apriori", "oneshot", "none"]
 REFINEMENT_MODES = ("closed", "apriori", "oneshot", "none")
+POLICY_BACKENDS = ("transformers", "vllm")
 
 
 @dataclass
@@ -26,7 +27,7 @@ class PromptLoopOutput:
 
 
 @contextlib.contextmanager
-def policy_mode(policy: PromptPolicy, mode: str) -> Iterator[PromptPolicy]:
+def policy_mode(policy: PromptWriter, mode: str) -> Iterator[PromptWriter]:
     """Temporarily switch the policy's chat mode ("closed", "oneshot", "apriori")."""
     previous = policy.config.mode
     policy.config.mode = mode
@@ -37,7 +38,7 @@ def policy_mode(policy: PromptPolicy, mode: str) -> Iterator[PromptPolicy]:
 
 
 def apriori_prompts(
-    policy: PromptPolicy, queries: Sequence[str], num_refinements: int, num_steps: int, seed: Optional[int] = None
+    policy: PromptWriter, queries: Sequence[str], num_refinements: int, num_steps: int, seed: Optional[int] = None
 ) -> list[list[str]]:
     """One policy call for the whole batch: each row's N_R + 1 prompts (the query, then the written schedule)."""
     with policy_mode(policy, "apriori"):
@@ -46,7 +47,7 @@ def apriori_prompts(
 
 
 def oneshot_prompts(
-    policy: PromptPolicy, queries: Sequence[str], num_steps: int, seed: Optional[int] = None
+    policy: PromptWriter, queries: Sequence[str], num_steps: int, seed: Optional[int] = None
 ) -> list[str]:
     """One rewrite per query before sampling, without an image (the feed-forward rewriter baseline)."""
     with policy_mode(policy, "oneshot"):
@@ -56,23 +57,35 @@ def oneshot_prompts(
 class PromptLoopPipeline:
     """``PromptLoopPipeline(policy, pipe)(prompts)``: sample with the policy rewriting the prompt.
 
-    ``pipe`` is any supported diffusers pipeline object the user loaded (LoRAs, fine-tuned weights, scheduler,
-    dtype, device and offload stay in effect) or a :class:`~promptloop.backbones.Backbone`.
+    ``policy`` is a :class:`~promptloop.policy.PromptPolicy` (transformers) or a
+    :class:`~promptloop.policy.VLLMPromptPolicy` (vLLM); ``pipe`` is any supported diffusers pipeline object the user
+    loaded (LoRAs, fine-tuned weights, scheduler, dtype, device and offload stay in effect) or a
+    :class:`~promptloop.backbones.Backbone`.
     """
 
-    def __init__(self, policy: PromptPolicy, pipe: Any, preview_decoder: Optional[torch.nn.Module] = None):
-        if not isinstance(policy, PromptPolicy):
-            raise TypeError(f"policy must be a PromptPolicy, got {type(policy).__name__}; load one with "
-                            "PromptPolicy.from_pretrained(path).")
+    def __init__(self, policy: PromptWriter, pipe: Any, preview_decoder: Optional[torch.nn.Module] = None):
+        if not isinstance(policy, PromptWriter):
+            raise TypeError(f"policy must be a PromptPolicy or a VLLMPromptPolicy, got {type(policy).__name__}; load "
+                            "one with PromptPolicy.from_pretrained(path).")
         self.policy = policy
         self.backbone = pipe if isinstance(pipe, Backbone) else auto_backbone(pipe, preview_decoder=preview_decoder)
 
     @classmethod
     def from_pretrained(
-        cls, policy_path: str, pipe_or_path: Any, device: Optional[str] = None, **pipeline_kwargs: Any
+        cls, policy_path: str, pipe_or_path: Any, device: Optional[str] = None, *,
+        policy_backend: str = "transformers", **pipeline_kwargs: Any
     ) -> "PromptLoopPipeline":
-        """Load a saved policy and wrap ``pipe_or_path`` (a pipeline object, a local folder or a hub id)."""
-        policy = PromptPolicy.from_pretrained(policy_path, device=device, is_trainable=False)
+        """Load a saved policy and wrap ``pipe_or_path`` (a pipeline object, a local folder or a hub id).
+
+        ``policy_backend``: "transformers" (:class:`PromptPolicy` on ``device``) or "vllm" (:class:`VLLMPromptPolicy`
+        with its default engine settings; build one yourself to pass engine arguments).
+        """
+        if policy_backend not in POLICY_BACKENDS:
+            raise ValueError(f"policy_backend={policy_backend!r} is not one of {POLICY_BACKENDS}.")
+        if policy_backend == "vllm":
+            policy: PromptWriter = VLLMPromptPolicy.from_pretrained(policy_path)
+        else:
+            policy = PromptPolicy.from_pretrained(policy_path, device=device, is_trainable=False)
         backbone = auto_backbone(pipe_or_path, **pipeline_kwargs)
         return cls(policy, backbone)
 

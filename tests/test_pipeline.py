@@ -9,7 +9,8 @@ import torch
 from promptloop.backbones import RefinementSchedule, SamplerSettings, rollout
 from promptloop.cli import main as cli_main
 from promptloop.pipeline import PromptLoopPipeline
-from promptloop.policy import PolicyConfig, PromptPolicy
+from promptloop.policy import PolicyConfig, PromptPolicy, VLLMPromptPolicy
+from promptloop.testing import vllm_standin
 from promptloop.testing.tiny_pipelines import tiny_sd_pipeline
 from promptloop.testing.tiny_vlm import save_tiny_vlm
 
@@ -93,6 +94,25 @@ def test_bad_arguments_are_clear_errors(loop, kwargs, match):
 def test_policy_must_be_a_prompt_policy():
     with pytest.raises(TypeError, match="PromptPolicy"):
         PromptLoopPipeline("not a policy", tiny_sd_pipeline())
+    with pytest.raises(ValueError, match="policy_backend='onnx' is not one of"):
+        PromptLoopPipeline.from_pretrained("/nonexistent/policy", "/nonexistent/sd", policy_backend="onnx")
+
+
+def test_the_vllm_backend_gives_the_transformers_backends_images(saved, loop, monkeypatch):
+    vllm_standin.install(monkeypatch)
+    greedy = PolicyConfig(model_name_or_path=str(saved / "vlm"), do_sample=False, max_new_tokens=6,
+                          min_pixels=28 * 28, max_pixels=56 * 56)
+    served = PromptLoopPipeline(VLLMPromptPolicy.from_pretrained(saved / "policy", greedy), loop.backbone)
+    reference = PromptLoopPipeline(PromptPolicy.from_pretrained(saved / "policy", greedy, device="cpu"), loop.backbone)
+    rewritten = []
+    for mode in ("closed", "apriori"):
+        kwargs = dict(num_refinements=2, mode=mode, num_inference_steps=5, seed=3, preview_size=32, output_type="pt")
+        out, expected = served(QUERIES[1:], **kwargs), reference(QUERIES[1:], **kwargs)
+        assert out.trajectories[0].prompts == expected.trajectories[0].prompts
+        assert torch.equal(out.images, expected.images)
+        rewritten += [p for p in out.trajectories[0].prompts if p != QUERIES[1]]
+    assert rewritten, "the tiny policy wrote no prompt of its own: the comparison would prove nothing"
+    assert served.policy.config.mode == "closed"
 
 
 def test_sample_command_writes_images_trajectories_and_strips(saved, tmp_path, capsys):
@@ -107,6 +127,15 @@ def test_sample_command_writes_images_trajectories_and_strips(saved, tmp_path, c
     record = json.loads((tmp_path / "out" / "001.json").read_text())
     assert record["query"] == "a green tree" and len(record["decision_steps"]) == 2
     assert "wrote 6 files" in capsys.readouterr().out
+
+
+def test_sample_command_runs_the_vllm_backend(saved, tmp_path, monkeypatch):
+    vllm_standin.install(monkeypatch)
+    code = cli_main(["sample", "--policy", str(saved / "policy"), "--backbone", str(saved / "sd"), "--prompt",
+                     "a red cat", "--refinements", "1", "--steps", "3", "--preview-size", "32",
+                     "--policy-backend", "vllm", "--out", str(tmp_path / "out")])
+    assert code == 0 and len(list((tmp_path / "out").iterdir())) == 3
+    assert len(vllm_standin.LLM.instances[-1].requests) == 1
 
 
 @pytest.mark.parametrize("args,match", [

@@ -3,6 +3,8 @@ from promptloop.policy.batch import PolicySample, collate_samples
 from promptloop.policy.chat import DEFAULT_SYSTEM_PROMPTS, Chat, build_chat
 from promptloop.policy.config import POLICY_MODES, PolicyConfig
 from promptloop.policy.policy import PolicyActions, PromptPolicy, TokenLogProbs
+from promptloop.policy.vllm_backend import VLLMPromptPolicy
+from promptloop.policy.writer import PromptActions, PromptWriter
 from promptloop.policy.sanitize import (
     PromptSchedule,
     SanitizedPrompt,
@@ -20,10 +22,13 @@ __all__ = [
     "PolicyActions",
     "PolicyConfig",
     "PolicySample",
+    "PromptActions",
     "PromptPolicy",
+    "PromptWriter",
     "PromptSchedule",
     "SanitizedPrompt",
     "TokenLogProbs",
+    "VLLMPromptPolicy",
     "build_chat",
     "clean_text",
     "collate_samples",

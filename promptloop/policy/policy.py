@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
@@ -10,17 +9,23 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig, PreTrainedModel, ProcessorMixin
-from transformers.utils import cached_file
 
-from promptloop.backbones.types import Observation, RefineFn
+from promptloop.backbones.types import Observation
 from promptloop.policy.batch import PolicySample, collate_samples
-from promptloop.policy.chat import build_chat
 from promptloop.policy.config import PolicyConfig
-from promptloop.policy.sanitize import PromptSchedule, missing_query_words, parse_prompt_schedule, sanitize_prompt
+from promptloop.policy.writer import (
+    ADAPTER_CONFIG_NAME,
+    POLICY_CONFIG_NAME,
+    PromptActions,
+    PromptWriter,
+    end_token_ids,
+    locate,
+    resolve_policy_config,
+    resolve_seed,
+    suppressed_token_ids,
+)
 
-POLICY_CONFIG_NAME = "policy_config.json"
-ADAPTER_CONFIG_NAME = "adapter_config.json"
-_VISION_TOKEN_ATTRIBUTES = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+__all__ = ["ADAPTER_CONFIG_NAME", "POLICY_CONFIG_NAME", "PolicyActions", "PromptPolicy", "TokenLogProbs"]
 
 
 @dataclass
@@ -35,24 +40,10 @@ class TokenLogProbs:
     """``(B, C)`` detached entropy (nats) of the sampled distribution at each position; 0 where masked."""
 
 
-def _drops_query_word(prompt: str, kept_previous: bool, query: str) -> bool:
-    """A new prompt (not the kept previous one) that leaves out a word of ``query`` (``keep_query_words``)."""
-    return not kept_previous and bool(missing_query_words(prompt, query))
+@dataclass(kw_only=True)
+class PolicyActions(PromptActions):
+    """What :meth:`PromptPolicy.act` returns: the prompts, plus what training needs to score the answers again."""
 
-
-@dataclass
-class PolicyActions:
-    """What :meth:`PromptPolicy.act` returns for a batch of observations (one entry per observation)."""
-
-    texts: list[str]
-    """Raw decoded answers (special tokens removed)."""
-    prompts: list[str]
-    """Sanitized prompts, one per observation (a-priori mode: the step ``refinement_index`` of the schedule)."""
-    kept_previous: list[bool]
-    """The observation's current prompt was kept: the answer held no usable prompt, or it left out a word of the
-    query while ``config.keep_query_words`` is on."""
-    truncated: list[bool]
-    """The prompt was cut to ``config.max_prompt_words`` words."""
     completion_ids: torch.Tensor
     """``(B, C)`` generated ids, right-padded with the pad token."""
     completion_mask: torch.Tensor
@@ -61,8 +52,6 @@ class PolicyActions:
     """``(B, C)`` float32 per-token log-probs from the generation logits (0 where masked)."""
     samples: list[PolicySample]
     """Per-observation inputs to re-run the same forward (see :meth:`PromptPolicy.log_probs`)."""
-    schedules: Optional[list[PromptSchedule]] = None
-    """A-priori mode only: the parsed schedule of every observation."""
 
 
 def _resolve_device(device: Union[str, torch.device, None]) -> torch.device:
@@ -71,20 +60,8 @@ def _resolve_device(device: Union[str, torch.device, None]) -> torch.device:
     return torch.device(device)
 
 
-def _locate(path_or_id: str, filename: str) -> Optional[str]:
-    """Path of ``filename`` inside ``path_or_id`` (local folder or hub repo), or None where it has none."""
-    local = Path(path_or_id)
-    if local.is_dir():
-        candidate = local / filename
-        return str(candidate) if candidate.is_file() else None
-    return cached_file(
-        path_or_id, filename, _raise_exceptions_for_missing_entries=False,
-        _raise_exceptions_for_connection_errors=False,
-    )
-
-
-class PromptPolicy:
-    """A chat VLM that writes the next text-to-image prompt from an :class:`Observation`.
+class PromptPolicy(PromptWriter):
+    """A transformers chat VLM with a LoRA adapter that writes the next text-to-image prompt from an observation.
 
     Sampling (:meth:`act`), teacher-forced log-probs (:meth:`log_probs`) and the adapter-off reference
     (:meth:`reference`) all use one model. Log-probs are float32 and belong to the distribution sampled from:
@@ -92,21 +69,18 @@ class PromptPolicy:
     """
 
     def __init__(self, model: PreTrainedModel, processor: ProcessorMixin, config: PolicyConfig) -> None:
+        super().__init__(processor, config)
         self.model = model
-        self.processor = processor
-        self.config = config
-        self.system_prompt = config.resolved_system_prompt()
         tokenizer = processor.tokenizer
         tokenizer.padding_side = "left"
         base = self.base_model
         base_generation = base.generation_config
-        eos = base_generation.eos_token_id if base_generation.eos_token_id is not None else tokenizer.eos_token_id
-        self.eos_token_ids = sorted({eos} if isinstance(eos, int) else set(eos))
-        if not self.eos_token_ids:
-            raise ValueError("The model has no end token: set generation_config.eos_token_id or tokenizer.eos_token.")
+        self.eos_token_ids = end_token_ids(base_generation.eos_token_id, tokenizer)
         pad = base_generation.pad_token_id if base_generation.pad_token_id is not None else tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else self.eos_token_ids[0]
-        self.suppressed_token_ids = self._suppressed_tokens(base)
+        self.suppressed_token_ids = suppressed_token_ids(
+            tokenizer, base.config, base.get_output_embeddings().weight.shape[0], self.eos_token_ids
+        )
         # A clean generation config: hub defaults (repetition penalty, top-k, ...) would change the sampled
         # distribution away from the one whose log-probs we compute.
         base.generation_config = GenerationConfig(
@@ -136,37 +110,22 @@ class PromptPolicy:
           a fresh LoRA adapter is added when ``add_adapter``.
         """
         path_or_id = str(path_or_id)
-        saved_config_path = _locate(path_or_id, POLICY_CONFIG_NAME)
-        if saved_config_path is not None:
-            saved = PolicyConfig.load(saved_config_path)
-            base = saved.model_name_or_path
-            if base.startswith(("./", "../")):
-                base = str((Path(saved_config_path).parent / base).resolve())
-            caller = config or PolicyConfig()  # a downloaded folder must not switch remote code on
-            config = dataclasses.replace(
-                config or saved,
-                model_name_or_path=base_model_name_or_path or base,
-                lora_r=saved.lora_r, lora_alpha=saved.lora_alpha, lora_dropout=saved.lora_dropout,
-                lora_target_modules=saved.lora_target_modules,
-                trust_remote_code=caller.trust_remote_code,
-            )
-        else:
-            config = dataclasses.replace(config or PolicyConfig(), model_name_or_path=path_or_id)
+        config, saved = resolve_policy_config(path_or_id, config, base_model_name_or_path)
         device = _resolve_device(device)
         model = AutoModelForImageTextToText.from_pretrained(
             config.model_name_or_path, dtype=config.torch_dtype(device), device_map={"": device},
             trust_remote_code=config.trust_remote_code,
         )
         processor = AutoProcessor.from_pretrained(
-            path_or_id if saved_config_path is not None else config.model_name_or_path,
+            path_or_id if saved else config.model_name_or_path,
             trust_remote_code=config.trust_remote_code,
         )
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.eval()
         policy = cls(model, processor, config)  # cleans the generation config before peft wraps the model
-        if saved_config_path is not None:
-            if _locate(path_or_id, ADAPTER_CONFIG_NAME) is not None:
+        if saved:
+            if locate(path_or_id, ADAPTER_CONFIG_NAME) is not None:
                 policy.model = PeftModel.from_pretrained(model, path_or_id, is_trainable=is_trainable)
         elif add_adapter:
             policy.model = get_peft_model(model, policy.lora_config())
@@ -206,17 +165,6 @@ class PromptPolicy:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def _suppressed_tokens(self, base: PreTrainedModel) -> list[int]:
-        """Special tokens (vision placeholders, chat markers, ...) that must never be generated, end tokens excepted."""
-        tokenizer = self.processor.tokenizer
-        ids = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
-        for attribute in _VISION_TOKEN_ATTRIBUTES:
-            value = getattr(base.config, attribute, None)
-            if value is not None:
-                ids.add(value)
-        vocab_size = base.get_output_embeddings().weight.shape[0]
-        return sorted(i for i in ids - set(self.eos_token_ids) if i < vocab_size)
-
     # -------------------------------------------------------------------------------------------------- sampling
     def _generation_config(self) -> GenerationConfig:
         config = self.config
@@ -229,16 +177,11 @@ class PromptPolicy:
         )
 
     def _encode(self, observations: Sequence[Observation]) -> tuple[dict, list[int]]:
-        chats = [build_chat(o, self.config.mode, self.system_prompt) for o in observations]
-        texts = [
-            self.processor.apply_chat_template(chat.messages, add_generation_prompt=True, tokenize=False)
-            for chat in chats
-        ]
+        chats, texts = self.chats(observations)
         images = [image for chat in chats for image in chat.images]
         kwargs = {}
         if images:
-            kwargs = {"images": images, "size": {"shortest_edge": self.config.min_pixels,
-                                                 "longest_edge": self.config.max_pixels}}
+            kwargs = {"images": images, "size": self.image_size()}
         encoding = self.processor(text=texts, padding=True, return_tensors="pt", **kwargs)
         return dict(encoding), [len(chat.images) for chat in chats]
 
@@ -272,12 +215,7 @@ class PromptPolicy:
         ``seed`` (or a seed drawn from ``generator``) makes sampling reproducible without touching the global RNG.
         The model runs in eval mode during generation and returns to its previous mode afterwards.
         """
-        if not observations:
-            raise ValueError("act() needs at least one observation.")
-        if seed is not None and generator is not None:
-            raise ValueError("Pass either seed or generator, not both.")
-        if generator is not None:
-            seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        seed = resolve_seed(seed, generator)
         encoding, images_per_sample = self._encode(observations)
         inputs = {k: v.to(self.device) for k, v in encoding.items()}
         was_training = self.model.training
@@ -311,7 +249,7 @@ class PromptPolicy:
             texts=texts, prompts=[], kept_previous=[], truncated=[], completion_ids=completion_ids,
             completion_mask=completion_mask, log_probs=log_probs, samples=samples,
         )
-        self._fill_prompts(actions, observations)
+        self.fill_prompts(actions, observations)
         return actions
 
     def _split_samples(
@@ -336,31 +274,6 @@ class PromptPolicy:
                 pixel_values=pixel_values, image_grid_thw=image_grid_thw,
             ))
         return samples
-
-    def _fill_prompts(self, actions: PolicyActions, observations: Sequence[Observation]) -> None:
-        max_words = self.config.max_prompt_words
-        if self.config.mode == "apriori":
-            actions.schedules = []
-        guard = self.config.keep_query_words
-        for text, observation in zip(actions.texts, observations):
-            if self.config.mode == "apriori":
-                schedule = parse_prompt_schedule(text, observation.num_refinements, observation.prompt, max_words)
-                previous = observation.prompt
-                for i in range(len(schedule.prompts)):  # later refinements read the schedule: guard every step
-                    if guard and _drops_query_word(schedule.prompts[i], schedule.missing[i], observation.query):
-                        schedule.prompts[i], schedule.missing[i], schedule.truncated[i] = previous, True, False
-                    previous = schedule.prompts[i]
-                k = min(observation.refinement_index, observation.num_refinements - 1)
-                actions.schedules.append(schedule)
-                prompt, kept, truncated = schedule.prompts[k], schedule.missing[k], schedule.truncated[k]
-            else:
-                result = sanitize_prompt(text, observation.prompt, max_words)
-                prompt, kept, truncated = result.prompt, result.kept_previous, result.truncated
-                if guard and _drops_query_word(prompt, kept, observation.query):
-                    prompt, kept, truncated = observation.prompt, True, False
-            actions.prompts.append(prompt)
-            actions.kept_previous.append(kept)
-            actions.truncated.append(truncated)
 
     # --------------------------------------------------------------------------------------------------- scoring
     def log_probs(self, samples: Sequence[PolicySample]) -> TokenLogProbs:
@@ -391,26 +304,3 @@ class PromptPolicy:
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
-
-    # ----------------------------------------------------------------------------------------------- integration
-    def as_refine_fn(self, seed: Optional[int] = None) -> RefineFn:
-        """A :data:`RefineFn` for the sampler; ``seed`` makes the sequence of calls reproducible.
-
-        In a-priori mode the schedule is written at refinement 0 of each row and read back at later refinements.
-        """
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        schedules: dict[tuple[int, str], list[str]] = {}
-
-        def refine(observations: list[Observation]) -> list[str]:
-            if self.config.mode != "apriori":
-                return self.act(observations, generator=generator).prompts
-            fresh = [o for o in observations if o.refinement_index == 0 or (o.row, o.query) not in schedules]
-            if fresh:
-                actions = self.act(fresh, generator=generator)
-                for observation, schedule in zip(fresh, actions.schedules):
-                    schedules[(observation.row, observation.query)] = schedule.prompts
-            return [schedules[(o.row, o.query)][min(o.refinement_index, len(schedules[(o.row, o.query)]) - 1)]
-                    for o in observations]
-
-        return refine
-

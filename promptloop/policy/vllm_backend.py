@@ -1,0 +1,169 @@
+"""A saved policy sampled by vLLM: the chat, prompts and refine callable of :class:`PromptPolicy`, faster decoding.
+
+Inference only (:class:`~promptloop.pipeline.PromptLoopPipeline`, ``promptloop sample --policy-backend vllm``):
+training scores answers with the transformers model, whose float32 log-probs vLLM's kernels do not reproduce.
+vLLM is not a dependency of promptloop: ``pip install vllm`` on a CUDA machine.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from transformers import AutoConfig, AutoProcessor, GenerationConfig, ProcessorMixin
+
+from promptloop.backbones.types import Observation
+from promptloop.policy.config import PolicyConfig
+from promptloop.policy.writer import (
+    ADAPTER_CONFIG_NAME,
+    PromptActions,
+    PromptWriter,
+    end_token_ids,
+    locate,
+    resolve_policy_config,
+    resolve_seed,
+    suppressed_token_ids,
+)
+
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+"""The values vLLM accepts for ``max_lora_rank`` (its ``LoRAConfig``)."""
+SUPPRESSED_LOGIT_BIAS = -100.0
+"""The logit bias that keeps special and vision tokens out (the bound of vLLM's OpenAI-compatible API): a suppressed
+token keeps at most exp(-100) of the probability it had."""
+LORA_NAME = "promptloop-policy"
+
+
+def import_vllm() -> Any:
+    """The ``vllm`` module, or an ImportError that says how to get it."""
+    try:
+        import vllm
+    except ImportError as error:
+        raise ImportError("The vLLM policy backend needs vLLM, which promptloop does not install: `pip install "
+                          "vllm` on a machine with a CUDA GPU (https://docs.vllm.ai), or use the default "
+                          "transformers backend (PromptPolicy / --policy-backend transformers).") from error
+    return vllm
+
+
+def vllm_max_lora_rank(rank: int) -> int:
+    """The smallest ``max_lora_rank`` vLLM accepts that holds a LoRA of rank ``rank``."""
+    for allowed in VLLM_MAX_LORA_RANKS:
+        if allowed >= rank:
+            return allowed
+    raise ValueError(f"lora_r={rank} is above the largest LoRA rank vLLM serves ({VLLM_MAX_LORA_RANKS[-1]}).")
+
+
+class VLLMPromptPolicy(PromptWriter):
+    """A policy whose answers come from a ``vllm.LLM`` (base model + the saved LoRA adapter).
+
+    The chat text is the one :class:`~promptloop.policy.PromptPolicy` builds (same processor and chat template), the
+    preview goes in as ``multi_modal_data``, and the sampling settings are the policy config's: temperature and
+    top-p (``do_sample=False``: greedy), ``max_new_tokens``, the model's end tokens, and the special and vision
+    tokens kept out by a logit bias. Each row gets its own seed drawn from the call's seed.
+    """
+
+    def __init__(
+        self,
+        llm: Any,
+        processor: ProcessorMixin,
+        config: PolicyConfig,
+        *,
+        eos_token_ids: Sequence[int],
+        suppressed_token_ids: Sequence[int],
+        adapter_path: Optional[str] = None,
+    ) -> None:
+        super().__init__(processor, config)
+        self.llm = llm
+        self.eos_token_ids = list(eos_token_ids)
+        self.suppressed_token_ids = list(suppressed_token_ids)
+        self.lora_request = None
+        if adapter_path is not None:
+            from vllm.lora.request import LoRARequest
+
+            self.lora_request = LoRARequest(LORA_NAME, 1, adapter_path)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_id: Union[str, Path],
+        config: Optional[PolicyConfig] = None,
+        *,
+        base_model_name_or_path: Optional[str] = None,
+        gpu_memory_utilization: float = 0.35,
+        **llm_kwargs: Any,
+    ) -> "VLLMPromptPolicy":
+        """Start a ``vllm.LLM`` on the policy's base model, serving its saved adapter (if any).
+
+        ``path_or_id`` and ``config`` resolve as in :meth:`PromptPolicy.from_pretrained`. ``gpu_memory_utilization``
+        is the share of the GPU vLLM reserves (weights + KV cache); the default leaves the rest to the diffusion
+        pipeline in the same process. ``llm_kwargs`` go to ``vllm.LLM`` as they are (``enforce_eager``,
+        ``max_model_len``, ``tensor_parallel_size``, ...) and override the ones set here.
+        """
+        vllm = import_vllm()
+        path_or_id = str(path_or_id)
+        config, saved = resolve_policy_config(path_or_id, config, base_model_name_or_path)
+        base, remote = config.model_name_or_path, config.trust_remote_code
+        adapter_path = path_or_id if saved and locate(path_or_id, ADAPTER_CONFIG_NAME) is not None else None
+        processor_source = path_or_id if saved else base
+        processor = AutoProcessor.from_pretrained(processor_source, trust_remote_code=remote)
+        model_config = AutoConfig.from_pretrained(base, trust_remote_code=remote)
+        try:
+            generation_eos = GenerationConfig.from_pretrained(base).eos_token_id
+        except OSError:  # the model ships no generation_config.json
+            generation_eos = None
+        eos = end_token_ids(generation_eos, processor.tokenizer)
+        suppressed = suppressed_token_ids(
+            processor.tokenizer, model_config, model_config.get_text_config().vocab_size, eos
+        )
+        engine_kwargs: dict[str, Any] = dict(
+            model=base, tokenizer=processor_source, trust_remote_code=remote,
+            dtype=config.dtype if config.dtype != "auto" else "bfloat16",
+            gpu_memory_utilization=gpu_memory_utilization,
+            limit_mm_per_prompt={"image": 1, "video": 0},  # a chat holds at most one preview
+            mm_processor_kwargs={"size": {"shortest_edge": config.min_pixels, "longest_edge": config.max_pixels}},
+        )
+        if adapter_path is not None:
+            engine_kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=vllm_max_lora_rank(config.lora_r))
+        engine_kwargs.update(llm_kwargs)
+        llm = vllm.LLM(**engine_kwargs)
+        return cls(llm, processor, config, eos_token_ids=eos, suppressed_token_ids=suppressed,
+                   adapter_path=adapter_path)
+
+    def sampling_params(self, seed: Optional[int]) -> Any:
+        """The ``vllm.SamplingParams`` of one row: the policy config's sampling settings and ``seed``."""
+        from vllm import SamplingParams
+
+        config = self.config
+        return SamplingParams(
+            temperature=config.temperature if config.do_sample else 0.0,
+            top_p=config.top_p if config.do_sample else 1.0,
+            max_tokens=config.max_new_tokens, seed=seed, stop_token_ids=list(self.eos_token_ids),
+            logit_bias={token: SUPPRESSED_LOGIT_BIAS for token in self.suppressed_token_ids} or None,
+            skip_special_tokens=True,
+        )
+
+    @torch.no_grad()
+    def act(
+        self,
+        observations: Sequence[Observation],
+        *,
+        seed: Optional[int] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> PromptActions:
+        """Sample one answer per observation in one ``LLM.generate`` call; ``seed`` (or a draw from ``generator``)
+        seeds every row (row i its own draw), so the same seed gives the same answers."""
+        seed = resolve_seed(seed, generator)
+        chats, texts = self.chats(observations)
+        if seed is None:
+            row_seeds: list[Optional[int]] = [None] * len(chats)
+        else:
+            row_seeds = torch.randint(0, 2**62, (len(chats),), generator=torch.Generator().manual_seed(seed)).tolist()
+        requests = [
+            {"prompt": text, "multi_modal_data": {"image": chat.images}} if chat.images else {"prompt": text}
+            for chat, text in zip(chats, texts)
+        ]
+        outputs = self.llm.generate(requests, [self.sampling_params(s) for s in row_seeds], use_tqdm=False,
+                                    lora_request=self.lora_request)
+        actions = PromptActions(texts=[output.outputs[0].text for output in outputs], prompts=[], kept_previous=[],
+                                truncated=[])
+        self.fill_prompts(actions, observations)
+        return actions

@@ -1,0 +1,196 @@
+"""What every prompt-writing policy shares, whichever engine samples its answers (transformers or vLLM).
+
+The chat it is shown, how a saved policy folder resolves to its config, the tokens it may never write, the answers'
+sanitation into prompts and the sampler's refine callable live here; subclasses only sample answers (``act``).
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from transformers import ProcessorMixin
+from transformers.utils import cached_file
+
+from promptloop.backbones.types import Observation, RefineFn
+from promptloop.policy.chat import Chat, build_chat
+from promptloop.policy.config import PolicyConfig
+from promptloop.policy.sanitize import PromptSchedule, missing_query_words, parse_prompt_schedule, sanitize_prompt
+
+POLICY_CONFIG_NAME = "policy_config.json"
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+_VISION_TOKEN_ATTRIBUTES = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+
+
+@dataclass(kw_only=True)
+class PromptActions:
+    """The prompts a policy wrote for a batch of observations (one entry per observation)."""
+
+    texts: list[str]
+    """Raw decoded answers (special tokens removed)."""
+    prompts: list[str]
+    """Sanitized prompts, one per observation (a-priori mode: the step ``refinement_index`` of the schedule)."""
+    kept_previous: list[bool]
+    """The observation's current prompt was kept: the answer held no usable prompt, or it left out a word of the
+    query while ``config.keep_query_words`` is on."""
+    truncated: list[bool]
+    """The prompt was cut to ``config.max_prompt_words`` words."""
+    schedules: Optional[list[PromptSchedule]] = None
+    """A-priori mode only: the parsed schedule of every observation."""
+
+
+def locate(path_or_id: str, filename: str) -> Optional[str]:
+    """Path of ``filename`` inside ``path_or_id`` (local folder or hub repo), or None where it has none."""
+    local = Path(path_or_id)
+    if local.is_dir():
+        candidate = local / filename
+        return str(candidate) if candidate.is_file() else None
+    return cached_file(
+        path_or_id, filename, _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,
+    )
+
+
+def resolve_policy_config(
+    path_or_id: str, config: Optional[PolicyConfig], base_model_name_or_path: Optional[str]
+) -> tuple[PolicyConfig, bool]:
+    """The config to load ``path_or_id`` with, and whether it is a saved policy (it holds ``policy_config.json``).
+
+    A saved policy keeps its model and LoRA fields; ``config`` (if given) replaces the sampling/chat settings; a base
+    model path starting with ``./`` or ``../`` is relative to the saved folder; ``base_model_name_or_path``
+    overrides the base. ``trust_remote_code`` comes only from ``config``, never from a saved (downloaded) file.
+    Otherwise ``path_or_id`` is the base model, with ``config`` (default ``PolicyConfig()``) as settings.
+    """
+    saved_config_path = locate(path_or_id, POLICY_CONFIG_NAME)
+    if saved_config_path is None:
+        return dataclasses.replace(config or PolicyConfig(), model_name_or_path=path_or_id), False
+    saved = PolicyConfig.load(saved_config_path)
+    base = saved.model_name_or_path
+    if base.startswith(("./", "../")):
+        base = str((Path(saved_config_path).parent / base).resolve())
+    caller = config or PolicyConfig()
+    resolved = dataclasses.replace(
+        config or saved, model_name_or_path=base_model_name_or_path or base,
+        lora_r=saved.lora_r, lora_alpha=saved.lora_alpha, lora_dropout=saved.lora_dropout,
+        lora_target_modules=saved.lora_target_modules, trust_remote_code=caller.trust_remote_code,
+    )
+    return resolved, True
+
+
+def end_token_ids(generation_eos: Union[int, list[int], None], tokenizer: Any) -> list[int]:
+    """The model's end tokens: its generation config's, else the tokenizer's end token."""
+    eos = generation_eos if generation_eos is not None else tokenizer.eos_token_id
+    ids = sorted({eos} if isinstance(eos, int) else set(eos or ()))
+    if not ids:
+        raise ValueError("The model has no end token: set generation_config.eos_token_id or tokenizer.eos_token.")
+    return ids
+
+
+def suppressed_token_ids(tokenizer: Any, model_config: Any, vocab_size: int, eos_token_ids: Sequence[int]) -> list[int]:
+    """Special tokens (vision placeholders, chat markers, ...) that must never be generated, end tokens excepted."""
+    ids = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
+    for attribute in _VISION_TOKEN_ATTRIBUTES:
+        value = getattr(model_config, attribute, None)
+        if value is not None:
+            ids.add(value)
+    return sorted(i for i in ids - set(eos_token_ids) if i < vocab_size)
+
+
+def resolve_seed(seed: Optional[int], generator: Optional[torch.Generator]) -> Optional[int]:
+    """One seed for a call from either ``seed`` or a draw from ``generator`` (not both)."""
+    if seed is not None and generator is not None:
+        raise ValueError("Pass either seed or generator, not both.")
+    if generator is not None:
+        return int(torch.randint(0, 2**62, (1,), generator=generator))
+    return seed
+
+
+def _drops_query_word(prompt: str, kept_previous: bool, query: str) -> bool:
+    """A new prompt (not the kept previous one) that leaves out a word of ``query`` (``keep_query_words``)."""
+    return not kept_previous and bool(missing_query_words(prompt, query))
+
+
+class PromptWriter(abc.ABC):
+    """A chat VLM that writes the next text-to-image prompt from an :class:`Observation`.
+
+    Subclasses sample the answers (:meth:`act`); the chat, the sanitation of answers into prompts and the sampler's
+    callable (:meth:`as_refine_fn`) are shared, so every engine turns the same answer into the same prompt.
+    """
+
+    def __init__(self, processor: ProcessorMixin, config: PolicyConfig) -> None:
+        self.processor = processor
+        self.config = config
+        self.system_prompt = config.resolved_system_prompt()
+
+    @abc.abstractmethod
+    def act(
+        self, observations: Sequence[Observation], *, seed: Optional[int] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> PromptActions:
+        """Sample one answer per observation and turn it into a prompt; ``seed`` (or a draw from ``generator``)
+        makes the call reproducible."""
+
+    def chats(self, observations: Sequence[Observation]) -> tuple[list[Chat], list[str]]:
+        """Each observation's chat and its text under the processor's chat template (generation prompt added)."""
+        if not observations:
+            raise ValueError("act() needs at least one observation.")
+        chats = [build_chat(o, self.config.mode, self.system_prompt) for o in observations]
+        texts = [
+            self.processor.apply_chat_template(chat.messages, add_generation_prompt=True, tokenize=False)
+            for chat in chats
+        ]
+        return chats, texts
+
+    def image_size(self) -> dict[str, int]:
+        """The processor's ``size`` for previews: ``config.min_pixels`` to ``config.max_pixels``."""
+        return {"shortest_edge": self.config.min_pixels, "longest_edge": self.config.max_pixels}
+
+    def fill_prompts(self, actions: PromptActions, observations: Sequence[Observation]) -> None:
+        """Sanitize ``actions.texts`` into ``prompts`` / ``kept_previous`` / ``truncated`` (and ``schedules``)."""
+        max_words = self.config.max_prompt_words
+        if self.config.mode == "apriori":
+            actions.schedules = []
+        guard = self.config.keep_query_words
+        for text, observation in zip(actions.texts, observations):
+            if self.config.mode == "apriori":
+                schedule = parse_prompt_schedule(text, observation.num_refinements, observation.prompt, max_words)
+                previous = observation.prompt
+                for i in range(len(schedule.prompts)):  # later refinements read the schedule: guard every step
+                    if guard and _drops_query_word(schedule.prompts[i], schedule.missing[i], observation.query):
+                        schedule.prompts[i], schedule.missing[i], schedule.truncated[i] = previous, True, False
+                    previous = schedule.prompts[i]
+                k = min(observation.refinement_index, observation.num_refinements - 1)
+                actions.schedules.append(schedule)
+                prompt, kept, truncated = schedule.prompts[k], schedule.missing[k], schedule.truncated[k]
+            else:
+                result = sanitize_prompt(text, observation.prompt, max_words)
+                prompt, kept, truncated = result.prompt, result.kept_previous, result.truncated
+                if guard and _drops_query_word(prompt, kept, observation.query):
+                    prompt, kept, truncated = observation.prompt, True, False
+            actions.prompts.append(prompt)
+            actions.kept_previous.append(kept)
+            actions.truncated.append(truncated)
+
+    def as_refine_fn(self, seed: Optional[int] = None) -> RefineFn:
+        """A :data:`RefineFn` for the sampler; ``seed`` makes the sequence of calls reproducible.
+
+        In a-priori mode the schedule is written at refinement 0 of each row and read back at later refinements.
+        """
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        schedules: dict[tuple[int, str], list[str]] = {}
+
+        def refine(observations: list[Observation]) -> list[str]:
+            if self.config.mode != "apriori":
+                return self.act(observations, generator=generator).prompts
+            fresh = [o for o in observations if o.refinement_index == 0 or (o.row, o.query) not in schedules]
+            if fresh:
+                actions = self.act(fresh, generator=generator)
+                for observation, schedule in zip(fresh, actions.schedules):
+                    schedules[(observation.row, observation.query)] = schedule.prompts
+            return [schedules[(o.row, o.query)][min(o.refinement_index, len(schedules[(o.row, o.query)]) - 1)]
+                    for o in observations]
+
+        return refine

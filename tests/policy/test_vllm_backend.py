@@ -1,0 +1,125 @@
+"""The vLLM policy backend against a stand-in of vLLM's offline API (promptloop.testing.vllm_standin)."""
+import sys
+
+import pytest
+import torch
+
+from policy_helpers import make_observation, mixed_observations, small_config
+from promptloop.policy import PromptPolicy
+from promptloop.policy.vllm_backend import (
+    LORA_NAME,
+    SUPPRESSED_LOGIT_BIAS,
+    VLLMPromptPolicy,
+    vllm_max_lora_rank,
+)
+from promptloop.testing import vllm_standin
+
+
+@pytest.fixture(scope="module")
+def saved_policy(tiny_vlm_dirs, tmp_path_factory):
+    """A saved policy whose adapter changes the greedy answers (its LoRA B matrices are random, not zero)."""
+    policy = PromptPolicy.from_pretrained(tiny_vlm_dirs["qwen2_5_vl"], small_config(), device="cpu")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in policy.model.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+    path = tmp_path_factory.mktemp("vllm") / "policy"
+    policy.save_pretrained(path)
+    return path
+
+
+def one_by_one(policy, observations, field="texts"):
+    """Each observation alone (no padding: the stand-in engine decodes one request at a time)."""
+    return [getattr(policy.act([o]), field)[0] for o in observations]
+
+
+def test_greedy_answers_equal_the_transformers_policys(saved_policy, tiny_vlm_dirs, monkeypatch):
+    vllm_standin.install(monkeypatch)
+    observations = mixed_observations()  # previews of three sizes and a row without one
+    config = small_config(do_sample=False, max_new_tokens=10)
+    served = VLLMPromptPolicy.from_pretrained(saved_policy, config)
+    reference = PromptPolicy.from_pretrained(saved_policy, config, device="cpu")
+    actions = served.act(observations)
+    assert actions.texts == one_by_one(reference, observations)
+    assert actions.prompts == one_by_one(reference, observations, "prompts")
+
+    base = PromptPolicy.from_pretrained(tiny_vlm_dirs["qwen2_5_vl"], config, device="cpu", add_adapter=False)
+    assert actions.texts != one_by_one(base, observations), "the adapter must be served, not the base model alone"
+    engine = vllm_standin.LLM.instances[-1]
+    assert [r[2].lora_name for r in engine.requests] == [LORA_NAME] * len(observations)
+    with_image = [r[0] for r in engine.requests if "multi_modal_data" in r[0]]
+    assert len(with_image) == 3 and all(len(r["multi_modal_data"]["image"]) == 1 for r in with_image)
+
+
+def test_sampling_settings_and_seeds_reach_the_engine(saved_policy, monkeypatch):
+    vllm_standin.install(monkeypatch)
+    observations = mixed_observations()
+    policy = VLLMPromptPolicy.from_pretrained(saved_policy, small_config(temperature=0.7, top_p=0.9, max_new_tokens=7))
+    first = policy.act(observations, seed=3)
+    assert policy.act(observations, seed=3).texts == first.texts
+    assert policy.act(observations, seed=4).texts != first.texts
+    requests = vllm_standin.LLM.instances[-1].requests
+    params = [r[1] for r in requests[:len(observations)]]
+    assert len({p.seed for p in params}) == len(observations), "each row draws its own seed"
+    assert all((p.temperature, p.top_p, p.max_tokens) == (0.7, 0.9, 7) for p in params)
+    assert params[0].stop_token_ids == policy.eos_token_ids
+    vision = {policy.processor.tokenizer.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|vision_start|>")}
+    assert vision <= set(params[0].logit_bias) and set(params[0].logit_bias.values()) == {SUPPRESSED_LOGIT_BIAS}
+    assert not set(policy.eos_token_ids) & set(params[0].logit_bias)
+
+
+def test_engine_arguments_and_overrides(saved_policy, tiny_vlm_dirs, monkeypatch):
+    vllm_standin.install(monkeypatch)
+    VLLMPromptPolicy.from_pretrained(saved_policy, small_config(lora_r=4), enforce_eager=True,
+                                     gpu_memory_utilization=0.5)
+    engine = vllm_standin.LLM.instances[-1]
+    assert engine.model_path == str(tiny_vlm_dirs["qwen2_5_vl"]) and engine.kwargs["tokenizer"] == str(saved_policy)
+    assert engine.kwargs["enable_lora"] and engine.kwargs["max_lora_rank"] == 8  # the saved adapter's rank is 4
+    assert engine.kwargs["enforce_eager"] and engine.kwargs["gpu_memory_utilization"] == 0.5
+    assert engine.kwargs["mm_processor_kwargs"] == {"size": {"shortest_edge": 28 * 28, "longest_edge": 64 * 64}}
+    assert engine.kwargs["limit_mm_per_prompt"] == {"image": 1, "video": 0}
+
+    base = VLLMPromptPolicy.from_pretrained(tiny_vlm_dirs["qwen2_5_vl"], small_config())  # no adapter: base model
+    assert base.lora_request is None and "enable_lora" not in vllm_standin.LLM.instances[-1].kwargs
+    assert [vllm_max_lora_rank(r) for r in (1, 2, 16, 17, 300)] == [1, 8, 16, 32, 320]
+    with pytest.raises(ValueError, match="lora_r=600"):
+        vllm_max_lora_rank(600)
+
+
+def test_a_priori_refine_fn_calls_the_engine_once(saved_policy, monkeypatch):
+    vllm_standin.install(monkeypatch)
+    policy = VLLMPromptPolicy.from_pretrained(saved_policy, small_config(mode="apriori", max_new_tokens=8))
+    refine = policy.as_refine_fn(seed=0)
+    queries = ["a red cat", "a dog"]
+    first = refine([make_observation(row, q, k=0, n=3) for row, q in enumerate(queries)])
+    later = refine([make_observation(row, q, k=2, n=3) for row, q in enumerate(queries)])
+    assert len(vllm_standin.LLM.instances[-1].requests) == 2, "later refinements read the written schedule"
+    assert len(first) == len(later) == 2 and all(isinstance(p, str) and p for p in first + later)
+
+
+def test_missing_vllm_names_the_fix_before_loading(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    with pytest.raises(ImportError, match="pip install vllm"):
+        VLLMPromptPolicy.from_pretrained(tmp_path / "no-such-policy")
+
+
+def test_the_overhead_benchmark_times_the_vllm_backend(monkeypatch, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    vllm_standin.install(monkeypatch)
+    script = Path(__file__).parents[2] / "benchmarks" / "overhead.py"
+    spec = importlib.util.spec_from_file_location("overhead_benchmark", script)
+    overhead = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(overhead)
+    report = overhead.main(["--scale", "tiny", "--device", "cpu", "--batch", "2", "--steps", "4", "--size", "64",
+                            "--preview-size", "32", "--refinements", "1", "--modes", "plain,closed,apriori",
+                            "--repeats", "1", "--no-warmup", "--max-new-tokens", "4", "--policy-backend", "vllm",
+                            "--policy-dir", str(tmp_path / "policy"), "--out", str(tmp_path / "overhead.json")])
+    assert report["policy_backend"] == "vllm"
+    assert [(r["mode"], r["policy_calls"]) for r in report["results"]] == [("plain", 0), ("closed", 1), ("apriori", 1)]
+    engine = vllm_standin.LLM.instances[-1]
+    assert engine.model_path == str(tmp_path / "policy") and "enable_lora" not in engine.kwargs
+    closed = report["results"][1]
+    assert closed["policy_prefill_s"] > 0 and {p.max_tokens for _, p, _ in engine.requests} == {1, 4}

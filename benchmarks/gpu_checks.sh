@@ -4,7 +4,7 @@
 #
 #   bash benchmarks/gpu_checks.sh --prepare          # here, first: the wheels the GPU machine lacks, into .whl/
 #   device run: command="bash benchmarks/gpu_checks.sh train overhead", carry=[".whl"], timeout_s=590
-#               then, if time is left: command="bash benchmarks/gpu_checks.sh decode fsdp", carry=[".whl"]
+#               then, if time is left: command="bash benchmarks/gpu_checks.sh decode fsdp vllm", carry=[".whl"]
 #   bash benchmarks/gpu_checks.sh --cpu [STEP ...]   # a dry run of the same steps at tiny scale on a CPU
 #
 # Steps (all by default, in this order), each under its own time limit so a slow one cannot eat the others':
@@ -15,6 +15,8 @@
 #   decode    issue 8: where the policy's decode time goes, dynamic vs static KV cache (benchmarks/policy_decode.py)
 #   fsdp      issue 5: the same training for 3 steps under `accelerate launch` with configs/accelerate/fsdp.yaml
 #             on one process (DeepSpeed is not installed there and is not carried: its wheels need a build)
+#   vllm      issue 8: the overhead setting with the policy served by vLLM (closed loop and a-priori); runs only
+#             where the GPU machine already has vllm (its 239 MB wheel is over the 64 MiB carry limit)
 # Results go to $OUT (the device tool's folder; benchmarks/results/gpu_checks/ when OUT is unset): steps.txt (rc
 # and seconds per step), log.txt (every step's output), and each step's JSON. Record them in docs/benchmarks.md.
 set -u
@@ -33,7 +35,7 @@ fi
 cpu=0
 if [ "${1:-}" = "--cpu" ]; then cpu=1; shift; fi
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(train overhead decode fsdp)
+[ ${#steps[@]} -eq 0 ] && steps=(train overhead decode fsdp vllm)
 OUT=${OUT:-benchmarks/results/gpu_checks}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -85,7 +87,16 @@ for s in "${steps[@]}"; do
         -m promptloop.cli train "${train_args[@]}" --grpo.max_steps 3 --logging.checkpoint_every 3 \
         --logging.output_dir "$run_dir/fsdp"
       cp "$run_dir/fsdp/metrics.jsonl" "$OUT/fsdp_metrics.jsonl" 2>/dev/null ;;
-    *) echo "unknown step $s (train, overhead, decode, fsdp)" >&2; exit 2 ;;
+    vllm)
+      if [ $cpu -eq 1 ] || ! "$PY" -c "import vllm" >> "$OUT/log.txt" 2>&1; then
+        echo "vllm skipped (needs CUDA and an installed vllm; its wheel is too large to carry)" \
+          | tee -a "$OUT/steps.txt"
+        continue
+      fi
+      step vllm 300 "$PY" benchmarks/overhead.py --scale "$scale" --device "$device" --dtype "$bench_dtype" \
+        --repeats 1 --refinements "$refinements" --modes closed,apriori --no-split --policy-backend vllm \
+        --max-new-tokens "$tokens" --out "$OUT/overhead_vllm.json" ;;
+    *) echo "unknown step $s (train, overhead, decode, fsdp, vllm)" >&2; exit 2 ;;
   esac
 done
 cat "$OUT/steps.txt"

@@ -15,7 +15,8 @@ Prints a table and writes JSON. Scales:
     python benchmarks/overhead.py --scale miniworld --modes plain,closed,pipelined --feedback-delay 1
     python benchmarks/overhead.py --scale full --device cuda --dtype bf16 --policy-backend vllm   # pip install vllm
 
-Times are medians over --repeats runs (one warm-up run per mode first); "per image" divides a batch's wall time by its size.
+Times are medians over --repeats runs (one warm-up run per mode first); "per image" divides a batch's wall time by
+its size.
 The policy's prefill/decode split is measured by re-running each policy call with max_new_tokens=1 (outside
 the timed run): prefill ~ that call, decode = the full call - prefill. With ``--policy-backend vllm`` the policy (saved
 to a folder first at the tiny and full scales) is served by vLLM in its own process: ``peak_mem_gib`` then leaves out
@@ -273,7 +274,8 @@ def main(argv=None) -> dict:
     report = {
         "scale": args.scale, "device": args.device,
         "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor(),
-        "dtype": args.dtype, "policy_backend": args.policy_backend, "batch": args.batch, "steps": steps, "size": size, "preview_size": args.preview_size,
+        "dtype": args.dtype, "policy_backend": args.policy_backend, "batch": args.batch, "steps": steps, "size": size,
+        "preview_size": args.preview_size,
         "max_new_tokens": args.max_new_tokens, "build_s": build_s, "torch": torch.__version__,
         "command": "python benchmarks/overhead.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "results": results,

@@ -10,11 +10,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_gpu_checks_dry_run_writes_every_steps_results(tmp_path):
     env = dict(os.environ, OUT=str(tmp_path), PY=sys.executable)
-    done = subprocess.run(["bash", "benchmarks/gpu_checks.sh", "--cpu", "train", "overhead", "decode"], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=900)
+    command = ["bash", "benchmarks/gpu_checks.sh", "--cpu", "train", "overhead", "decode", "vllm"]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     steps = (tmp_path / "steps.txt").read_text().splitlines()
-    assert [line.split()[:2] for line in steps] == [["train", "rc=0"], ["overhead", "rc=0"], ["decode", "rc=0"]], \
+    assert [line.split()[:2] for line in steps] == [
+        ["train", "rc=0"], ["overhead", "rc=0"], ["decode", "rc=0"], ["vllm", "skipped"]], \
         (tmp_path / "log.txt").read_text()[-3000:]
     metrics = [json.loads(line) for line in (tmp_path / "train_metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2]

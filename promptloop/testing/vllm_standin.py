@@ -1,4 +1,5 @@
-"""A stand-in for the ``vllm`` package in tests (no GPU, no vLLM on CPU machines): vLLM 0.34's offline API run by transformers.
+"""A stand-in for the ``vllm`` package in tests (no GPU, no vLLM on CPU machines): vLLM 0.34's offline API run
+by transformers.
 
 It has the names and arguments promptloop's vLLM backend uses (``vllm.LLM(model, **engine args)``,
 ``LLM.generate(prompts, sampling_params, use_tqdm=, lora_request=)`` with text prompts + ``multi_modal_data``,

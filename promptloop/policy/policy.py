@@ -242,9 +242,35 @@ class PromptPolicy(PromptWriter):
         ).masked_fill(~completion_mask, 0.0)
 
         samples = self._split_samples(encoding, images_per_sample, completion_ids, completion_mask)
-        texts = self.processor.tokenizer.batch_decode(
-            [s.completion_ids for s in samples], skip_special_tokens=True
-        )
+        return self._actions(observations, samples, completion_ids, completion_mask, log_probs)
+
+    @torch.no_grad()
+    def score_answers(self, observations: Sequence[Observation], answers: Sequence[Sequence[int]]) -> PolicyActions:
+        """The actions :meth:`act` returns had it sampled ``answers`` (each answer's token ids, its end token
+        included when it has one; e.g. from vLLM): the same samples and prompts, with float32 log-probs
+        teacher-forced in eval mode by this model."""
+        if len(answers) != len(observations):
+            raise ValueError(f"{len(answers)} answers for {len(observations)} observations: give one per observation.")
+        if not all(answers):
+            raise ValueError("An answer has no tokens: every answer holds at least its end token or one word.")
+        encoding, images_per_sample = self._encode(observations)
+        completion_ids = torch.full((len(answers), max(map(len, answers))), self.pad_token_id, dtype=torch.long)
+        completion_mask = torch.zeros(completion_ids.shape, dtype=torch.bool)
+        for row, answer in enumerate(answers):
+            completion_ids[row, :len(answer)] = torch.tensor(list(answer), dtype=torch.long)
+            completion_mask[row, :len(answer)] = True
+        samples = self._split_samples(encoding, images_per_sample, completion_ids, completion_mask)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            scored = self.log_probs(samples)
+        finally:
+            self.model.train(was_training)
+        return self._actions(observations, samples, completion_ids.to(self.device), scored.mask, scored.log_probs)
+
+    def _actions(self, observations: Sequence[Observation], samples: list[PolicySample], completion_ids: torch.Tensor,
+                 completion_mask: torch.Tensor, log_probs: torch.Tensor) -> PolicyActions:
+        texts = self.processor.tokenizer.batch_decode([s.completion_ids for s in samples], skip_special_tokens=True)
         actions = PolicyActions(
             texts=texts, prompts=[], kept_previous=[], truncated=[], completion_ids=completion_ids,
             completion_mask=completion_mask, log_probs=log_probs, samples=samples,

@@ -6,6 +6,7 @@ vLLM is not a dependency of promptloop: ``pip install vllm`` on a CUDA machine.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
@@ -31,6 +32,14 @@ SUPPRESSED_LOGIT_BIAS = -100.0
 """The logit bias that keeps special and vision tokens out (the bound of vLLM's OpenAI-compatible API): a suppressed
 token keeps at most exp(-100) of the probability it had."""
 LORA_NAME = "promptloop-policy"
+
+
+@dataclass(kw_only=True)
+class VLLMActions(PromptActions):
+    """What :meth:`VLLMPromptPolicy.act` returns: the prompts and the sampled tokens (to score them in training)."""
+
+    answer_token_ids: list[list[int]]
+    """Each answer's token ids as vLLM sampled them, its end token included when it stopped on one."""
 
 
 def import_vllm() -> Any:
@@ -80,6 +89,17 @@ class VLLMPromptPolicy(PromptWriter):
             from vllm.lora.request import LoRARequest
 
             self.lora_request = LoRARequest(LORA_NAME, 1, adapter_path)
+
+    def load_adapter(self, adapter_path: Union[str, Path]) -> None:
+        """Serve the LoRA adapter saved in ``adapter_path`` (same rank and targets) from the next call on: how a
+        training run hands its updated weights to the engine. vLLM caches adapters by id, so each load gets a new one.
+        """
+        if self.lora_request is None:
+            raise RuntimeError("This engine was started without a LoRA adapter (enable_lora off): start it from a "
+                               "saved policy that has one to load adapters later.")
+        from vllm.lora.request import LoRARequest
+
+        self.lora_request = LoRARequest(LORA_NAME, self.lora_request.lora_int_id + 1, str(adapter_path))
 
     @classmethod
     def from_pretrained(
@@ -148,7 +168,7 @@ class VLLMPromptPolicy(PromptWriter):
         *,
         seed: Optional[int] = None,
         generator: Optional[torch.Generator] = None,
-    ) -> PromptActions:
+    ) -> VLLMActions:
         """Sample one answer per observation in one ``LLM.generate`` call; ``seed`` (or a draw from ``generator``)
         seeds every row (row i its own draw), so the same seed gives the same answers."""
         seed = resolve_seed(seed, generator)
@@ -163,7 +183,17 @@ class VLLMPromptPolicy(PromptWriter):
         ]
         outputs = self.llm.generate(requests, [self.sampling_params(s) for s in row_seeds], use_tqdm=False,
                                     lora_request=self.lora_request)
-        actions = PromptActions(texts=[output.outputs[0].text for output in outputs], prompts=[], kept_previous=[],
-                                truncated=[])
+        completions = [output.outputs[0] for output in outputs]
+        actions = VLLMActions(texts=[c.text for c in completions], prompts=[], kept_previous=[], truncated=[],
+                              answer_token_ids=[self._answer_token_ids(c) for c in completions])
         self.fill_prompts(actions, observations)
         return actions
+
+    def _answer_token_ids(self, completion: Any) -> list[int]:
+        """The completion's tokens with the end token it stopped on (vLLM reports a stop token as ``stop_reason``;
+        kept here whether or not the engine's version lists it in ``token_ids``)."""
+        ids = list(completion.token_ids)
+        if completion.finish_reason == "stop" and (not ids or ids[-1] not in self.eos_token_ids):
+            stop = completion.stop_reason
+            ids.append(stop if isinstance(stop, int) else self.eos_token_ids[0])
+        return ids

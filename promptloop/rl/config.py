@@ -122,6 +122,15 @@ class GRPOSection:
         "Training steps in a row whose rollout produced NaN/inf latents that are skipped (warned and counted as "
         "train/nonfinite_rollout_skips, nothing applied) before training stops with the error; 0 stops at the first.",
         default=3)
+    rollout_backend: Literal["transformers", "vllm"] = _help(
+        "What samples the policy's answers in rollouts and evaluation: transformers.generate, or vLLM (`pip install "
+        "vllm`, CUDA) serving the current LoRA adapter, handed over after every update. Either way the answers' "
+        "log-probs come from the training model (float32, teacher-forced), so the loss and the ratio check are the "
+        "same; vLLM only decodes faster. vLLM runs in each process, beside the training model.",
+        default="transformers")
+    vllm_gpu_memory_utilization: float = _help(
+        "rollout_backend 'vllm': share of the GPU vLLM reserves (its copy of the base weights + KV cache); the rest "
+        "is left to the backbone, the reward and training.", default=0.3)
     max_steps: int = _help("Training steps (one rollout + update each).", default=100)
     seed: int = _help("Seed of data order, noise, schedules and policy sampling.", default=0)
 
@@ -140,6 +149,9 @@ class GRPOSection:
         for name in ("beta", "weight_decay", "warmup_steps", "ratio_tolerance", "nonfinite_rollout_limit"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        if not 0 < self.vllm_gpu_memory_utilization < 1:
+            raise ValueError(f"vllm_gpu_memory_utilization={self.vllm_gpu_memory_utilization} must be in (0, 1): the "
+                             "share of the GPU vLLM may take")
 
 
 @dataclass

@@ -12,6 +12,8 @@ import contextlib
 import json
 import math
 import os
+import shutil
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -24,6 +26,7 @@ from ..backbones import Backbone, RefinementSchedule, SamplerSettings, blind_obs
 from ..backbones.types import Observation, RefineFn, RolloutOutput, Trajectory
 from ..configuration import to_dict
 from ..policy import PolicySample, PromptPolicy
+from ..policy.vllm_backend import VLLMPromptPolicy, import_vllm
 from ..rewards.async_worker import AsyncRewardWorker
 from ..visualize import stack_rows, trajectory_strip
 from .advantages import group_advantages
@@ -80,14 +83,20 @@ class RolloutBatch:
 
 
 class _ActionRecorder:
-    """A RefineFn that samples from the policy and keeps every action for the update."""
+    """A RefineFn that samples from the policy (or from ``engine``, the answers then scored by the policy) and keeps
+    every action for the update."""
 
-    def __init__(self, policy: PromptPolicy, row_offset: int, generator: torch.Generator):
-        self.policy, self.row_offset, self.generator = policy, row_offset, generator
+    def __init__(self, policy: PromptPolicy, row_offset: int, generator: torch.Generator,
+                 engine: Optional[VLLMPromptPolicy] = None):
+        self.policy, self.row_offset, self.generator, self.engine = policy, row_offset, generator, engine
         self.actions: list[Action] = []
 
     def __call__(self, observations: list[Observation]) -> list[str]:
-        out = self.policy.act(observations, generator=self.generator)
+        if self.engine is None:
+            out = self.policy.act(observations, generator=self.generator)
+        else:
+            answers = self.engine.act(observations, generator=self.generator).answer_token_ids
+            out = self.policy.score_answers(observations, answers)
         for j, obs in enumerate(observations):
             mask = out.completion_mask[j]
             self.actions.append(Action(
@@ -165,6 +174,14 @@ class GRPOTrainer:
         self._ratio_checked = False
         self._nonfinite_rollouts = 0
         """Consecutive steps skipped because a rollout produced NaN/inf latents."""
+        if config.grpo.rollout_backend == "vllm" and self.accelerator.num_processes > 1:
+            raise ValueError(f"grpo.rollout_backend='vllm' runs in one process; this run has "
+                             f"{self.accelerator.num_processes}. Use rollout_backend='transformers' under accelerate "
+                             "launch with several processes.")
+        self._engine: Optional[VLLMPromptPolicy] = None
+        self._engine_step = -1
+        """The step whose adapter weights the vLLM engine serves (-1: not started)."""
+        self._engine_dir: Optional[tempfile.TemporaryDirectory] = None
 
     @classmethod
     def from_config(cls, config: TrainConfig, accelerator=None) -> "GRPOTrainer":
@@ -176,6 +193,8 @@ class GRPOTrainer:
         queries = load_queries(config.data.prompts, config.data.column)
         eval_queries = load_queries(config.data.eval_prompts, config.data.column) if config.data.eval_prompts \
             else None
+        if config.grpo.rollout_backend == "vllm":
+            import_vllm()  # before any model loads
         accelerator = accelerator or make_accelerator(config)
         device = accelerator.device
         backbone = load_backbone(config.backbone.name_or_path, config.backbone.dtype, device)
@@ -185,6 +204,33 @@ class GRPOTrainer:
         return cls(config, policy, backbone, reward, queries, eval_queries, accelerator=accelerator)
 
     # ------------------------------------------------------------------------------------------------ rollout
+    def answer_engine(self) -> Optional[VLLMPromptPolicy]:
+        """The vLLM engine serving the adapter's current weights (``grpo.rollout_backend: vllm``), else None.
+
+        Started on first use from the policy saved to a temporary folder; after an update (or a resume) the adapter
+        is saved there again and handed over.
+        """
+        g = self.config.grpo
+        if g.rollout_backend != "vllm" or self._engine_step == self.step:
+            return self._engine
+        if self._engine is None:
+            self._engine_dir = tempfile.TemporaryDirectory(prefix="promptloop-rollout-")
+            home = Path(self._engine_dir.name) / "policy"  # the engine's tokenizer and processor: kept
+            self.policy.save_pretrained(home)
+            base = self.policy.config.model_name_or_path
+            self._engine = VLLMPromptPolicy.from_pretrained(
+                home, self.policy.config, base_model_name_or_path=str(Path(base).resolve()) if Path(base).exists()
+                else base, gpu_memory_utilization=g.vllm_gpu_memory_utilization)
+        else:
+            adapter = Path(self._engine_dir.name) / f"adapter-{self.step}"
+            self.policy.model.save_pretrained(adapter, safe_serialization=True)
+            self._engine.load_adapter(adapter)
+            for old in Path(self._engine_dir.name).glob("adapter-*"):
+                if old != adapter:
+                    shutil.rmtree(old)
+        self._engine_step = self.step
+        return self._engine
+
     def _settings(self) -> SamplerSettings:
         b = self.config.backbone
         return SamplerSettings(num_inference_steps=b.num_inference_steps, guidance_scale=b.guidance_scale,
@@ -227,11 +273,15 @@ class GRPOTrainer:
         settings = self._settings()
         trajectories, images, actions, jobs = [], [], [], []
         times = {"rollout": 0.0, "reward_wait": 0.0}
+        t0 = time.perf_counter()
+        engine = self.answer_engine()
+        if engine is not None:
+            times["adapter_handover"] = time.perf_counter() - t0
         chunk = self.config.backbone.rollout_batch_size
         with AsyncRewardWorker(self.reward, timeout=self.config.reward.timeout_s) as worker:
             for start in range(0, len(expanded), chunk):
                 stop = min(start + chunk, len(expanded))
-                recorder = _ActionRecorder(self.policy, start, generator)
+                recorder = _ActionRecorder(self.policy, start, generator, engine)
                 t0 = time.perf_counter()
                 out = self._rollout_chunk(expanded[start:stop], seeds[start:stop], settings, schedules[start:stop],
                                           recorder)
@@ -508,7 +558,7 @@ class GRPOTrainer:
         if not self.eval_queries:
             return {}
         g = self.config.grpo
-        refine = self.policy.as_refine_fn(seed=g.seed)
+        refine = (self.answer_engine() or self.policy).as_refine_fn(seed=g.seed)
         out = self._rollout_chunk(self.eval_queries, list(range(len(self.eval_queries))), self._settings(),
                                   RefinementSchedule.uniform(g.num_refinements, g.initial_rewrite), refine)
         scores = self.reward(out.pil(), self.eval_queries, reward_metadata(out.trajectories)).scores

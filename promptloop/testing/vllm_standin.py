@@ -9,10 +9,11 @@ added to the logits; the model named by ``model`` with the adapter at ``lora_pat
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 import types
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from peft import PeftModel
@@ -79,49 +80,65 @@ class LLM:
         self.model_path, self.kwargs = model, kwargs
         self.base = AutoModelForImageTextToText.from_pretrained(model, dtype=torch.float32).eval()
         self.processor = AutoProcessor.from_pretrained(kwargs.get("tokenizer") or model)
-        self.adapters: dict[int, PeftModel] = {}
+        self.peft: Optional[PeftModel] = None
+        self.adapters: dict[int, str] = {}
+        """The adapter path loaded under each LoRA id."""
         self.requests: list[tuple[dict, SamplingParams, Optional[LoRARequest]]] = []
         LLM.instances.append(self)
 
-    def _model(self, lora_request: Optional[LoRARequest]) -> torch.nn.Module:
+    @contextlib.contextmanager
+    def _serving(self, lora_request: Optional[LoRARequest]) -> Iterator[torch.nn.Module]:
+        """The model a request runs on: the base alone, or with the request's adapter (loaded once per id)."""
         if lora_request is None:
-            return self.base
+            with self.peft.disable_adapter() if self.peft is not None else contextlib.nullcontext():
+                yield self.base
+            return
         if not self.kwargs.get("enable_lora"):
             raise ValueError("LoRA is not enabled: start the LLM with enable_lora=True")
+        name = f"lora-{lora_request.lora_int_id}"
         if lora_request.lora_int_id not in self.adapters:
-            self.adapters[lora_request.lora_int_id] = PeftModel.from_pretrained(
-                self.base, lora_request.lora_path, adapter_name=lora_request.lora_name).eval()
-        return self.adapters[lora_request.lora_int_id]
+            if self.peft is None:
+                self.peft = PeftModel.from_pretrained(self.base, lora_request.lora_path, adapter_name=name).eval()
+            else:
+                self.peft.load_adapter(lora_request.lora_path, adapter_name=name)
+            self.adapters[lora_request.lora_int_id] = lora_request.lora_path
+        self.peft.set_adapter(name)
+        yield self.peft
 
     @torch.no_grad()
     def generate(self, prompts: list[dict], sampling_params: list[SamplingParams], *, use_tqdm: bool = True,
                  lora_request: Optional[LoRARequest] = None) -> list[Any]:
         assert len(prompts) == len(sampling_params)
-        tokenizer, model = self.processor.tokenizer, self._model(lora_request)
-        outputs = []
-        for prompt, params in zip(prompts, sampling_params):
-            self.requests.append((prompt, params, lora_request))
-            images = (prompt.get("multi_modal_data") or {}).get("image")
-            kwargs = {"images": images, **(self.kwargs.get("mm_processor_kwargs") or {})} if images else {}
-            inputs = self.processor(text=[prompt["prompt"]], return_tensors="pt", **kwargs)
-            greedy = params.temperature == 0
-            config = GenerationConfig(
-                do_sample=not greedy, temperature=None if greedy else params.temperature,
-                top_p=None if greedy else params.top_p, top_k=0 if not greedy else None,
-                max_new_tokens=params.max_tokens, eos_token_id=params.stop_token_ids,
-                pad_token_id=params.stop_token_ids[0],
-            )
-            processors = [_LogitBias(params.logit_bias)] if params.logit_bias else []
-            with torch.random.fork_rng():
-                if params.seed is not None:
-                    torch.manual_seed(params.seed)
-                ids = model.generate(**inputs, generation_config=config, logits_processor=processors)[0]
-            ids = ids[inputs["input_ids"].shape[1]:].tolist()
-            ends = [i for i, token in enumerate(ids) if token in params.stop_token_ids]
-            ids = ids[:ends[0] + 1] if ends else ids
-            text = tokenizer.decode(ids, skip_special_tokens=params.skip_special_tokens)
-            outputs.append(types.SimpleNamespace(outputs=[types.SimpleNamespace(text=text, token_ids=ids)]))
-        return outputs
+        with self._serving(lora_request) as model:
+            return [self._generate_one(model, prompt, params, lora_request)
+                    for prompt, params in zip(prompts, sampling_params)]
+
+    def _generate_one(self, model: torch.nn.Module, prompt: dict, params: SamplingParams,
+                      lora_request: Optional[LoRARequest]) -> Any:
+        tokenizer = self.processor.tokenizer
+        self.requests.append((prompt, params, lora_request))
+        images = (prompt.get("multi_modal_data") or {}).get("image")
+        kwargs = {"images": images, **(self.kwargs.get("mm_processor_kwargs") or {})} if images else {}
+        inputs = self.processor(text=[prompt["prompt"]], return_tensors="pt", **kwargs)
+        greedy = params.temperature == 0
+        config = GenerationConfig(
+            do_sample=not greedy, temperature=None if greedy else params.temperature,
+            top_p=None if greedy else params.top_p, top_k=0 if not greedy else None,
+            max_new_tokens=params.max_tokens, eos_token_id=params.stop_token_ids,
+            pad_token_id=params.stop_token_ids[0],
+        )
+        processors = [_LogitBias(params.logit_bias)] if params.logit_bias else []
+        with torch.random.fork_rng():
+            if params.seed is not None:
+                torch.manual_seed(params.seed)
+            ids = model.generate(**inputs, generation_config=config, logits_processor=processors)[0]
+        ids = ids[inputs["input_ids"].shape[1]:].tolist()
+        ends = [i for i, token in enumerate(ids) if token in params.stop_token_ids]
+        ids = ids[:ends[0] + 1] if ends else ids
+        text = tokenizer.decode(ids, skip_special_tokens=params.skip_special_tokens)
+        completion = types.SimpleNamespace(text=text, token_ids=ids, finish_reason="stop" if ends else "length",
+                                           stop_reason=ids[-1] if ends else None)
+        return types.SimpleNamespace(outputs=[completion])
 
 
 def install(monkeypatch) -> types.ModuleType:

@@ -123,3 +123,58 @@ def test_the_overhead_benchmark_times_the_vllm_backend(monkeypatch, tmp_path):
     assert engine.model_path == str(tmp_path / "policy") and "enable_lora" not in engine.kwargs
     closed = report["results"][1]
     assert closed["policy_prefill_s"] > 0 and {p.max_tokens for _, p, _ in engine.requests} == {1, 4}
+
+
+def test_scored_answers_are_the_actions_act_returned(saved_policy):
+    policy = PromptPolicy.from_pretrained(saved_policy, small_config(max_new_tokens=6), device="cpu")
+    observations = mixed_observations()
+    sampled = policy.act(observations, seed=5)
+    answers = [s.completion_ids.tolist() for s in sampled.samples]
+    scored = policy.score_answers(observations, answers)
+    assert scored.texts == sampled.texts and scored.prompts == sampled.prompts
+    assert torch.equal(scored.completion_mask, sampled.completion_mask)
+    assert torch.equal(scored.completion_ids, sampled.completion_ids)
+    assert torch.allclose(scored.log_probs, sampled.log_probs, atol=1e-5)
+    assert all(torch.equal(a.pixel_values, b.pixel_values) for a, b in zip(scored.samples, sampled.samples)
+               if a.pixel_values is not None)
+    with pytest.raises(ValueError, match="2 answers for 4 observations"):
+        policy.score_answers(observations, answers[:2])
+    with pytest.raises(ValueError, match="no tokens"):
+        policy.score_answers(observations, [[]] + answers[1:])
+
+
+def test_answer_tokens_keep_the_stop_token_and_adapters_are_handed_over(saved_policy, tiny_vlm_dirs, tmp_path,
+                                                                        monkeypatch):
+    import types
+
+    vllm_standin.install(monkeypatch)
+    config = small_config(do_sample=False, max_new_tokens=10)
+    served = VLLMPromptPolicy.from_pretrained(saved_policy, config)
+    end = served.eos_token_ids[0]
+    stopped = types.SimpleNamespace(token_ids=[5, 6], finish_reason="stop", stop_reason=end)
+    assert served._answer_token_ids(stopped) == [5, 6, end]  # an engine that leaves the stop token out
+    assert served._answer_token_ids(types.SimpleNamespace(token_ids=[5, end], finish_reason="stop",
+                                                          stop_reason=end)) == [5, end]
+    assert served._answer_token_ids(types.SimpleNamespace(token_ids=[5, 6], finish_reason="length",
+                                                          stop_reason=None)) == [5, 6]
+
+    observations = mixed_observations()
+    before = served.act(observations)
+    reference = PromptPolicy.from_pretrained(saved_policy, config, device="cpu")
+    assert [a[-1] in served.eos_token_ids or len(a) == 10 for a in before.answer_token_ids] == [True] * 4
+    assert before.answer_token_ids == [s.completion_ids.tolist() for s in
+                                       (reference.act([o]).samples[0] for o in observations)]
+    with torch.no_grad():  # a different adapter: the engine must answer as the new weights do
+        for name, parameter in reference.model.named_parameters():
+            if "lora_B" in name:
+                parameter.mul_(-3.0)
+    reference.model.save_pretrained(tmp_path / "updated")
+    first_id = served.lora_request.lora_int_id
+    served.load_adapter(tmp_path / "updated")
+    assert served.lora_request.lora_int_id == first_id + 1
+    after = served.act(observations)
+    assert after.texts == one_by_one(reference, observations) != before.texts
+
+    base = VLLMPromptPolicy.from_pretrained(tiny_vlm_dirs["qwen2_5_vl"], small_config())
+    with pytest.raises(RuntimeError, match="without a LoRA adapter"):
+        base.load_adapter(tmp_path / "updated")

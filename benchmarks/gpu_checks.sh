@@ -15,8 +15,9 @@
 #   decode    issue 8: where the policy's decode time goes, dynamic vs static KV cache (benchmarks/policy_decode.py)
 #   fsdp      issue 5: the same training for 3 steps under `accelerate launch` with configs/accelerate/fsdp.yaml
 #             on one process (DeepSpeed is not installed there and is not carried: its wheels need a build)
-#   vllm      issue 8: the overhead setting with the policy served by vLLM (closed loop and a-priori); runs only
-#             where the GPU machine already has vllm (its 239 MB wheel is over the 64 MiB carry limit)
+#   vllm      issue 8: the overhead setting with the policy served by vLLM (closed loop and a-priori), then the
+#             train step with grpo.rollout_backend vllm; runs only where the GPU machine already has vllm (its
+#             239 MB wheel is over the 64 MiB carry limit)
 # Results go to $OUT (the device tool's folder; benchmarks/results/gpu_checks/ when OUT is unset): steps.txt (rc
 # and seconds per step), log.txt (every step's output), and each step's JSON. Record them in docs/benchmarks.md.
 set -u
@@ -95,7 +96,10 @@ for s in "${steps[@]}"; do
       fi
       step vllm 300 "$PY" benchmarks/overhead.py --scale "$scale" --device "$device" --dtype "$bench_dtype" \
         --repeats 1 --refinements "$refinements" --modes closed,apriori --no-split --policy-backend vllm \
-        --max-new-tokens "$tokens" --out "$OUT/overhead_vllm.json" ;;
+        --max-new-tokens "$tokens" --out "$OUT/overhead_vllm.json"
+      step vllm_train 150 "$PY" -m promptloop.cli train "${train_args[@]}" --grpo.rollout_backend vllm \
+        --grpo.max_steps "$train_steps" --logging.checkpoint_every "$train_steps" --logging.output_dir "$run_dir/vllm"
+      cp "$run_dir/vllm/metrics.jsonl" "$OUT/vllm_train_metrics.jsonl" 2>/dev/null ;;
     *) echo "unknown step $s (train, overhead, decode, fsdp, vllm)" >&2; exit 2 ;;
   esac
 done

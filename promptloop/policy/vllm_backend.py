@@ -121,11 +121,11 @@ class VLLMPromptPolicy(PromptWriter):
         vllm = import_vllm()
         path_or_id = str(path_or_id)
         config, saved = resolve_policy_config(path_or_id, config, base_model_name_or_path)
-        base, remote = config.model_name_or_path, config.trust_remote_code
+        base = config.model_name_or_path
         adapter_path = path_or_id if saved and locate(path_or_id, ADAPTER_CONFIG_NAME) is not None else None
         processor_source = path_or_id if saved else base
-        processor = AutoProcessor.from_pretrained(processor_source, trust_remote_code=remote)
-        model_config = AutoConfig.from_pretrained(base, trust_remote_code=remote)
+        processor = AutoProcessor.from_pretrained(processor_source, trust_remote_code=config.trust_remote_code)
+        model_config = AutoConfig.from_pretrained(base, trust_remote_code=config.trust_remote_code)
         try:
             generation_eos = GenerationConfig.from_pretrained(base).eos_token_id
         except OSError:  # the model ships no generation_config.json
@@ -135,7 +135,7 @@ class VLLMPromptPolicy(PromptWriter):
             processor.tokenizer, model_config, model_config.get_text_config().vocab_size, eos
         )
         engine_kwargs: dict[str, Any] = dict(
-            model=base, tokenizer=processor_source, trust_remote_code=remote,
+            model=base, tokenizer=processor_source, trust_remote_code=config.trust_remote_code,
             dtype=config.dtype if config.dtype != "auto" else "bfloat16",
             gpu_memory_utilization=gpu_memory_utilization,
             limit_mm_per_prompt={"image": 1, "video": 0},  # a chat holds at most one preview

@@ -139,6 +139,16 @@ class PolicySamplingSection:
     top_p: float = _help("Nucleus mass (with do_sample).", default=1.0)
     max_new_tokens: Optional[int] = _help("Most tokens per answer; null keeps the saved policy's value.",
                                           default=None)
+    backend: Literal["transformers", "vllm"] = _help(
+        "What samples the policies' answers: transformers.generate, or vLLM (`pip install vllm`, CUDA); policies "
+        "on the same base model share one vLLM engine, each adapter under its own LoRA id.", default="transformers")
+    vllm_gpu_memory_utilization: float = _help(
+        "backend 'vllm': share of the GPU each vLLM engine reserves (one engine per base model).", default=0.3)
+
+    def __post_init__(self):
+        if not 0 < self.vllm_gpu_memory_utilization < 1:
+            raise ValueError(f"vllm_gpu_memory_utilization={self.vllm_gpu_memory_utilization} must be in (0, 1): "
+                             "the share of the GPU vLLM may take")
 
 
 @dataclass

@@ -7,12 +7,12 @@ from typing import Iterator, Optional, Sequence
 from ..backbones import Backbone, SamplerSettings, rollout, withhold_preview
 from ..backbones.types import RolloutOutput
 from ..pipeline import apriori_prompts, oneshot_prompts, policy_mode
-from ..policy import PromptPolicy
+from ..policy import PromptWriter
 from .config import MethodVariant
 
 
 @contextlib.contextmanager
-def adapter_state(policy: PromptPolicy, enabled: bool) -> Iterator[PromptPolicy]:
+def adapter_state(policy: PromptWriter, enabled: bool) -> Iterator[PromptWriter]:
     """The policy with its LoRA adapter on (as loaded) or off (the base VLM); a policy without an adapter is its
     base VLM either way."""
     if enabled or not policy.has_adapter:
@@ -25,7 +25,7 @@ def adapter_state(policy: PromptPolicy, enabled: bool) -> Iterator[PromptPolicy]
 def sample_batch(
     variant: MethodVariant,
     backbone: Backbone,
-    policy: Optional[PromptPolicy],
+    policy: Optional[PromptWriter],
     queries: Sequence[str],
     seeds: Sequence[int],
     settings: SamplerSettings,

@@ -11,7 +11,9 @@ import torch
 
 from ..backbones import Backbone, SamplerSettings, check_feedback_delay, load_backbone
 from ..configuration import to_dict
-from ..policy import PromptPolicy
+from ..policy import PolicyConfig, PromptPolicy, PromptWriter, VLLMPromptPolicy
+from ..policy.vllm_backend import import_vllm
+from ..policy.writer import resolve_policy_config
 from ..rewards import Reward, load_reward
 from ..visualize import trajectory_strip
 from .config import BackboneEntry, EvalConfig, MethodVariant, PolicySamplingSection
@@ -37,8 +39,11 @@ def _looks_local(path: str) -> bool:
 
 
 def check_config(config: EvalConfig) -> list[MethodVariant]:
-    """Errors that need no model: N_R and feedback delays against each backbone's steps, missing local paths."""
+    """Errors that need no model: N_R and feedback delays against each backbone's steps, missing local paths, a
+    vLLM backend without vllm installed."""
     variants = config.method_variants()
+    if config.policy_sampling.backend == "vllm":
+        import_vllm()
     for label, backbone in config.backbones.items():
         if _looks_local(backbone.name_or_path) and not Path(backbone.name_or_path).expanduser().exists():
             raise ValueError(f"backbones.{label}.name_or_path {backbone.name_or_path!r} does not exist.")
@@ -62,15 +67,21 @@ def sampler_settings(entry: BackboneEntry) -> SamplerSettings:
 
 class PolicyCache:
     """Each policy path loaded once (adapter included; methods switch it off where asked), decoding settings
-    replaced by the evaluation's."""
+    replaced by the evaluation's. With the vLLM backend, policies on the same base model and preview sizes share
+    one engine, started with LoRA enabled up to the largest rank among ``paths`` (the evaluation's policies)."""
 
-    def __init__(self, sampling: PolicySamplingSection, device: torch.device):
+    def __init__(self, sampling: PolicySamplingSection, device: torch.device, paths: Sequence[str] = ()):
         self.sampling, self.device = sampling, device
-        self.policies: dict[str, PromptPolicy] = {}
+        self.policies: dict[str, PromptWriter] = {}
+        self.engines: dict[tuple, Any] = {}
+        self.max_lora_rank = None
+        if sampling.backend == "vllm":
+            saved = [_saved_config(path) for path in sorted(set(paths))]
+            self.max_lora_rank = max((config.lora_r for config, is_saved in saved if is_saved), default=None)
 
-    def get(self, path: str) -> PromptPolicy:
+    def get(self, path: str) -> PromptWriter:
         if path not in self.policies:
-            policy = PromptPolicy.from_pretrained(path, device=self.device, add_adapter=False, is_trainable=False)
+            policy = self._load(path)
             overrides: dict[str, Any] = dict(do_sample=self.sampling.do_sample, temperature=self.sampling.temperature,
                                              top_p=self.sampling.top_p)
             if self.sampling.max_new_tokens is not None:
@@ -78,6 +89,22 @@ class PolicyCache:
             policy.config = dataclasses.replace(policy.config, **overrides)
             self.policies[path] = policy
         return self.policies[path]
+
+    def _load(self, path: str) -> PromptWriter:
+        if self.sampling.backend != "vllm":
+            return PromptPolicy.from_pretrained(path, device=self.device, add_adapter=False, is_trainable=False)
+        config = _saved_config(path)[0]
+        key = (config.model_name_or_path, config.dtype, config.min_pixels, config.max_pixels)
+        policy = VLLMPromptPolicy.from_pretrained(
+            path, llm=self.engines.get(key), max_lora_rank=self.max_lora_rank,
+            **({} if key in self.engines else {"gpu_memory_utilization": self.sampling.vllm_gpu_memory_utilization}))
+        self.engines[key] = policy.llm
+        return policy
+
+
+def _saved_config(path: str) -> tuple[PolicyConfig, bool]:
+    """The config a policy path loads with, and whether it is a saved policy (else a base model)."""
+    return resolve_policy_config(path, None, None)
 
 
 def _policy_seed(seed: int, start: int) -> int:
@@ -93,7 +120,7 @@ class _Evaluator:
         self.out_dir, self.log = out_dir, log
 
     def run(self, backbone_label: str, backbone: Backbone, entry: BackboneEntry, variant: MethodVariant,
-            policy: Optional[PromptPolicy]) -> list[Sample]:
+            policy: Optional[PromptWriter]) -> list[Sample]:
         settings = sampler_settings(entry)
         if self.config.warmup:
             sample_batch(variant, backbone, policy, self.queries[:1], [self.config.seeds[0]], settings, 0)
@@ -162,7 +189,7 @@ def run_evaluation(config: EvalConfig, queries: Optional[Sequence[str]] = None,
     rewards = {label: load_reward(entry.spec, device=entry.device or device, **entry.kwargs)
                for label, entry in config.rewards.items()}
     embedder = load_text_embedder(config.text_embedder, device=device)
-    policies = PolicyCache(config.policy_sampling, device)
+    policies = PolicyCache(config.policy_sampling, device, [v.policy for v in variants if v.kind != "base"])
     evaluator = _Evaluator(config, queries, rewards, embedder, out_dir, log)
     samples: list[Sample] = []
     for label, entry in config.backbones.items():

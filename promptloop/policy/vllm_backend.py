@@ -6,9 +6,11 @@ vLLM is not a dependency of promptloop: ``pip install vllm`` on a CUDA machine.
 """
 from __future__ import annotations
 
+import contextlib
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 from transformers import AutoConfig, AutoProcessor, GenerationConfig, ProcessorMixin
@@ -32,6 +34,8 @@ SUPPRESSED_LOGIT_BIAS = -100.0
 """The logit bias that keeps special and vision tokens out (the bound of vLLM's OpenAI-compatible API): a suppressed
 token keeps at most exp(-100) of the probability it had."""
 LORA_NAME = "promptloop-policy"
+_LORA_IDS = itertools.count(1)
+"""vLLM caches adapters by integer id: every adapter handed to any engine in this process gets a new one."""
 
 
 @dataclass(kw_only=True)
@@ -61,13 +65,31 @@ def vllm_max_lora_rank(rank: int) -> int:
     raise ValueError(f"lora_r={rank} is above the largest LoRA rank vLLM serves ({VLLM_MAX_LORA_RANKS[-1]}).")
 
 
+def start_engine(config: PolicyConfig, tokenizer: str, max_lora_rank: Optional[int],
+                 gpu_memory_utilization: float, **llm_kwargs: Any) -> Any:
+    """A ``vllm.LLM`` on ``config``'s base model, dtype and preview sizes (LoRA enabled up to ``max_lora_rank``)."""
+    vllm = import_vllm()
+    engine_kwargs: dict[str, Any] = dict(
+        model=config.model_name_or_path, tokenizer=tokenizer, trust_remote_code=config.trust_remote_code,
+        dtype=config.dtype if config.dtype != "auto" else "bfloat16",
+        gpu_memory_utilization=gpu_memory_utilization,
+        limit_mm_per_prompt={"image": 1, "video": 0},  # a chat holds at most one preview
+        mm_processor_kwargs={"size": {"shortest_edge": config.min_pixels, "longest_edge": config.max_pixels}},
+    )
+    if max_lora_rank is not None:
+        engine_kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=vllm_max_lora_rank(max_lora_rank))
+    engine_kwargs.update(llm_kwargs)
+    return vllm.LLM(**engine_kwargs)
+
+
 class VLLMPromptPolicy(PromptWriter):
     """A policy whose answers come from a ``vllm.LLM`` (base model + the saved LoRA adapter).
 
     The chat text is the one :class:`~promptloop.policy.PromptPolicy` builds (same processor and chat template), the
     preview goes in as ``multi_modal_data``, and the sampling settings are the policy config's: temperature and
     top-p (``do_sample=False``: greedy), ``max_new_tokens``, the model's end tokens, and the special and vision
-    tokens kept out by a logit bias. Each row gets its own seed drawn from the call's seed.
+    tokens kept out by a logit bias. Each row gets its own seed drawn from the call's seed. Policies on the same
+    base model can share one engine (``from_pretrained(..., llm=...)``), each adapter under its own LoRA id.
     """
 
     def __init__(
@@ -86,20 +108,33 @@ class VLLMPromptPolicy(PromptWriter):
         self.suppressed_token_ids = list(suppressed_token_ids)
         self.lora_request = None
         if adapter_path is not None:
-            from vllm.lora.request import LoRARequest
+            self.load_adapter(adapter_path)
 
-            self.lora_request = LoRARequest(LORA_NAME, 1, adapter_path)
+    @property
+    def has_adapter(self) -> bool:
+        return self.lora_request is not None
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator["VLLMPromptPolicy"]:
+        """Within this context the engine answers with the base model alone (no LoRA request)."""
+        if not self.has_adapter:
+            raise RuntimeError("This policy has no LoRA adapter, so it has no separate reference model.")
+        served, self.lora_request = self.lora_request, None
+        try:
+            yield self
+        finally:
+            self.lora_request = served
 
     def load_adapter(self, adapter_path: Union[str, Path]) -> None:
         """Serve the LoRA adapter saved in ``adapter_path`` (same rank and targets) from the next call on: how a
         training run hands its updated weights to the engine. vLLM caches adapters by id, so each load gets a new one.
+        The engine must have been started with LoRA enabled (``from_pretrained`` does so for a policy with an
+        adapter, or when given ``max_lora_rank``).
         """
-        if self.lora_request is None:
-            raise RuntimeError("This engine was started without a LoRA adapter (enable_lora off): start it from a "
-                               "saved policy that has one to load adapters later.")
         from vllm.lora.request import LoRARequest
 
-        self.lora_request = LoRARequest(LORA_NAME, self.lora_request.lora_int_id + 1, str(adapter_path))
+        lora_id = next(_LORA_IDS)
+        self.lora_request = LoRARequest(f"{LORA_NAME}-{lora_id}", lora_id, str(adapter_path))
 
     @classmethod
     def from_pretrained(
@@ -108,17 +143,27 @@ class VLLMPromptPolicy(PromptWriter):
         config: Optional[PolicyConfig] = None,
         *,
         base_model_name_or_path: Optional[str] = None,
+        llm: Any = None,
+        max_lora_rank: Optional[int] = None,
         gpu_memory_utilization: float = 0.35,
         **llm_kwargs: Any,
     ) -> "VLLMPromptPolicy":
-        """Start a ``vllm.LLM`` on the policy's base model, serving its saved adapter (if any).
+        """A policy served by vLLM: a ``vllm.LLM`` started on its base model (or ``llm``), with its saved adapter.
 
         ``path_or_id`` and ``config`` resolve as in :meth:`PromptPolicy.from_pretrained`. ``gpu_memory_utilization``
         is the share of the GPU vLLM reserves (weights + KV cache); the default leaves the rest to the diffusion
         pipeline in the same process. ``llm_kwargs`` go to ``vllm.LLM`` as they are (``enforce_eager``,
         ``max_model_len``, ``tensor_parallel_size``, ...) and override the ones set here.
+
+        ``llm``: an engine already serving this policy's base model with the same preview sizes and LoRA enabled
+        (``policy.llm`` of an earlier call); the adapter is then served by it and no engine starts.
+        ``max_lora_rank``: start the engine with LoRA enabled for adapters up to this rank (default: this policy's
+        rank when it has an adapter; LoRA off otherwise), so that later policies can share it.
         """
-        vllm = import_vllm()
+        import_vllm()
+        if llm is not None and llm_kwargs:
+            raise ValueError(f"Engine arguments {sorted(llm_kwargs)} apply to a new engine; with llm=... the engine "
+                             "already runs. Pass them where it was started.")
         path_or_id = str(path_or_id)
         config, saved = resolve_policy_config(path_or_id, config, base_model_name_or_path)
         base = config.model_name_or_path
@@ -134,17 +179,10 @@ class VLLMPromptPolicy(PromptWriter):
         suppressed = suppressed_token_ids(
             processor.tokenizer, model_config, model_config.get_text_config().vocab_size, eos
         )
-        engine_kwargs: dict[str, Any] = dict(
-            model=base, tokenizer=processor_source, trust_remote_code=config.trust_remote_code,
-            dtype=config.dtype if config.dtype != "auto" else "bfloat16",
-            gpu_memory_utilization=gpu_memory_utilization,
-            limit_mm_per_prompt={"image": 1, "video": 0},  # a chat holds at most one preview
-            mm_processor_kwargs={"size": {"shortest_edge": config.min_pixels, "longest_edge": config.max_pixels}},
-        )
-        if adapter_path is not None:
-            engine_kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=vllm_max_lora_rank(config.lora_r))
-        engine_kwargs.update(llm_kwargs)
-        llm = vllm.LLM(**engine_kwargs)
+        if llm is None:
+            if max_lora_rank is None and adapter_path is not None:
+                max_lora_rank = config.lora_r
+            llm = start_engine(config, processor_source, max_lora_rank, gpu_memory_utilization, **llm_kwargs)
         return cls(llm, processor, config, eos_token_ids=eos, suppressed_token_ids=suppressed,
                    adapter_path=adapter_path)
 

@@ -9,7 +9,7 @@ import abc
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, ContextManager, Optional, Sequence, Union
 
 import torch
 from transformers import ProcessorMixin
@@ -132,6 +132,15 @@ class PromptWriter(abc.ABC):
     ) -> PromptActions:
         """Sample one answer per observation and turn it into a prompt; ``seed`` (or a draw from ``generator``)
         makes the call reproducible."""
+
+    @property
+    @abc.abstractmethod
+    def has_adapter(self) -> bool:
+        """The policy has a LoRA adapter on top of its base model."""
+
+    @abc.abstractmethod
+    def reference(self) -> ContextManager["PromptWriter"]:
+        """A context within which the policy answers as its base model (adapter off); an error without adapter."""
 
     def chats(self, observations: Sequence[Observation]) -> tuple[list[Chat], list[str]]:
         """Each observation's chat and its text under the processor's chat template (generation prompt added)."""

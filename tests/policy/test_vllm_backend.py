@@ -47,7 +47,8 @@ def test_greedy_answers_equal_the_transformers_policys(saved_policy, tiny_vlm_di
     base = PromptPolicy.from_pretrained(tiny_vlm_dirs["qwen2_5_vl"], config, device="cpu", add_adapter=False)
     assert actions.texts != one_by_one(base, observations), "the adapter must be served, not the base model alone"
     engine = vllm_standin.LLM.instances[-1]
-    assert [r[2].lora_name for r in engine.requests] == [LORA_NAME] * len(observations)
+    assert [r[2].lora_name for r in engine.requests] == [served.lora_request.lora_name] * len(observations)
+    assert served.lora_request.lora_name.startswith(LORA_NAME)
     with_image = [r[0] for r in engine.requests if "multi_modal_data" in r[0]]
     assert len(with_image) == 3 and all(len(r["multi_modal_data"]["image"]) == 1 for r in with_image)
 
@@ -171,10 +172,17 @@ def test_answer_tokens_keep_the_stop_token_and_adapters_are_handed_over(saved_po
     reference.model.save_pretrained(tmp_path / "updated")
     first_id = served.lora_request.lora_int_id
     served.load_adapter(tmp_path / "updated")
-    assert served.lora_request.lora_int_id == first_id + 1
+    assert served.lora_request.lora_int_id > first_id
     after = served.act(observations)
     assert after.texts == one_by_one(reference, observations) != before.texts
 
-    base = VLLMPromptPolicy.from_pretrained(tiny_vlm_dirs["qwen2_5_vl"], small_config())
-    with pytest.raises(RuntimeError, match="without a LoRA adapter"):
-        base.load_adapter(tmp_path / "updated")
+    # a second policy on the same engine (another adapter, another id), and the base model through reference()
+    shared = VLLMPromptPolicy.from_pretrained(saved_policy, config, llm=served.llm)
+    assert len(vllm_standin.LLM.instances) == 1 and shared.lora_request.lora_int_id > served.lora_request.lora_int_id
+    assert shared.act(observations).texts == before.texts
+    base = PromptPolicy.from_pretrained(tiny_vlm_dirs["qwen2_5_vl"], config, device="cpu", add_adapter=False)
+    with shared.reference():
+        assert not shared.has_adapter and shared.act(observations).texts == one_by_one(base, observations)
+    assert shared.has_adapter and shared.act(observations).texts == before.texts
+    with pytest.raises(ValueError, match="apply to a new engine"):
+        VLLMPromptPolicy.from_pretrained(saved_policy, config, llm=served.llm, enforce_eager=True)

@@ -195,6 +195,7 @@ class VLLMPromptPolicy(PromptWriter):
             temperature=config.temperature if config.do_sample else 0.0,
             top_p=config.top_p if config.do_sample else 1.0,
             max_tokens=config.max_new_tokens, seed=seed, stop_token_ids=list(self.eos_token_ids),
+            ignore_eos=True,  # the end tokens are the stop tokens above, as for the transformers backend
             logit_bias={token: SUPPRESSED_LOGIT_BIAS for token in self.suppressed_token_ids} or None,
             skip_special_tokens=True,
         )
@@ -231,7 +232,7 @@ class VLLMPromptPolicy(PromptWriter):
         """The completion's tokens with the end token it stopped on (vLLM reports a stop token as ``stop_reason``;
         kept here whether or not the engine's version lists it in ``token_ids``)."""
         ids = list(completion.token_ids)
-        if completion.finish_reason == "stop" and (not ids or ids[-1] not in self.eos_token_ids):
-            stop = completion.stop_reason
-            ids.append(stop if isinstance(stop, int) else self.eos_token_ids[0])
+        stop = completion.stop_reason
+        if completion.finish_reason == "stop" and isinstance(stop, int) and (not ids or ids[-1] != stop):
+            ids.append(stop)
         return ids

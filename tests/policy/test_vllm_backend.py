@@ -158,6 +158,8 @@ def test_answer_tokens_keep_the_stop_token_and_adapters_are_handed_over(saved_po
                                                           stop_reason=end)) == [5, end]
     assert served._answer_token_ids(types.SimpleNamespace(token_ids=[5, 6], finish_reason="length",
                                                           stop_reason=None)) == [5, 6]
+    assert served._answer_token_ids(types.SimpleNamespace(token_ids=[5, 6], finish_reason="stop",
+                                                          stop_reason="a stop string")) == [5, 6]
 
     observations = mixed_observations()
     before = served.act(observations)

@@ -72,3 +72,14 @@ def test_the_backends_engine_and_request_arguments_are_vllms(tiny_vlm_dirs, tmp_
     params = served.sampling_params(seed=5)
     assert isinstance(params, vllm.SamplingParams) and (params.temperature, params.seed) == (0.8, 5)
     assert served.act(mixed_observations(), seed=1).texts == served.act(mixed_observations(), seed=1).texts
+    served.load_adapter(tmp_path / "policy")
+    assert isinstance(served.lora_request, LoRARequest) and served.lora_request.lora_path == str(tmp_path / "policy")
+
+    from vllm.outputs import CompletionOutput
+
+    end = served.eos_token_ids[0]  # vLLM 0.34 keeps the stop token in token_ids and names it in stop_reason
+    stopped = CompletionOutput(index=0, text="a cat", token_ids=[5, 6, end], cumulative_logprob=None, logprobs=None,
+                               finish_reason="stop", stop_reason=end)
+    capped = CompletionOutput(index=0, text="a cat", token_ids=[5, 6], cumulative_logprob=None, logprobs=None,
+                              finish_reason="length", stop_reason=None)
+    assert served._answer_token_ids(stopped) == [5, 6, end] and served._answer_token_ids(capped) == [5, 6]

@@ -36,7 +36,8 @@ def test_vllm_rollouts_learn_and_the_engine_serves_each_updates_weights(tmp_path
 
     [engine] = vllm_standin.LLM.instances  # one engine for the run, its adapter replaced after every update
     ids = [lora.lora_int_id for _, _, lora in engine.requests]
-    assert sorted(set(ids)) == list(range(1, 13)) and ids == sorted(ids)
+    assert len(set(ids)) == 12 and ids == sorted(ids), "a new adapter (LoRA id) for every step"
+    assert [ids.count(i) for i in sorted(set(ids))] == [16] * 12  # 2 queries x G = 8, one refinement each
     served = trainer.answer_engine()  # hands over the adapter of the last update
     weights = get_peft_model_state_dict(trainer.policy.model)
     handed = served_adapter(served)

@@ -11,7 +11,7 @@ import torch
 
 from ..backbones import Backbone, SamplerSettings, check_feedback_delay, load_backbone
 from ..configuration import to_dict
-from ..policy import PolicyConfig, PromptPolicy, PromptWriter, VLLMPromptPolicy
+from ..policy import PromptPolicy, PromptWriter, VLLMPromptPolicy
 from ..policy.vllm_backend import import_vllm
 from ..policy.writer import resolve_policy_config
 from ..rewards import Reward, load_reward
@@ -76,7 +76,7 @@ class PolicyCache:
         self.engines: dict[tuple, Any] = {}
         self.max_lora_rank = None
         if sampling.backend == "vllm":
-            saved = [_saved_config(path) for path in sorted(set(paths))]
+            saved = [resolve_policy_config(path, None, None) for path in sorted(set(paths))]
             self.max_lora_rank = max((config.lora_r for config, is_saved in saved if is_saved), default=None)
 
     def get(self, path: str) -> PromptWriter:
@@ -93,18 +93,13 @@ class PolicyCache:
     def _load(self, path: str) -> PromptWriter:
         if self.sampling.backend != "vllm":
             return PromptPolicy.from_pretrained(path, device=self.device, add_adapter=False, is_trainable=False)
-        config = _saved_config(path)[0]
+        config, _ = resolve_policy_config(path, None, None)
         key = (config.model_name_or_path, config.dtype, config.min_pixels, config.max_pixels)
         policy = VLLMPromptPolicy.from_pretrained(
             path, llm=self.engines.get(key), max_lora_rank=self.max_lora_rank,
-            **({} if key in self.engines else {"gpu_memory_utilization": self.sampling.vllm_gpu_memory_utilization}))
+            gpu_memory_utilization=self.sampling.vllm_gpu_memory_utilization)
         self.engines[key] = policy.llm
         return policy
-
-
-def _saved_config(path: str) -> tuple[PolicyConfig, bool]:
-    """The config a policy path loads with, and whether it is a saved policy (else a base model)."""
-    return resolve_policy_config(path, None, None)
 
 
 def _policy_seed(seed: int, start: int) -> int:

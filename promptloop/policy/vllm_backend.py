@@ -1,8 +1,10 @@
 """A saved policy sampled by vLLM: the chat, prompts and refine callable of :class:`PromptPolicy`, faster decoding.
 
-Inference only (:class:`~promptloop.pipeline.PromptLoopPipeline`, ``promptloop sample --policy-backend vllm``):
-training scores answers with the transformers model, whose float32 log-probs vLLM's kernels do not reproduce.
-vLLM is not a dependency of promptloop: ``pip install vllm`` on a CUDA machine.
+Used for inference (:class:`~promptloop.pipeline.PromptLoopPipeline`, ``promptloop sample --policy-backend vllm``),
+evaluation (``policy_sampling.backend: vllm``) and training rollouts (``grpo.rollout_backend: vllm``). It only
+samples: training scores the answers with the transformers model (:meth:`PromptPolicy.score_answers`), whose
+float32 log-probs vLLM's kernels do not reproduce. vLLM is not a dependency of promptloop: ``pip install vllm`` on
+a CUDA machine.
 """
 from __future__ import annotations
 
@@ -151,8 +153,8 @@ class VLLMPromptPolicy(PromptWriter):
         """A policy served by vLLM: a ``vllm.LLM`` started on its base model (or ``llm``), with its saved adapter.
 
         ``path_or_id`` and ``config`` resolve as in :meth:`PromptPolicy.from_pretrained`. ``gpu_memory_utilization``
-        is the share of the GPU vLLM reserves (weights + KV cache); the default leaves the rest to the diffusion
-        pipeline in the same process. ``llm_kwargs`` go to ``vllm.LLM`` as they are (``enforce_eager``,
+        is the share of the GPU a new engine reserves (weights + KV cache); the default leaves the rest to the
+        diffusion pipeline in the same process. ``llm_kwargs`` go to ``vllm.LLM`` as they are (``enforce_eager``,
         ``max_model_len``, ``tensor_parallel_size``, ...) and override the ones set here.
 
         ``llm``: an engine already serving this policy's base model with the same preview sizes and LoRA enabled

@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -66,28 +67,37 @@ def build_miniworld(args):
     pipe = StableDiffusionPipeline.from_pretrained(SHIPPED_BACKBONE_A).to(args.device)
     pipe.set_progress_bar_config(disable=True)
     config = miniworld_policy_config("closed", max_new_tokens=args.max_new_tokens)
+    policy = None
+    if args.policy_backend == "transformers" or scores_answers(args):
+        policy = PromptPolicy.from_pretrained(DEFAULT_POLICY_DIR, config, device=args.device)
     if args.policy_backend == "vllm":
-        return pipe, VLLMPromptPolicy.from_pretrained(DEFAULT_POLICY_DIR, config,
-                                                      gpu_memory_utilization=args.vllm_memory)
-    policy = PromptPolicy.from_pretrained(DEFAULT_POLICY_DIR, config, device=args.device)
-    return pipe, policy
+        served = VLLMPromptPolicy.from_pretrained(DEFAULT_POLICY_DIR, config, gpu_memory_utilization=args.vllm_memory)
+        return pipe, served, policy
+    return pipe, policy, None
 
 
-def served_by_vllm(policy: PromptPolicy, args) -> VLLMPromptPolicy:
-    """The same (random-weight) policy saved to a folder and served by vLLM; the transformers copy is freed."""
+def scores_answers(args) -> bool:
+    """Training rollouts with vLLM also score the answers with the transformers policy: kept for the train rows."""
+    return args.policy_backend == "vllm" and "train" in args.modes.split(",")
+
+
+def served_by_vllm(policy: PromptPolicy, args) -> tuple[VLLMPromptPolicy, Optional[PromptPolicy]]:
+    """The same (random-weight) policy saved to a folder and served by vLLM, and the transformers copy where the
+    train rows score answers with it (else freed before vLLM starts)."""
     folder = Path(args.policy_dir or tempfile.mkdtemp(prefix="overhead_policy_"))
     policy.base_model.save_pretrained(folder)
     policy.processor.save_pretrained(folder)
     dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[args.dtype]
     config = dataclasses.replace(policy.config, model_name_or_path=str(folder), dtype=dtype)
     suppressed = policy.suppressed_token_ids
+    scorer = policy if scores_answers(args) else None
     del policy
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     served = VLLMPromptPolicy.from_pretrained(folder, config, gpu_memory_utilization=args.vllm_memory)
     served.suppressed_token_ids = suppressed
-    return served
+    return served, scorer
 
 
 def build(args):
@@ -117,17 +127,21 @@ def build(args):
     # ids the small tokenizer lacks (the full-size vocabulary is larger) must never be sampled
     vocab = model.config.get_text_config().vocab_size
     policy.suppressed_token_ids = sorted(set(policy.suppressed_token_ids) | set(range(len(processor.tokenizer), vocab)))
-    return pipe, served_by_vllm(policy, args) if args.policy_backend == "vllm" else policy
+    if args.policy_backend == "vllm":
+        return (pipe, *served_by_vllm(policy, args))
+    return pipe, policy, None
 
 
 class TimedRefiner:
-    """The policy as a RefineFn, timing each call and (untimed) its prefill share."""
+    """The policy as a RefineFn, timing each call and (untimed) its prefill share; with ``scorer`` (vLLM training
+    rollouts) each call's answers are also scored by the transformers policy, timed apart."""
 
-    def __init__(self, policy: PromptWriter, device: str, split: bool):
-        self.policy, self.device, self.split = policy, device, split
+    def __init__(self, policy: PromptWriter, device: str, split: bool, scorer: Optional[PromptPolicy] = None):
+        self.policy, self.device, self.split, self.scorer = policy, device, split, scorer
         self.calls = 0
         self.policy_s = 0.0
         self.prefill_s = 0.0
+        self.score_s = 0.0
 
     def __call__(self, observations: list[Observation]) -> list[str]:
         _sync(self.device)
@@ -136,6 +150,11 @@ class TimedRefiner:
         _sync(self.device)
         self.policy_s += time.perf_counter() - t0
         self.calls += 1
+        if self.scorer is not None:
+            t0 = time.perf_counter()
+            self.scorer.score_answers(observations, actions.answer_token_ids)
+            _sync(self.device)
+            self.score_s += time.perf_counter() - t0
         if self.split:
             self.prefill_s += self._prefill_time(observations)
         return actions.prompts
@@ -153,14 +172,15 @@ class TimedRefiner:
             self.policy.config.max_new_tokens = full
 
 
-def run_case(args, pipe, backbone, policy, mode: str, n_r: int, settings: SamplerSettings, split: bool) -> dict:
+def run_case(args, pipe, backbone, policy, mode: str, n_r: int, settings: SamplerSettings, split: bool,
+             scorer: Optional[PromptPolicy] = None) -> dict:
     """One timed batch. ``mode``: plain (stock pipe call), loop (rollout), closed, pipelined (closed with
-    ``--feedback-delay``), apriori, train."""
+    ``--feedback-delay``), apriori, train (with ``scorer``: vLLM's answers scored as in training)."""
     batch = args.batch
     pool = MINIWORLD_QUERIES if args.scale == "miniworld" else QUERIES
     queries = (pool * (batch // len(pool) + 1))[:batch]
     seeds = list(range(batch))
-    refiner = TimedRefiner(policy, args.device, split)
+    refiner = TimedRefiner(policy, args.device, split, scorer if mode == "train" else None)
     apriori_s = 0.0
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -195,6 +215,8 @@ def run_case(args, pipe, backbone, policy, mode: str, n_r: int, settings: Sample
         row.update({f"{k}_s": v for k, v in times.as_dict().items()})
     policy_s = refiner.policy_s + apriori_s
     row["policy_s"] = policy_s
+    if refiner.scorer is not None:
+        row["policy_score_s"] = refiner.score_s
     if split and refiner.calls:
         row["policy_prefill_s"] = refiner.prefill_s
         row["policy_decode_s"] = max(refiner.policy_s - refiner.prefill_s, 0.0)
@@ -249,7 +271,7 @@ def main(argv=None) -> dict:
     train_refinements = [int(x) for x in args.train_refinements.split(",")]
 
     t0 = time.perf_counter()
-    pipe, policy = build(args)
+    pipe, policy, scorer = build(args)
     backbone = auto_backbone(pipe)
     build_s = time.perf_counter() - t0
     settings = SamplerSettings(num_inference_steps=steps, height=size, width=size, preview_size=args.preview_size)
@@ -284,9 +306,10 @@ def main(argv=None) -> dict:
     warmed = {"train", "plain", "loop", "closed", "pipelined", "apriori"} if args.no_warmup else {"train"}
     for mode, n in cases:
         if mode not in warmed:  # one warm-up per mode (first use of its kernels and caches)
-            run_case(args, pipe, backbone, policy, mode, n, settings, split=False)
+            run_case(args, pipe, backbone, policy, mode, n, settings, split=False, scorer=scorer)
             warmed.add(mode)
-        rows = [run_case(args, pipe, backbone, policy, mode, n, settings, split=False) for _ in range(args.repeats)]
+        rows = [run_case(args, pipe, backbone, policy, mode, n, settings, split=False, scorer=scorer)
+                for _ in range(args.repeats)]
         merged = median_row(rows)
         if mode == "closed" and not args.no_split:  # an extra, untimed run: the split calls inflate its total
             split = run_case(args, pipe, backbone, policy, mode, n, settings, split=True)
@@ -300,6 +323,8 @@ def main(argv=None) -> dict:
         print(f"  {mode:8s} N_R={n}: {merged['per_image_s']:.3f} s/image", flush=True)
     cols = ["mode", "n_r", "per_image_s", "ratio_to_plain", "denoise_s", "preview_s", "refine_s",
             "policy_prefill_s", "policy_decode_s", "encode_s", "decode_s", "policy_calls", "peak_mem_gib"]
+    if scorer is not None:
+        cols.insert(9, "policy_score_s")
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in results:

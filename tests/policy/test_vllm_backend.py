@@ -115,11 +115,16 @@ def test_the_overhead_benchmark_times_the_vllm_backend(monkeypatch, tmp_path):
     overhead = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(overhead)
     report = overhead.main(["--scale", "tiny", "--device", "cpu", "--batch", "2", "--steps", "4", "--size", "64",
-                            "--preview-size", "32", "--refinements", "1", "--modes", "plain,closed,apriori",
+                            "--preview-size", "32", "--refinements", "1", "--modes", "plain,closed,apriori,train",
+                            "--train-refinements", "1",
                             "--repeats", "1", "--no-warmup", "--max-new-tokens", "4", "--policy-backend", "vllm",
                             "--policy-dir", str(tmp_path / "policy"), "--out", str(tmp_path / "overhead.json")])
     assert report["policy_backend"] == "vllm"
-    assert [(r["mode"], r["policy_calls"]) for r in report["results"]] == [("plain", 0), ("closed", 1), ("apriori", 1)]
+    assert [(r["mode"], r["policy_calls"]) for r in report["results"][:3]] == [
+        ("plain", 0), ("closed", 1), ("apriori", 1)]
+    assert report["results"][3]["mode"] == "train" and report["results"][3]["policy_calls"] >= 1
+    assert report["results"][3]["policy_score_s"] > 0  # vLLM's answers scored by the transformers policy
+    assert not any("policy_score_s" in r for r in report["results"][:3])
     engine = vllm_standin.LLM.instances[-1]
     assert engine.model_path == str(tmp_path / "policy") and "enable_lora" not in engine.kwargs
     closed = report["results"][1]

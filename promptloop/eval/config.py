@@ -13,6 +13,7 @@ from typing import Any, Literal, Optional
 
 from ..backbones.schedule import RefinementSchedule
 from ..configuration import ConfigError, build
+from ..policy.vllm_backend import check_gpu_memory_utilization
 
 METHOD_KINDS = ("base", "untrained", "oneshot", "closed", "closed-noimage", "apriori")
 REFINING_KINDS = ("closed", "closed-noimage", "apriori")
@@ -146,9 +147,7 @@ class PolicySamplingSection:
         "backend 'vllm': share of the GPU each vLLM engine reserves (one engine per base model).", default=0.3)
 
     def __post_init__(self):
-        if not 0 < self.vllm_gpu_memory_utilization < 1:
-            raise ValueError(f"vllm_gpu_memory_utilization={self.vllm_gpu_memory_utilization} must be in (0, 1): "
-                             "the share of the GPU vLLM may take")
+        check_gpu_memory_utilization(self.vllm_gpu_memory_utilization)
 
 
 @dataclass

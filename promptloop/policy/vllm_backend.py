@@ -59,6 +59,12 @@ def import_vllm() -> Any:
     return vllm
 
 
+def check_gpu_memory_utilization(value: float) -> None:
+    """A share of the GPU for vLLM must be in (0, 1); config sections call this for their field."""
+    if not 0 < value < 1:
+        raise ValueError(f"vllm_gpu_memory_utilization={value} must be in (0, 1): the share of the GPU vLLM may take")
+
+
 def vllm_max_lora_rank(rank: int) -> int:
     """The smallest ``max_lora_rank`` vLLM accepts that holds a LoRA of rank ``rank``."""
     for allowed in VLLM_MAX_LORA_RANKS:

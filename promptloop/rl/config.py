@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 from ..policy import PolicyConfig
+from ..policy.vllm_backend import check_gpu_memory_utilization
 
 
 def _help(text: str, **kw):
@@ -149,9 +150,7 @@ class GRPOSection:
         for name in ("beta", "weight_decay", "warmup_steps", "ratio_tolerance", "nonfinite_rollout_limit"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
-        if not 0 < self.vllm_gpu_memory_utilization < 1:
-            raise ValueError(f"vllm_gpu_memory_utilization={self.vllm_gpu_memory_utilization} must be in (0, 1): the "
-                             "share of the GPU vLLM may take")
+        check_gpu_memory_utilization(self.vllm_gpu_memory_utilization)
 
 
 @dataclass

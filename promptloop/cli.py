@@ -88,7 +88,9 @@ def cmd_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     trainer = GRPOTrainer.from_config(config)
     trainer.train(resume=args.resume)
     if PartialState().is_main_process:
-        print(f"done: step {trainer.step}; checkpoints in {trainer.run_dir / 'checkpoints'}")
+        print(f"done: step {trainer.step}; trained policy in {trainer.policy_dir} (load it with "
+              f"PromptLoopPipeline.from_pretrained or `promptloop sample --policy`); checkpoints in "
+              f"{trainer.run_dir / 'checkpoints'}")
     return 0
 
 

@@ -1,6 +1,7 @@
 """Fixtures shared by several test folders."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,3 +13,31 @@ def vlm_dir(tmp_path_factory) -> Path:
     from promptloop.testing.tiny_vlm import save_tiny_vlm
 
     return save_tiny_vlm(tmp_path_factory.mktemp("vlm") / "qwen2_5_vl", "qwen2_5_vl")
+
+
+class RecordingHubApi:
+    """Records ``create_repo`` / ``upload_folder`` calls and copies each uploaded folder into ``remote/<repo>``."""
+
+    remote: Path
+    calls: list
+
+    def __init__(self, token=None):
+        self.token = token
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", repo_id, kwargs))
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        self.calls.append(("upload_folder", repo_id, kwargs))
+        shutil.copytree(folder_path, self.remote / repo_id, dirs_exist_ok=True)
+        return f"commit of {repo_id}"
+
+
+@pytest.fixture
+def fake_hub(monkeypatch, tmp_path):
+    """huggingface_hub.HfApi replaced by a :class:`RecordingHubApi` class writing under ``tmp_path / "remote"``."""
+    import huggingface_hub
+
+    api = type("Api", (RecordingHubApi,), {"remote": tmp_path / "remote", "calls": []})
+    monkeypatch.setattr(huggingface_hub, "HfApi", api)
+    return api

@@ -175,7 +175,7 @@ def run_demo(out_dir: str | Path, quick: bool = False, log=print) -> dict:
         f"N_R={size.num_refinements}, on backbone A ({SHIPPED_BACKBONE_A})")
     trainer = GRPOTrainer.from_config(config)
     history = trainer.train()
-    policy_dir = sorted((out / "train" / "checkpoints").iterdir())[-1] / "policy"
+    policy_dir = trainer.policy_dir
     _reward_curve(history, out / "reward_curve.png")
     (out / "train_history.json").write_text(json.dumps(history, indent=1))
 

@@ -48,7 +48,7 @@ def export_policy(saved_policy: Path, dest: Path, base: Path) -> Path:
             values = json.loads(path.read_text())
             values[key] = relative
             path.write_text(json.dumps(values, indent=2) + "\n")
-    (tmp / "README.md").unlink(missing_ok=True)  # peft's model card names the absolute base path
+    (tmp / "README.md").unlink(missing_ok=True)  # the model card names the run's absolute base path
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
     return dest

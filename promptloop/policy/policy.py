@@ -13,6 +13,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationC
 from promptloop.backbones.types import Observation
 from promptloop.policy.batch import PolicySample, collate_samples
 from promptloop.policy.config import PolicyConfig
+from promptloop.policy.hub import MODEL_CARD_NAME, policy_model_card, push_policy_folder
 from promptloop.policy.writer import (
     ADAPTER_CONFIG_NAME,
     POLICY_CONFIG_NAME,
@@ -139,8 +140,9 @@ class PromptPolicy(PromptWriter):
             target_modules=self.config.lora_target_modules, bias="none",
         )
 
-    def save_pretrained(self, save_directory: Union[str, Path]) -> None:
-        """Write the adapter (safetensors), ``policy_config.json`` and the processor (tokenizer, chat template).
+    def save_pretrained(self, save_directory: Union[str, Path], *, model_card: Optional[str] = None) -> None:
+        """Write the adapter (safetensors), ``policy_config.json``, the processor (tokenizer, chat template) and a
+        model card ``README.md`` (``model_card``, default :func:`~promptloop.policy.hub.policy_model_card`).
 
         The folder is self-contained apart from the base model it names, and can be pushed to the hub as is.
         """
@@ -150,6 +152,26 @@ class PromptPolicy(PromptWriter):
             self.model.save_pretrained(save_directory, safe_serialization=True)
         self.processor.save_pretrained(save_directory)
         self.config.save(save_directory / POLICY_CONFIG_NAME)
+        if model_card is None:
+            model_card = policy_model_card(self.config, has_adapter=self.has_adapter)
+        (save_directory / MODEL_CARD_NAME).write_text(model_card, encoding="utf-8")  # replaces peft's
+
+    def push_to_hub(self, repo_id: str, *, private: Optional[bool] = None, token: Optional[str] = None,
+                    revision: Optional[str] = None, commit_message: str = "Upload PromptLoop policy",
+                    create_pr: bool = False, model_card: Optional[str] = None):
+        """Save the policy (as :meth:`save_pretrained`, the model card naming ``repo_id``) and upload it to the hub
+        repo ``repo_id`` (created if missing) as one commit; returns huggingface_hub's ``CommitInfo``.
+
+        Others load it with ``PromptPolicy.from_pretrained(repo_id)`` or ``PromptLoopPipeline.from_pretrained(repo_id,
+        pipe)``; the base model it names must be a hub id for that (a local path only works on this machine).
+        """
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="promptloop-push-") as tmp:
+            self.save_pretrained(tmp, model_card=model_card or policy_model_card(
+                self.config, has_adapter=self.has_adapter, repo_id=repo_id))
+            return push_policy_folder(tmp, repo_id, private=private, token=token, revision=revision,
+                                      commit_message=commit_message, create_pr=create_pr)
 
     # ------------------------------------------------------------------------------------------------ properties
     @property

@@ -61,6 +61,32 @@ def _remove(path: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
+def write_folder_atomically(final: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp_dir)`` fills a temporary sibling of ``final``, which then takes its place by a rename (an existing
+    ``final`` is moved aside first and deleted after). On any failure the temporary folder is removed, ``final`` is
+    untouched and the error propagates."""
+    final = Path(final)
+    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        for stale in (*final.parent.glob(f".tmp-{final.name}-*"), *final.parent.glob(f".tmp-old-{final.name}-*")):
+            shutil.rmtree(stale, ignore_errors=True)  # left by a crash of an earlier write
+        tmp.mkdir()
+        write(tmp)
+        _fsync_tree(tmp)
+        if final.exists():  # a folder cannot be renamed onto a non-empty one
+            old = final.with_name(f".tmp-old-{final.name}-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save_checkpoint(run_dir: Path, step: int, write: Callable[[Path], None], meta: dict[str, Any],
                     keep_last: int) -> Path:
     """``write(tmp_dir)`` fills a temporary folder; it becomes ``checkpoints/step-NNNNNNNN`` atomically.
@@ -75,25 +101,17 @@ def save_checkpoint(run_dir: Path, step: int, write: Callable[[Path], None], met
         raise ValueError(f"keep_last={keep_last} must be >= 1")
     root = checkpoint_dir(run_dir)
     final = root / f"{_PREFIX}{step:08d}"
-    tmp = root / f".tmp-{_PREFIX}{step:08d}-{os.getpid()}"
+
+    def write_with_marker(tmp: Path) -> None:
+        write(tmp)
+        (tmp / COMPLETE_MARKER).write_text(json.dumps(dict(meta, step=step), indent=2))
+
     try:
         root.mkdir(parents=True, exist_ok=True)
         for stale in root.glob(".tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir()
-        write(tmp)
-        (tmp / COMPLETE_MARKER).write_text(json.dumps(dict(meta, step=step), indent=2))
-        _fsync_tree(tmp)
-        if final.exists():  # re-saving the same step (e.g. at exit right after a periodic save)
-            old = root / f".tmp-old-{final.name}-{os.getpid()}"
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(root)
+        write_folder_atomically(final, write_with_marker)
     except Exception as e:  # torch.save and safetensors report a full disk as RuntimeError / SafetensorError
-        shutil.rmtree(tmp, ignore_errors=True)
         error = CheckpointWriteError(f"could not write checkpoint {final} ({type(e).__name__}: {e}); earlier "
                                      f"checkpoints in {root} are intact. Free disk space or fix permissions, then "
                                      "resume.")

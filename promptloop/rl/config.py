@@ -168,6 +168,13 @@ class LoggingSection:
     checkpoint_every: int = _help("Write a checkpoint every N steps (and at exit).", default=10)
     keep_last: int = _help("Checkpoints kept (oldest removed first).", default=3)
     progress: bool = _help("Show a progress bar with ETA.", default=True)
+    push_to_hub: bool = _help(
+        "At the end of training, upload the trained policy (<output_dir>/policy: adapter, processor, config, model "
+        "card) to the hub repo hub_model_id. Needs a hub token (`hf auth login` or HF_TOKEN), checked before any "
+        "model loads.", default=False)
+    hub_model_id: Optional[str] = _help("Hub repo the policy is pushed to ('org/name'; created if missing).",
+                                        default=None)
+    hub_private_repo: Optional[bool] = _help("Create the hub repo private (None: the hub's default).", default=None)
 
     def __post_init__(self):
         for name in ("log_every", "checkpoint_every", "keep_last"):
@@ -178,6 +185,16 @@ class LoggingSection:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0 (0: never)")
         if not self.output_dir.strip():
             raise ValueError("output_dir is empty: give the run folder")
+        if self.hub_model_id is not None:
+            from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+            try:
+                validate_repo_id(self.hub_model_id)
+            except HFValidationError as e:
+                raise ValueError(f"hub_model_id={self.hub_model_id!r} is not a hub repo id ('org/name'): {e}") from e
+        if self.push_to_hub and not self.hub_model_id:
+            raise ValueError("push_to_hub is on but hub_model_id is empty: give the repo to push to "
+                             "(--logging.hub_model_id org/name)")
 
 
 @dataclass

@@ -26,11 +26,20 @@ from ..backbones import Backbone, RefinementSchedule, SamplerSettings, blind_obs
 from ..backbones.types import Observation, RefineFn, RolloutOutput, Trajectory
 from ..configuration import to_dict
 from ..policy import PolicySample, PromptPolicy
+from ..policy.hub import TrainingSummary, check_hub_token, policy_model_card, push_policy_folder
 from ..policy.vllm_backend import VLLMPromptPolicy, import_vllm
 from ..rewards.async_worker import AsyncRewardWorker
 from ..visualize import stack_rows, trajectory_strip
 from .advantages import group_advantages
-from .checkpoint import latest_checkpoint, load_tensors, read_meta, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (
+    latest_checkpoint,
+    load_tensors,
+    read_meta,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    write_folder_atomically,
+)
 from .config import DerivedSizes, TrainConfig, derive_sizes
 from .data import QueryStream
 from .loss import grpo_loss
@@ -43,6 +52,9 @@ the final prompt (``"prompt"``) and every prompt in force (``"prompts"``) of tra
 METRICS_LOG = "metrics.jsonl"
 """The run folder's log of every training step's metrics (one JSON object per line, with its "step"; written by the
 main process, as the trackers are): what TensorBoard shows, for scripts."""
+
+POLICY_DIR = "policy"
+"""Where in the run folder the trained policy (with its model card) is written when training completes."""
 
 
 class RatioCheckError(RuntimeError):
@@ -195,6 +207,8 @@ class GRPOTrainer:
             else None
         if config.grpo.rollout_backend == "vllm":
             import_vllm()  # before any model loads
+        if config.logging.push_to_hub:
+            check_hub_token()
         accelerator = accelerator or make_accelerator(config)
         device = accelerator.device
         backbone = load_backbone(config.backbone.name_or_path, config.backbone.dtype, device)
@@ -506,7 +520,67 @@ class GRPOTrainer:
         self.stream.restore(meta["data"])
         return checkpoint
 
+    @property
+    def policy_dir(self) -> Path:
+        """``<output_dir>/policy``: the trained policy, written by :meth:`save_policy` when training completes."""
+        return self.run_dir / POLICY_DIR
+
+    def training_summary(self) -> TrainingSummary:
+        """The run's settings and rewards (first/last logged steps, last evaluation) for the model card."""
+        rows = self._read_step_log(METRICS_LOG)
+        rewards = [r["reward/mean"] for r in rows if r.get("reward/mean") is not None]
+        evals = [r["eval/reward_mean"] for r in rows if r.get("eval/reward_mean") is not None]
+        cfg, g = self.config, self.config.grpo
+
+        def mean(values: list[float]) -> Optional[float]:
+            return sum(values) / len(values) if values else None
+
+        # A reward handed to the constructor need not be the config's spec; a composite's spec names its weights.
+        reward_name = getattr(self.reward, "name", None)
+        return TrainingSummary(
+            backbone=cfg.backbone.name_or_path, reward=cfg.reward.spec if reward_name in (None, "composite")
+            else reward_name, num_refinements=g.num_refinements,
+            initial_rewrite=g.initial_rewrite, feedback=g.feedback, group_size=g.group_size,
+            prompts_per_step=g.prompts_per_step, steps=self.step, learning_rate=g.learning_rate, beta=g.beta,
+            seed=g.seed, reward_first=mean(rewards[:10]), reward_last=mean(rewards[-10:]),
+            eval_reward=evals[-1] if evals else None)
+
+    def save_policy(self) -> Path:
+        """Write the policy with a model card to :attr:`policy_dir` (replaced atomically), then upload it when
+        ``logging.push_to_hub``. Called by :meth:`train` when it completes."""
+        log = self.config.logging
+        repo_id = log.hub_model_id if log.push_to_hub else None
+        upload_error = None
+        if self.accelerator.is_main_process:
+            card = policy_model_card(self.policy.config, has_adapter=self.policy.has_adapter, repo_id=repo_id,
+                                     training=self.training_summary())
+            write_folder_atomically(self.policy_dir, lambda tmp: self.policy.save_pretrained(tmp, model_card=card))
+            if repo_id:
+                try:
+                    push_policy_folder(self.policy_dir, repo_id, private=log.hub_private_repo,
+                                       commit_message=f"PromptLoop policy, step {self.step}")
+                except Exception as e:  # network, permissions: the other processes must not wait forever
+                    upload_error = e
+        self.accelerator.wait_for_everyone()
+        if upload_error is not None:
+            raise RuntimeError(f"Training finished and the policy is saved in {self.policy_dir}, but the upload to "
+                               f"{repo_id!r} failed ({type(upload_error).__name__}: {upload_error}). Upload it "
+                               f"again with `hf upload {repo_id} {self.policy_dir}`.") from upload_error
+        return self.policy_dir
+
     # ------------------------------------------------------------------------------------------------ training
+    def _read_step_log(self, name: str) -> list[dict[str, Any]]:
+        """The rows of the run folder's step log ``name`` (a line cut short by a crash is skipped)."""
+        path = self.run_dir / name
+        rows = []
+        if path.is_file():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    continue
+        return rows
+
     def _restart_step_log(self, name: str) -> None:
         """Keep only the rows of steps up to ``self.step`` in the run folder's step log ``name`` (a JSON object per
         line with a "step" key): none on a fresh start, those up to the checkpoint on a resume, whose later steps
@@ -592,6 +666,7 @@ class GRPOTrainer:
             last_saved = self._train_loop(history, bar, last_saved)
             if self.step != last_saved:
                 self.save_checkpoint()
+            self.save_policy()
         finally:  # also when training stops with an error: the trackers keep what was logged
             bar.close()
             self.accelerator.end_training()

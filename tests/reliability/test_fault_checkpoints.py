@@ -12,7 +12,7 @@ import pytest
 import promptloop.rl.checkpoint as checkpoint_module
 from fault_helpers import file_size_limit, load_whole_checkpoint
 from promptloop.rl.checkpoint import (CheckpointWriteError, latest_checkpoint, list_checkpoints, read_meta,
-                                      save_checkpoint)
+                                      save_checkpoint, write_folder_atomically)
 from trainer_helpers import adapter_state, tiny_trainer
 
 
@@ -126,6 +126,26 @@ def test_checkpoint_steps_cannot_name_paths(tmp_path, step):
     with pytest.raises(ValueError, match="non-negative integer"):
         save_checkpoint(tmp_path, step, lambda tmp: None, {}, keep_last=1)
     assert not (tmp_path / "checkpoints").exists() or not list((tmp_path / "checkpoints").iterdir())
+
+
+def test_the_final_policy_folder_is_replaced_whole_or_not_at_all(tmp_path):
+    """What ``<output_dir>/policy`` is written with: a failing writer (or a crash's leftovers) never touches the
+    previous folder, and a success replaces it with nothing of the old one left."""
+    final = tmp_path / "run" / "policy"
+    write_folder_atomically(final, lambda tmp: (tmp / "a.txt").write_text("first"))
+
+    def half_then_fail(tmp):
+        (tmp / "a.txt").write_text("partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        write_folder_atomically(final, half_then_fail)
+    assert sorted(p.name for p in final.parent.iterdir()) == ["policy"]
+    assert (final / "a.txt").read_text() == "first"
+    (final.parent / ".tmp-policy-99999").mkdir()  # left by a killed writer
+    write_folder_atomically(final, lambda tmp: (tmp / "b.txt").write_text("second"))
+    assert sorted(p.name for p in final.parent.iterdir()) == ["policy"]
+    assert sorted(p.name for p in final.iterdir()) == ["b.txt"]
 
 
 def test_resumed_training_after_a_failed_save_matches_the_saved_state(trainer, tmp_path, vlm_dir):

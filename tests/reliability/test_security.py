@@ -180,8 +180,8 @@ def test_training_writes_only_inside_the_run_folder(tmp_path, vlm_dir):
     trainer.train()
     written = {p for p in tmp_path.rglob("*") if p.is_file()}
     assert written - {p for p in written if run in p.parents} == {tmp_path / "outer" / "sibling.txt"}
-    assert {p.relative_to(run).parts[0] for p in written if run in p.parents} == {"checkpoints", "images",
-                                                                                  "config.json", "metrics.jsonl"}
+    assert {p.relative_to(run).parts[0] for p in written if run in p.parents} == {
+        "checkpoints", "images", "config.json", "metrics.jsonl", "policy"}
 
 
 @pytest.mark.parametrize("label", ["../escape", "a/b", "..", "/abs", "sd\\..\\x", ".hidden", ""])

@@ -1,0 +1,91 @@
+"""The trained policy at the end of a run: ``<output_dir>/policy`` with its model card, and the push to the hub
+(``fake_hub`` records the upload instead of the network)."""
+from __future__ import annotations
+
+import json
+
+import huggingface_hub
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from safetensors.torch import load_file
+
+from promptloop.configuration import ConfigError, build
+from promptloop.rl.checkpoint import latest_checkpoint
+from promptloop.rl.config import TrainConfig
+from promptloop.rl.trainer import GRPOTrainer
+from trainer_helpers import tiny_trainer
+
+
+def _hub_trainer(tmp_path, vlm_dir, **logging):
+    trainer = tiny_trainer(tmp_path / "run", vlm_dir, max_steps=2)
+    for key, value in dict(push_to_hub=True, hub_model_id="me/tiny-run", **logging).items():
+        setattr(trainer.config.logging, key, value)
+    return trainer
+
+
+def test_training_writes_the_final_policy_with_a_card_and_pushes_it(tmp_path, vlm_dir, fake_hub):
+    trainer = _hub_trainer(tmp_path, vlm_dir, hub_private_repo=True)
+    with pytest.warns(UserWarning, match="local path"):
+        history = trainer.train()
+    final = trainer.policy_dir
+    assert final == tmp_path / "run" / "policy"
+    saved = load_file(str(final / "adapter_model.safetensors"))
+    checkpoint = load_file(str(latest_checkpoint(trainer.run_dir) / "policy" / "adapter_model.safetensors"))
+    assert saved.keys() == checkpoint.keys() and all(torch.equal(saved[k], checkpoint[k]) for k in saved)
+
+    card = ModelCard.load(final / "README.md")
+    rewards = [h["reward/mean"] for h in history]
+    assert "| steps | 2 |" in card.text and "| reward | `lowercase_start` |" in card.text
+    assert f"| {sum(rewards) / 2:.4f} | {sum(rewards) / 2:.4f} | not logged |" in card.text
+    assert 'from_pretrained("me/tiny-run"' in card.text
+
+    assert [c[:2] for c in fake_hub.calls] == [("create_repo", "me/tiny-run"), ("upload_folder", "me/tiny-run")]
+    assert fake_hub.calls[0][2]["private"] is True
+    assert fake_hub.calls[1][2]["commit_message"] == "PromptLoop policy, step 2"
+    remote = fake_hub.remote / "me/tiny-run"
+    assert sorted(p.name for p in remote.iterdir()) == sorted(p.name for p in final.iterdir())
+    assert not list(final.parent.glob(".tmp-*")), "no temporary folder is left behind"
+
+
+def test_a_failed_upload_keeps_the_saved_policy_and_says_how_to_retry(tmp_path, vlm_dir, fake_hub):
+    def offline(self, *args, **kwargs):
+        raise ConnectionError("no network")
+
+    fake_hub.upload_folder = offline
+    trainer = _hub_trainer(tmp_path, vlm_dir)
+    with pytest.raises(RuntimeError, match=r"saved in .*run/policy.*hf upload me/tiny-run"), \
+            pytest.warns(UserWarning, match="local path"):
+        trainer.train()
+    assert (trainer.policy_dir / "adapter_model.safetensors").is_file()
+
+
+def test_hub_settings_fail_fast(tmp_path, monkeypatch):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n")
+    data = {"backbone": {"name_or_path": "unused"}, "data": {"prompts": str(prompts)},
+            "logging": {"output_dir": str(tmp_path / "run"), "report_to": "none", "push_to_hub": True}}
+    with pytest.raises(ConfigError, match="hub_model_id is empty"):
+        build(TrainConfig, data)
+    data["logging"]["hub_model_id"] = "me/a/b"
+    with pytest.raises(ConfigError, match="hub_model_id='me/a/b' is not a hub repo id"):
+        build(TrainConfig, data)
+    data["logging"]["hub_model_id"] = "me/run"
+    config = build(TrainConfig, data)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the missing token was reported")
+
+    monkeypatch.setattr("promptloop.backbones.load_backbone", no_model)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    with pytest.raises(ValueError, match="hf auth login"):
+        GRPOTrainer.from_config(config)
+
+
+def test_runs_without_push_write_the_policy_and_upload_nothing(tmp_path, vlm_dir, fake_hub):
+    trainer = tiny_trainer(tmp_path / "run", vlm_dir, max_steps=1)
+    trainer.train()
+    card = (trainer.policy_dir / "README.md").read_text()
+    assert "PATH_TO_THIS_FOLDER" in card and "| steps | 1 |" in card
+    assert json.loads((trainer.policy_dir / "policy_config.json").read_text())["model_name_or_path"] == str(vlm_dir)
+    assert fake_hub.calls == []

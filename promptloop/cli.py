@@ -74,6 +74,8 @@ def cmd_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     from .configuration import ConfigError, load_config
     from .rl.config import TrainConfig, derive_sizes
 
+    if (done := _print_config(TrainConfig, args, overrides)) is not None:
+        return done
     try:
         config = load_config(TrainConfig, args.config, overrides)
         from accelerate import PartialState
@@ -100,6 +102,8 @@ def cmd_eval(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     from .eval.results import markdown_table
     from .eval.runner import check_config
 
+    if (done := _print_config(EvalConfig, args, overrides)) is not None:
+        return done
     try:
         config = load_config(EvalConfig, args.config, overrides)
         check_config(config)
@@ -111,9 +115,53 @@ def cmd_eval(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     return 0
 
 
+class _ConfigHelpParser(argparse.ArgumentParser):
+    """A parser whose ``--help`` also lists every key of its config class (``"module:Class"``, imported only when
+    help is shown, so that ``promptloop --help`` stays fast)."""
+
+    def __init__(self, *args, config_class: Optional[str] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.config_class = config_class
+
+    def format_help(self) -> str:
+        text = super().format_help()
+        if self.config_class is None:
+            return text
+        import importlib
+
+        from .configuration import keys_help
+
+        module, name = self.config_class.split(":")
+        return text + "\n" + keys_help(getattr(importlib.import_module(module), name)) + "\n"
+
+
+def _config_command(sub, name: str, config_class: str, func, example: str, **kwargs) -> argparse.ArgumentParser:
+    """``promptloop train|eval CONFIG.yaml [--section.key VALUE ...] [--print-config]``."""
+    parser = sub.add_parser(name, config_class=config_class, **kwargs)
+    parser.add_argument("config", help=f"YAML config (see {example})")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (the file, the overrides and every default) as YAML that "
+                             "loads back to the same config, then exit: nothing else is loaded")
+    parser.set_defaults(func=func, takes_overrides=True)
+    return parser
+
+
+def _print_config(config_class: type, args: argparse.Namespace, overrides: Sequence[str]) -> Optional[int]:
+    """Handle ``--print-config``: print the YAML and return 0; None when the flag is off."""
+    from .configuration import ConfigError, dump_config, load_config
+
+    if not args.print_config:
+        return None
+    try:
+        print(dump_config(load_config(config_class, args.config, overrides)), end="")
+    except (ConfigError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="promptloop", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_ConfigHelpParser)
 
     demo = sub.add_parser("demo", help="train and evaluate PromptLoop in the mini world (offline, CPU, minutes)")
     demo.add_argument("--quick", action="store_true", help="the shortest run (CI)")
@@ -129,18 +177,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_build_arguments(miniworld_build)
     miniworld_build.set_defaults(func=cmd_miniworld_build)
 
-    train = sub.add_parser("train", help="GRPO training of the policy (works under `accelerate launch`)",
-                           description="Train with CONFIG.yaml; override any key with --section.key VALUE.")
-    train.add_argument("config", help="YAML config (see configs/)")
+    train = _config_command(
+        sub, "train", "promptloop.rl.config:TrainConfig", cmd_train, "configs/", help="GRPO training of the policy "
+        "(works under `accelerate launch`)", description="Train with CONFIG.yaml; override any key with "
+        "--section.key VALUE, e.g. --grpo.group_size 8.")
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of the run")
-    train.set_defaults(func=cmd_train, takes_overrides=True)
-
-    evaluate = sub.add_parser(
-        "eval", help="methods x backbones x rewards with fixed seeds: JSON, CSV, markdown and an HTML report",
+    _config_command(
+        sub, "eval", "promptloop.eval.config:EvalConfig", cmd_eval, "configs/eval_*.yaml",
+        help="methods x backbones x rewards with fixed seeds: JSON, CSV, markdown and an HTML report",
         description="Evaluate with CONFIG.yaml (see configs/eval_*.yaml); override any key with --section.key VALUE, "
                     "e.g. --backbones.sd15.num_inference_steps 20.")
-    evaluate.add_argument("config", help="YAML config (see configs/eval_*.yaml)")
-    evaluate.set_defaults(func=cmd_eval, takes_overrides=True)
 
     sample = sub.add_parser("sample", help="sample images with a trained policy and any supported pipeline")
     sample.add_argument("--policy", required=True, help="saved policy folder or hub id")

@@ -172,7 +172,9 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 
 def describe(cls: type, prefix: str = "") -> list[tuple[str, str, Any]]:
-    """(key, help, default) for every field, recursively: for ``--help`` and the docs."""
+    """(key, help, default) for every field, recursively: for ``--help`` and the docs. A required field's default
+    is ``dataclasses.MISSING``; the fields of a ``dict[str, <dataclass>]`` section follow it as
+    ``section.<label>.field``."""
     rows = []
     for f in dataclasses.fields(cls):
         annotation = _field_types(cls)[f.name]
@@ -180,6 +182,33 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, str, Any]]:
             rows += describe(annotation, prefix + f.name + ".")
             continue
         default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
         rows.append((prefix + f.name, f.metadata.get("help", ""), default))
+        entry = typing.get_args(annotation)[1] if typing.get_origin(annotation) is dict else None
+        if dataclasses.is_dataclass(entry):
+            rows += describe(entry, prefix + f.name + ".<label>.")
     return rows
+
+
+def keys_help(cls: type, width: int = 100) -> str:
+    """Every key of ``cls`` with its default and help text, as ``promptloop train/eval --help`` lists them."""
+    import json
+    import textwrap
+
+    def shown(default: Any) -> str:
+        if default is dataclasses.MISSING:
+            return "required"
+        return "default: " + json.dumps(default, default=lambda o: dataclasses.asdict(o)
+                                        if dataclasses.is_dataclass(o) else str(o))
+
+    lines = ["config keys (YAML sections; override any with --section.key VALUE):"]
+    for key, help_text, default in describe(cls):
+        lines.append(f"  --{key}  [{shown(default)}]")
+        lines += textwrap.wrap(help_text, width, initial_indent=" " * 6, subsequent_indent=" " * 6,
+                               break_on_hyphens=False, break_long_words=False)
+    return "\n".join(lines)
+
+
+def dump_config(config: Any) -> str:
+    """``config`` as YAML that :func:`load_config` reads back to an equal config (every key, defaults included)."""
+    return yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True, default_flow_style=False)

@@ -20,14 +20,14 @@ def _read_prompts(path: str) -> list[str]:
     return prompts
 
 
-def write_outputs(out_dir: Path, output, prefix: str = "") -> list[Path]:
-    """Images, one trajectory JSON and one trajectory strip PNG per image."""
+def write_outputs(out_dir: Path, output, start: int = 0) -> list[Path]:
+    """Images, one trajectory JSON and one trajectory strip PNG per image, numbered from ``start``."""
     from .visualize import trajectory_strip
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for i, (image, trajectory) in enumerate(zip(output.images, output.trajectories)):
-        stem = f"{prefix}{i:03d}"
+    for i, (image, trajectory) in enumerate(zip(output.images, output.trajectories), start=start):
+        stem = f"{i:03d}"
         image.save(out_dir / f"{stem}.png")
         (out_dir / f"{stem}.json").write_text(json.dumps(trajectory.to_dict(), indent=2))
         trajectory_strip(trajectory, image).save(out_dir / f"{stem}_strip.png")
@@ -38,18 +38,27 @@ def write_outputs(out_dir: Path, output, prefix: str = "") -> list[Path]:
 def cmd_sample(args: argparse.Namespace) -> int:
     if bool(args.prompt) == bool(args.prompts):
         raise SystemExit("error: give exactly one of --prompt TEXT or --prompts FILE.")
+    for name in ("num_images", "batch_size"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
     prompts = [args.prompt] if args.prompt else _read_prompts(args.prompts)
+    rows = [prompt for prompt in prompts for _ in range(args.num_images)]
     from .pipeline import PromptLoopPipeline
 
     pipeline = PromptLoopPipeline.from_pretrained(args.policy, args.backbone, device=args.device,
                                                   policy_backend=args.policy_backend)
     if args.device:
         pipeline.backbone.pipe.to(args.device)
-    output = pipeline(prompts, num_refinements=args.refinements, mode=args.mode, seed=args.seed,
-                      num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-                      preview_size=args.preview_size, feedback_delay=args.feedback_delay,
-                      initial_rewrite=args.initial_rewrite, progress=True)
-    written = write_outputs(Path(args.out), output)
+    written = []
+    for start in range(0, len(rows), args.batch_size):
+        chunk = rows[start:start + args.batch_size]
+        if len(rows) > args.batch_size:
+            print(f"images {start + 1}-{start + len(chunk)} of {len(rows)}", flush=True)
+        output = pipeline(chunk, num_refinements=args.refinements, mode=args.mode,
+                          seed=[args.seed + start + i for i in range(len(chunk))], num_inference_steps=args.steps,
+                          guidance_scale=args.guidance_scale, preview_size=args.preview_size,
+                          feedback_delay=args.feedback_delay, initial_rewrite=args.initial_rewrite, progress=True)
+        written += write_outputs(Path(args.out), output, start=start)
     print(f"wrote {len(written)} files to {args.out}")
     return 0
 
@@ -207,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--initial-rewrite", action="store_true",
                         help="closed mode: the policy also writes the prompt for step 0 (no preview yet), on top of "
                              "--refinements (for policies trained with grpo.initial_rewrite)")
+    sample.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    sample.add_argument("--batch-size", type=int, default=8,
+                        help="images sampled together (memory knob); image i always uses seed --seed + i")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--device", default=None)
     sample.add_argument("--out", default="outputs/sample")

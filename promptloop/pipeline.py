@@ -105,22 +105,27 @@ class PromptLoopPipeline:
         preview_size: Optional[int] = 256,
         feedback_delay: int = 0,
         initial_rewrite: bool = False,
+        num_images_per_prompt: int = 1,
         output_type: Literal["pil", "pt"] = "pil",
         progress: bool = False,
         **extra: Any,
     ) -> PromptLoopOutput:
-        """Sample one image per prompt.
+        """Sample ``num_images_per_prompt`` images per prompt (in prompt order, as diffusers does), all in one batch.
 
         ``mode``: "closed" (the policy sees the x0 preview at ``num_refinements`` evenly spaced steps), "apriori"
         (one policy call writes all prompts up front; the sampler runs uninterrupted), "oneshot" (one rewrite before
-        sampling), "none" (plain sampling). ``seed``: one int for the batch (row i uses seed + i) or one per prompt;
+        sampling), "none" (plain sampling). ``seed``: one int for the batch (image i uses seed + i) or one per image;
         the same seeds give the same images. ``policy_seed`` (default: the first seed) seeds the policy's sampling.
         ``feedback_delay`` (closed mode): pipelined feedback, the prompt taking effect at step k is written from the
         preview of step k - 1 - d while the sampler goes on (see :func:`~promptloop.backbones.rollout`).
         ``initial_rewrite`` (closed mode): the policy also writes the prompt for step 0, before any preview exists,
         on top of the ``num_refinements`` (for policies trained with ``grpo.initial_rewrite``).
         """
-        queries = [prompt] if isinstance(prompt, str) else list(prompt)
+        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) \
+                or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be an int >= 1, got {num_images_per_prompt!r}.")
+        queries = [query for query in ([prompt] if isinstance(prompt, str) else prompt)
+                   for _ in range(num_images_per_prompt)]
         if mode not in REFINEMENT_MODES:
             raise ValueError(f"mode={mode!r} is not one of {REFINEMENT_MODES}.")
         if not isinstance(num_refinements, int) or num_refinements < 0:
@@ -130,6 +135,9 @@ class PromptLoopPipeline:
         elif num_refinements == 0 and not (mode == "closed" and initial_rewrite):
             mode = "none"
         seeds = [seed + i for i in range(len(queries))] if isinstance(seed, int) else list(seed)
+        if len(seeds) != len(queries):
+            raise ValueError(f"seed holds {len(seeds)} values for {len(queries)} images (prompts x "
+                             "num_images_per_prompt): give one seed per image, or one int for all.")
         settings = SamplerSettings(
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, negative_prompt=negative_prompt,
             height=height, width=width, preview_size=preview_size, extra=dict(extra),

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from promptloop.backbones import RefinementSchedule, SamplerSettings, rollout
 from promptloop.cli import main as cli_main
@@ -78,7 +80,18 @@ def test_mode_none_is_plain_sampling(loop):
     assert torch.equal(out.images, plain.images)
 
 
+def test_num_images_per_prompt_repeats_each_prompt_with_consecutive_seeds(loop):
+    kwargs = dict(num_refinements=1, num_inference_steps=4, seed=3, preview_size=32, output_type="pt")
+    out = loop(QUERIES, num_images_per_prompt=2, **kwargs)
+    expanded = loop([QUERIES[0], QUERIES[0], QUERIES[1], QUERIES[1]], **kwargs)
+    assert [t.query for t in out.trajectories] == [t.query for t in expanded.trajectories]
+    assert torch.equal(out.images, expanded.images)
+    assert not torch.equal(out.images[0], out.images[1]), "two images of one prompt use different seeds"
+
+
 @pytest.mark.parametrize("kwargs,match", [
+    (dict(num_images_per_prompt=0), "num_images_per_prompt must be an int >= 1"),
+    (dict(seed=[1, 2, 3]), "seed holds 3 values for 2 images"),
     (dict(mode="loop"), "mode='loop' is not one of"),
     (dict(num_refinements=-1), "num_refinements must be an int >= 0"),
     (dict(num_refinements=5, num_inference_steps=4), "at least 6 sampling steps"),
@@ -129,6 +142,20 @@ def test_sample_command_writes_images_trajectories_and_strips(saved, tmp_path, c
     assert "wrote 6 files" in capsys.readouterr().out
 
 
+def test_sample_command_batches_images_with_global_seeds(saved, loop, tmp_path):
+    args = ["--refinements", "1", "--steps", "4", "--preview-size", "32", "--seed", "5"]
+    code = cli_main(["sample", "--policy", str(saved / "policy"), "--backbone", str(saved / "sd"), "--prompt",
+                     QUERIES[1], "--num-images", "3", "--batch-size", "2", "--out", str(tmp_path / "out"), *args])
+    assert code == 0
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png") if "strip" not in p.name) == [
+        "000.png", "001.png", "002.png"]
+    # the last image came alone in the second batch, with seed 5 + 2
+    alone = loop([QUERIES[1]], num_refinements=1, num_inference_steps=4, preview_size=32, seed=7).images[0]
+    written = Image.open(tmp_path / "out" / "002.png")
+    assert np.array_equal(np.asarray(written), np.asarray(alone))
+    assert json.loads((tmp_path / "out" / "002.json").read_text())["query"] == QUERIES[1]
+
+
 def test_sample_command_runs_the_vllm_backend(saved, tmp_path, monkeypatch):
     vllm_standin.install(monkeypatch)
     code = cli_main(["sample", "--policy", str(saved / "policy"), "--backbone", str(saved / "sd"), "--prompt",
@@ -141,6 +168,8 @@ def test_sample_command_runs_the_vllm_backend(saved, tmp_path, monkeypatch):
 @pytest.mark.parametrize("args,match", [
     ([], "exactly one of --prompt TEXT or --prompts FILE"),
     (["--prompts", "/nonexistent/prompts.txt"], "does not exist"),
+    (["--prompt", "a cat", "--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--prompt", "a cat", "--num-images", "-1"], "--num-images must be >= 1"),
 ])
 def test_sample_command_bad_arguments(saved, args, match):
     with pytest.raises(SystemExit, match=match):

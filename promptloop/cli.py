@@ -90,14 +90,19 @@ def cmd_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         from accelerate import PartialState
 
         sizes = derive_sizes(config.grpo, PartialState().num_processes)
-    except (ConfigError, ValueError) as e:
+        from .rl.checkpoint import resume_checkpoint
+
+        if args.resume and args.resume_from:
+            raise ValueError("give --resume (the latest checkpoint) or --resume-from CHECKPOINT, not both")
+        resume = resume_checkpoint(Path(config.logging.output_dir), args.resume_from or args.resume)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
     if PartialState().is_main_process:
         print("derived sizes:\n" + sizes.table(), flush=True)
     from .rl.trainer import GRPOTrainer
 
     trainer = GRPOTrainer.from_config(config)
-    trainer.train(resume=args.resume)
+    trainer.train(resume=resume or False)
     if PartialState().is_main_process:
         print(f"done: step {trainer.step}; trained policy in {trainer.policy_dir} (load it with "
               f"PromptLoopPipeline.from_pretrained or `promptloop sample --policy`); checkpoints in "
@@ -191,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(works under `accelerate launch`)", description="Train with CONFIG.yaml; override any key with "
         "--section.key VALUE, e.g. --grpo.group_size 8.")
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of the run")
+    train.add_argument("--resume-from", metavar="CHECKPOINT",
+                       help="continue from this checkpoint (an <output_dir>/checkpoints/step-N folder) instead")
     _config_command(
         sub, "eval", "promptloop.eval.config:EvalConfig", cmd_eval, "configs/eval_*.yaml",
         help="methods x backbones x rewards with fixed seeds: JSON, CSV, markdown and an HTML report",

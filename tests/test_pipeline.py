@@ -189,6 +189,38 @@ def test_train_command_config_errors_name_the_key(tmp_path):
         cli_main(["train", str(config)])
 
 
+def test_train_command_checks_resume_before_loading_models(tmp_path, monkeypatch):
+    from promptloop.rl.trainer import GRPOTrainer
+
+    run = tmp_path / "run"
+    config = tmp_path / "train.yaml"
+    config.write_text(f"backbone: {{name_or_path: x}}\ndata: {{prompts: p.txt}}\nlogging: {{output_dir: {run}}}\n")
+    with pytest.raises(SystemExit, match="no complete checkpoint under .*run/checkpoints"):
+        cli_main(["train", str(config), "--resume"])
+    with pytest.raises(SystemExit, match="not a complete checkpoint"):
+        cli_main(["train", str(config), "--resume-from", str(tmp_path)])
+    with pytest.raises(SystemExit, match="not both"):
+        cli_main(["train", str(config), "--resume", "--resume-from", str(tmp_path)])
+
+    older, newer = run / "checkpoints" / "step-00000002", run / "checkpoints" / "step-00000004"
+    for folder, step in ((older, 2), (newer, 4)):
+        folder.mkdir(parents=True)
+        (folder / "checkpoint.json").write_text(json.dumps({"step": step}))
+    resumed = []
+
+    class StubTrainer:
+        step, policy_dir, run_dir = 4, run / "policy", run
+
+        def train(self, resume):
+            resumed.append(resume)
+
+    monkeypatch.setattr(GRPOTrainer, "from_config", classmethod(lambda cls, config: StubTrainer()))
+    assert cli_main(["train", str(config), "--resume-from", str(older)]) == 0
+    assert cli_main(["train", str(config), "--resume"]) == 0
+    assert cli_main(["train", str(config)]) == 0
+    assert resumed == [older, newer, False]
+
+
 @pytest.fixture(scope="module")
 def quick_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "demo"

@@ -141,6 +141,22 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
     return found[-1] if found else None
 
 
+def resume_checkpoint(run_dir: Path, resume: bool | str | Path) -> Optional[Path]:
+    """The checkpoint ``resume`` names: None for False, the run's latest complete checkpoint for True, else the
+    given folder. A run without checkpoints (``FileNotFoundError``) or a folder that is not a complete checkpoint
+    (``ValueError``) is an error naming the fix; cheap, so ``promptloop train`` checks it before any model loads."""
+    if resume is False:
+        return None
+    if resume is True:
+        found = latest_checkpoint(run_dir)
+        if found is None:
+            raise FileNotFoundError(f"--resume: no complete checkpoint under {checkpoint_dir(run_dir)}; start without "
+                             "--resume or point logging.output_dir at the run to continue.")
+        return found
+    read_meta(Path(resume))
+    return Path(resume)
+
+
 def read_meta(checkpoint: Path) -> dict[str, Any]:
     """The checkpoint's JSON metadata; a missing or damaged marker is a ``ValueError`` naming the file."""
     marker = Path(checkpoint) / COMPLETE_MARKER

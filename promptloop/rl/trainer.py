@@ -32,9 +32,9 @@ from ..rewards.async_worker import AsyncRewardWorker
 from ..visualize import stack_rows, trajectory_strip
 from .advantages import group_advantages
 from .checkpoint import (
-    latest_checkpoint,
     load_tensors,
     read_meta,
+    resume_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -506,10 +506,7 @@ class GRPOTrainer:
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        checkpoint = Path(checkpoint) if checkpoint else latest_checkpoint(self.run_dir)
-        if checkpoint is None:
-            raise FileNotFoundError(f"--resume: no complete checkpoint under {self.run_dir / 'checkpoints'}; start "
-                                    "without --resume or point logging.output_dir at the run to continue.")
+        checkpoint = resume_checkpoint(self.run_dir, checkpoint or True)
         meta = read_meta(checkpoint)
         weights = load_file(str(checkpoint / "policy" / "adapter_model.safetensors"))
         set_peft_model_state_dict(self.policy.model, weights)

@@ -158,6 +158,9 @@ class LoggingSection:
     output_dir: str = _help("Run folder: checkpoints, logs, trajectory grids.", default="runs/promptloop")
     report_to: Literal["tensorboard", "wandb", "none"] = _help("Tracker for metrics (via accelerate).",
                                                                default="tensorboard")
+    project: str = _help("Tracker project: the W&B project, the TensorBoard subfolder of output_dir.",
+                         default="promptloop")
+    run_name: Optional[str] = _help("W&B run name (None: the name of output_dir).", default=None)
     log_every: int = _help("Log metrics every N steps.", default=1)
     image_every: int = _help("Log a grid of trajectory strips every N steps (0: never).", default=10)
     eval_every: int = _help("Evaluate on held-out queries every N steps (0: never).", default=0)
@@ -185,6 +188,8 @@ class LoggingSection:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0 (0: never)")
         if not self.output_dir.strip():
             raise ValueError("output_dir is empty: give the run folder")
+        if not self.project.strip() or "/" in self.project or "\\" in self.project or self.project in (".", ".."):
+            raise ValueError(f"project={self.project!r} must be a plain name (it becomes a folder of output_dir)")
         if self.hub_model_id is not None:
             from huggingface_hub.utils import HFValidationError, validate_repo_id
 

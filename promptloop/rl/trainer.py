@@ -654,7 +654,9 @@ class GRPOTrainer:
         if cfg.logging.report_to != "none":
             flat = {k.replace(".", "/"): v for k, v in _flatten(to_dict(cfg)).items()
                     if isinstance(v, (int, float, str, bool))}
-            self.accelerator.init_trackers("promptloop", config=flat)
+            run_name = cfg.logging.run_name or Path(cfg.logging.output_dir).resolve().name
+            self.accelerator.init_trackers(cfg.logging.project, config=flat,
+                                           init_kwargs={"wandb": {"name": run_name}})
         history = []
         last_saved = self.step
         bar = tqdm(total=cfg.grpo.max_steps, initial=self.step, disable=not (main and cfg.logging.progress),

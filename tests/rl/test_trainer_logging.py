@@ -33,7 +33,7 @@ def _with_trackers(trainer, report_to: str, **logging):
 
 def test_periodic_evaluation_uses_fixed_seeds_and_is_logged(tmp_path, vlm_dir):
     trainer = _with_trackers(tiny_trainer(tmp_path / "run", vlm_dir, reward=BrightnessReward(), max_steps=4),
-                             "tensorboard", eval_every=2, log_completions=True)
+                             "tensorboard", eval_every=2, log_completions=True, project="sdxl-sweep")
     trainer.eval_queries = list(EVAL_QUERIES)
     first = trainer.evaluate()
     assert trainer.evaluate() == first  # fixed noise and policy seeds: the same weights give the same number
@@ -50,7 +50,9 @@ def test_periodic_evaluation_uses_fixed_seeds_and_is_logged(tmp_path, vlm_dir):
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(next((tmp_path / "run").rglob("events.out.tfevents.*")).parent))
+    event_files = list((tmp_path / "run").rglob("events.out.tfevents.*"))
+    assert event_files and all((tmp_path / "run" / "sdxl-sweep") in f.parents for f in event_files)
+    events = EventAccumulator(str(event_files[0].parent))
     events.Reload()
     assert [e.step for e in events.Scalars("eval/reward_mean")] == [2, 4]
     assert [e.step for e in events.Scalars("reward/mean")] == [1, 2, 3, 4]
@@ -61,7 +63,8 @@ def test_weights_and_biases_offline_run_gets_metrics_config_and_images(tmp_path,
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
-    trainer = _with_trackers(tiny_trainer(tmp_path / "run", vlm_dir, max_steps=2), "wandb", image_every=1)
+    trainer = _with_trackers(tiny_trainer(tmp_path / "run", vlm_dir, max_steps=2), "wandb", image_every=1,
+                             project="promptloop-tests", run_name="lr-3e-2-seed0")
     history = trainer.train()
     assert len(history) == 2
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
@@ -69,5 +72,16 @@ def test_weights_and_biases_offline_run_gets_metrics_config_and_images(tmp_path,
     # wandb >= 0.19 keeps history and config in the binary run file (read by `wandb sync`); look for the keys
     records = next(runs[0].glob("run-*.wandb")).read_bytes()
     assert b"reward/mean" in records and b"policy/entropy" in records and b"grpo/group_size" in records
+    assert b"promptloop-tests" in records and b"lr-3e-2-seed0" in records
     images = sorted(p.name.split("_")[1] for p in (runs[0] / "files" / "media" / "images").glob("trajectories_*.png"))
     assert images == ["1", "2"], "one trajectory grid per step was expected"
+
+
+@pytest.mark.parametrize("project", ["", "a/b", "..", "x\\y"])
+def test_tracker_project_must_be_a_plain_name(project):
+    from promptloop.configuration import ConfigError, build
+    from promptloop.rl.config import TrainConfig
+
+    data = {"backbone": {"name_or_path": "x"}, "data": {"prompts": "p.txt"}, "logging": {"project": project}}
+    with pytest.raises(ConfigError, match="project=.* must be a plain name"):
+        build(TrainConfig, data)

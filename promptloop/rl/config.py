@@ -101,6 +101,9 @@ class GRPOSection:
     learning_rate: float = _help("AdamW learning rate of the LoRA parameters.", default=1e-5)
     weight_decay: float = _help("AdamW weight decay.", default=0.0)
     warmup_steps: int = _help("Linear learning-rate warm-up, in optimizer steps.", default=0)
+    lr_scheduler_type: Literal["constant", "linear", "cosine"] = _help(
+        "Learning rate after the warm-up: constant, or decayed to 0 at the last optimizer step (max_steps x "
+        "optimizer steps per training step) linearly or along a half cosine.", default="constant")
     max_grad_norm: float = _help("Gradient clipping norm (<= 0 disables).", default=1.0)
     clip_low: float = _help("Lower clip range epsilon_low of the ratio.", default=0.2)
     clip_high: float = _help("Upper clip range epsilon_high of the ratio.", default=0.28)

@@ -131,6 +131,22 @@ def make_accelerator(config: TrainConfig):
     )
 
 
+def learning_rate_factor(step: int, warmup_steps: int, total_steps: int, kind: str) -> float:
+    """Multiplier of the learning rate for the optimizer step that follows ``step`` completed ones: a linear warm-up
+    reaching 1 at step ``warmup_steps``, then 1 (``constant``) or a decay to 0 at ``total_steps`` (``linear``,
+    ``cosine``)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if kind == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if kind == "linear":
+        return 1.0 - progress
+    if kind == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"lr_scheduler_type={kind!r} is not one of 'constant', 'linear', 'cosine'")
+
+
 def reward_metadata(trajectories: Sequence[Trajectory]) -> list[dict[str, Any]]:
     """What a reward may read besides the image and the query: the final prompt and every prompt in force."""
     return [{"prompt": t.prompts[-1], "prompts": list(t.prompts)} for t in trajectories]
@@ -178,10 +194,13 @@ class GRPOTrainer:
             raise ValueError("The policy has no trainable parameters: load it with a LoRA adapter "
                              "(PromptPolicy.from_pretrained(..., add_adapter=True)).")
         optimizer = torch.optim.AdamW(params, lr=config.grpo.learning_rate, weight_decay=config.grpo.weight_decay)
-        warmup = config.grpo.warmup_steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
-        self.model, self.optimizer, self.lr_scheduler = self.accelerator.prepare(policy.model, optimizer, scheduler)
+        g = config.grpo
+        total = g.max_steps * self.sizes.optimizer_steps_per_training_step
+        # Not passed to accelerator.prepare: a prepared scheduler steps once per process per optimizer step, while
+        # the sizes here (prompts_per_step, max_steps) are already global.
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: learning_rate_factor(s, g.warmup_steps, total, g.lr_scheduler_type))
+        self.model, self.optimizer = self.accelerator.prepare(policy.model, optimizer)
         self.policy.model = self.accelerator.unwrap_model(self.model)
         self._ratio_checked = False
         self._nonfinite_rollouts = 0

@@ -10,7 +10,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from trainer_helpers import adapter_state, tiny_trainer  # noqa: E402
 
 out, vlm_dir = Path(sys.argv[1]), Path(sys.argv[2])
-trainer = tiny_trainer(out / "run", vlm_dir, max_steps=2, prompts_per_step=2, group_size=4, micro_batch_size=4)
+trainer = tiny_trainer(out / "run", vlm_dir, max_steps=2, prompts_per_step=2, group_size=4, micro_batch_size=4,
+                       warmup_steps=4)
 seeds = []
 collect = trainer.collect
 
@@ -22,10 +23,11 @@ def recording_collect(queries, step):
 
 
 trainer.collect = recording_collect
-trainer.train()
+history = trainer.train()
 rank = trainer.accelerator.process_index
 save_file({k: v.contiguous() for k, v in adapter_state(trainer).items()}, str(out / f"adapter_rank{rank}.safetensors"))
 (out / f"rank{rank}.json").write_text(json.dumps({"seeds": seeds, "world": trainer.accelerator.num_processes,
+                                                  "learning_rates": [h["train/lr"] for h in history],
                                                   "torch_threads": torch.get_num_threads(),
                                                   "distributed_type": str(trainer.accelerator.distributed_type),
                                                   "prepared_class": type(trainer.model).__name__}))

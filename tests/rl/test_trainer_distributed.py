@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
 
 from promptloop.testing.tiny_vlm import save_tiny_vlm
@@ -36,3 +37,6 @@ def test_two_processes_end_with_identical_adapters_and_distinct_seeds(tmp_path):
     assert max(float((a[k] - b[k]).abs().max()) for k in a) == 0.0
     assert any(float(v.abs().max()) > 0 for k, v in a.items() if "lora_B" in k)  # B starts at zero: it moved
     assert set(sum(ranks[0]["seeds"], [])).isdisjoint(sum(ranks[1]["seeds"], []))
+    # the warm-up advances once per optimizer step, as in one process (not once per process)
+    base = 3e-2  # tiny_config's learning rate
+    assert all(r["learning_rates"] == pytest.approx([base * 2 / 4, base * 3 / 4]) for r in ranks)

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import json
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -11,6 +14,7 @@ import torch
 
 from ..backbones import Backbone, SamplerSettings, check_feedback_delay, load_backbone
 from ..configuration import to_dict
+from ..processes import process_state
 from ..policy import PromptPolicy, PromptWriter, VLLMPromptPolicy
 from ..policy.vllm_backend import import_vllm
 from ..policy.writer import resolve_policy_config
@@ -26,11 +30,12 @@ from .text_similarity import TextEmbedder, cosine_similarities, load_text_embedd
 Log = Callable[[str], None]
 
 
-def resolve_device(device: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+def resolve_device(device: str, local_rank: int = 0, num_processes: int = 1) -> torch.device:
+    """'auto' -> cuda when available, else cpu; under several processes, 'cuda' is this process's GPU."""
+    resolved = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    if resolved.type == "cuda" and resolved.index is None and num_processes > 1:
+        return torch.device("cuda", local_rank)
+    return resolved
 
 
 def _looks_local(path: str) -> bool:
@@ -107,12 +112,15 @@ def _policy_seed(seed: int, start: int) -> int:
 
 
 class _Evaluator:
-    """Runs one backbone x method over the prompts and seeds; saves images and strips; measures."""
+    """Runs one backbone x method over the prompts and seeds; saves images and strips; measures. Under several
+    processes, process ``rank`` takes every ``num_processes``-th batch: each batch is made exactly as in one
+    process (same prompts, seeds and policy seed), so the results do not depend on the number of processes."""
 
     def __init__(self, config: EvalConfig, queries: list[str], rewards: dict[str, Reward], embedder: TextEmbedder,
-                 out_dir: Path, log: Log):
+                 out_dir: Path, log: Log, rank: int = 0, num_processes: int = 1):
         self.config, self.queries, self.rewards, self.embedder = config, queries, rewards, embedder
         self.out_dir, self.log = out_dir, log
+        self.rank, self.num_processes = rank, num_processes
 
     def run(self, backbone_label: str, backbone: Backbone, entry: BackboneEntry, variant: MethodVariant,
             policy: Optional[PromptWriter]) -> list[Sample]:
@@ -123,16 +131,18 @@ class _Evaluator:
         strip_folder = Path("strips") / backbone_label / variant.folder_name
         (self.out_dir / folder).mkdir(parents=True, exist_ok=True)
         samples = []
-        for seed in self.config.seeds:
-            for start in range(0, len(self.queries), entry.batch_size):
-                queries = self.queries[start:start + entry.batch_size]
-                began = time.perf_counter()
-                out = sample_batch(variant, backbone, policy, queries, [seed] * len(queries), settings,
-                                   _policy_seed(seed, start))
-                per_image = (time.perf_counter() - began) / len(queries)
-                samples += self._measure(backbone_label, variant, out, queries, start, seed, per_image, folder,
-                                         strip_folder)
-            self.log(f"  {backbone_label} / {variant.label}: seed {seed} done")
+        starts = range(0, len(self.queries), entry.batch_size)
+        batches = [(seed, start) for seed in self.config.seeds for start in starts]
+        for seed, start in batches[self.rank::self.num_processes]:
+            queries = self.queries[start:start + entry.batch_size]
+            began = time.perf_counter()
+            out = sample_batch(variant, backbone, policy, queries, [seed] * len(queries), settings,
+                               _policy_seed(seed, start))
+            per_image = (time.perf_counter() - began) / len(queries)
+            samples += self._measure(backbone_label, variant, out, queries, start, seed, per_image, folder,
+                                     strip_folder)
+            if start == starts[-1]:
+                self.log(f"  {backbone_label} / {variant.label}: seed {seed} done")
         return samples
 
     def _measure(self, backbone_label, variant, out, queries, start, seed, per_image, folder, strip_folder):
@@ -171,12 +181,17 @@ def run_evaluation(config: EvalConfig, queries: Optional[Sequence[str]] = None,
     against steps, local paths), then rewards and the text embedder load once, then each backbone in turn (freed
     before the next) with every method; policies load once per path.
     """
-    log = log or (lambda message: None)
+    state = process_state()
+    main = state.is_main_process
+    log = log if log and main else (lambda message: None)
     if queries is None:
         queries = load_prompt_set(config.prompts.source, config.prompts.column, config.prompts.limit)
     queries = list(queries)
     variants = check_config(config)
-    device = resolve_device(config.device)
+    if state.num_processes > 1 and config.policy_sampling.backend == "vllm":
+        raise ValueError(f"policy_sampling.backend='vllm' runs in one process; this evaluation has "
+                         f"{state.num_processes}. Use backend 'transformers' under accelerate launch.")
+    device = resolve_device(config.device, state.local_process_index, state.num_processes)
     out_dir = Path(config.output.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     log(f"{len(queries)} prompts x {len(config.seeds)} seeds; {len(config.backbones)} backbone(s) x "
@@ -185,7 +200,8 @@ def run_evaluation(config: EvalConfig, queries: Optional[Sequence[str]] = None,
                for label, entry in config.rewards.items()}
     embedder = load_text_embedder(config.text_embedder, device=device)
     policies = PolicyCache(config.policy_sampling, device, [v.policy for v in variants if v.kind != "base"])
-    evaluator = _Evaluator(config, queries, rewards, embedder, out_dir, log)
+    evaluator = _Evaluator(config, queries, rewards, embedder, out_dir, log, state.process_index,
+                           state.num_processes)
     samples: list[Sample] = []
     for label, entry in config.backbones.items():
         backbone = load_backbone(entry.name_or_path, entry.dtype, device)
@@ -196,6 +212,9 @@ def run_evaluation(config: EvalConfig, queries: Optional[Sequence[str]] = None,
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    if state.num_processes > 1:
+        samples = _gather_samples(samples, state, out_dir, list(config.backbones), [v.label for v in variants],
+                                  list(config.seeds))
     results = EvalResults(
         config=to_dict(config), prompt_set={"source": config.prompts.source, "num_prompts": len(queries)},
         seeds=list(config.seeds), baseline=config.baseline, confidence=config.confidence,
@@ -203,11 +222,33 @@ def run_evaluation(config: EvalConfig, queries: Optional[Sequence[str]] = None,
         backbones=list(config.backbones), methods=[dataclasses.asdict(v) for v in variants], samples=samples,
     )
     summarise(results)
-    paths = write_results(results, out_dir)
-    if config.output.html:
-        paths["html"] = write_report(results, out_dir, config.output.embed_images, config.output.grid_prompts)
-    log("wrote " + ", ".join(str(p) for p in paths.values()))
+    if main:
+        paths = write_results(results, out_dir)
+        if config.output.html:
+            paths["html"] = write_report(results, out_dir, config.output.embed_images, config.output.grid_prompts)
+        log("wrote " + ", ".join(str(p) for p in paths.values()))
+    state.wait_for_everyone()
     return results
+
+
+def _gather_samples(samples: list[Sample], state, out_dir: Path, backbones: list[str], methods: list[str],
+                    seeds: list[int]) -> list[Sample]:
+    """Every process's samples, in the order one process makes them (backbone, method, seed, prompt). Exchanged
+    as JSON files in ``out_dir`` (which the processes share anyway for the images), removed afterwards."""
+    shards = out_dir / ".shards"
+    shards.mkdir(exist_ok=True)
+    mine = shards / f"rank-{state.process_index}.json"
+    tmp = mine.with_suffix(".tmp")
+    tmp.write_text(json.dumps([dataclasses.asdict(sample) for sample in samples]), encoding="utf-8")
+    os.replace(tmp, mine)
+    state.wait_for_everyone()
+    everyone = [Sample(**row) for rank in range(state.num_processes)
+                for row in json.loads((shards / f"rank-{rank}.json").read_text(encoding="utf-8"))]
+    state.wait_for_everyone()  # every process has read every shard
+    if state.is_main_process:
+        shutil.rmtree(shards, ignore_errors=True)
+    return sorted(everyone, key=lambda x: (backbones.index(x.backbone), methods.index(x.method),
+                                           seeds.index(x.seed), x.prompt_index))
 
 
 __all__ = ["PolicyCache", "check_config", "resolve_device", "run_evaluation", "sampler_settings"]

@@ -28,6 +28,7 @@ from ..configuration import to_dict
 from ..policy import PolicySample, PromptPolicy
 from ..policy.hub import TrainingSummary, check_hub_token, policy_model_card, push_policy_folder
 from ..policy.vllm_backend import VLLMPromptPolicy, import_vllm
+from ..processes import launched_without_cuda
 from ..rewards.async_worker import AsyncRewardWorker
 from ..visualize import stack_rows, trajectory_strip
 from .advantages import group_advantages
@@ -119,13 +120,12 @@ class _ActionRecorder:
 
 
 def make_accelerator(config: TrainConfig):
-    """The run's ``accelerate.Accelerator``. Processes started by ``accelerate launch --multi_gpu`` (torchrun) on a
-    machine without CUDA must ask for the CPU explicitly to form a gloo process group (MULTI_CPU)."""
+    """The run's ``accelerate.Accelerator`` (on the CPU, with gloo, for processes launched on a machine without
+    CUDA: :func:`~promptloop.processes.launched_without_cuda`)."""
     from accelerate import Accelerator
 
-    launched = "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
     return Accelerator(
-        cpu=launched and not torch.cuda.is_available(),
+        cpu=launched_without_cuda(),
         log_with=None if config.logging.report_to == "none" else config.logging.report_to,
         project_dir=config.logging.output_dir,
     )

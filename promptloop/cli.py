@@ -114,6 +114,7 @@ def cmd_eval(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     from .configuration import ConfigError, load_config
     from .eval import EvalConfig, load_prompt_set, run_evaluation
     from .eval.results import markdown_table
+    from .eval.journal import EvalJournal, run_identity
     from .eval.runner import check_config
 
     if (done := _print_config(EvalConfig, args, overrides)) is not None:
@@ -122,9 +123,11 @@ def cmd_eval(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         config = load_config(EvalConfig, args.config, overrides)
         check_config(config)
         queries = load_prompt_set(config.prompts.source, config.prompts.column, config.prompts.limit)
+        if args.resume:
+            EvalJournal(Path(config.output.output_dir), 0).resume(run_identity(config, queries))
     except (ConfigError, ValueError, FileNotFoundError, ImportError, RuntimeError) as e:  # before any model loads
         raise SystemExit(f"error: {e}")
-    results = run_evaluation(config, queries=queries)
+    results = run_evaluation(config, queries=queries, resume=args.resume)
     print(markdown_table(results))
     return 0
 
@@ -198,11 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of the run")
     train.add_argument("--resume-from", metavar="CHECKPOINT",
                        help="continue from this checkpoint (an <output_dir>/checkpoints/step-N folder) instead")
-    _config_command(
+    evaluate = _config_command(
         sub, "eval", "promptloop.eval.config:EvalConfig", cmd_eval, "configs/eval_*.yaml",
         help="methods x backbones x rewards with fixed seeds: JSON, CSV, markdown and an HTML report",
         description="Evaluate with CONFIG.yaml (see configs/eval_*.yaml); override any key with --section.key VALUE, "
                     "e.g. --backbones.sd15.num_inference_steps 20.")
+    evaluate.add_argument("--resume", action="store_true",
+                          help="continue an interrupted evaluation in output.output_dir (same config and prompts): "
+                               "only the batches it had not finished are made")
 
     sample = sub.add_parser("sample", help="sample images with a trained policy and any supported pipeline")
     sample.add_argument("--policy", required=True, help="saved policy folder or hub id")

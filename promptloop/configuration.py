@@ -98,6 +98,8 @@ def build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
     fields = _field_types(cls)
+    data = {k.replace("-", "_") if isinstance(k, str) and k not in fields and k.replace("-", "_") in fields else k: v
+            for k, v in data.items()}  # --grpo.group-size means group_size
     unknown = sorted(f"{prefix}{k}" for k in set(data) - set(fields))  # YAML keys may be numbers, None, ...
     if unknown:
         raise ConfigError(f"unknown key(s) {unknown}; valid keys here: {[prefix + k for k in fields]}")
@@ -132,7 +134,7 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
             i += 1
         i += 1
         node = nested
-        parts = key.replace("-", "_").split(".")
+        parts = key.split(".")  # hyphens stay: labels may hold them; build() accepts --key-name for key_name
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):

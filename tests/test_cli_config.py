@@ -54,3 +54,14 @@ def test_top_level_help_does_not_import_torch():
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_overrides_accept_hyphens_in_keys_and_keep_them_in_labels(tmp_path):
+    config = tmp_path / "eval.yaml"
+    config.write_text("prompts: {source: p.txt}\nbackbones: {tiny-sd: {name_or_path: x}, sd_15: {name_or_path: y}}\n")
+    loaded = load_config(EvalConfig, config, ["--backbones.tiny-sd.num-inference-steps", "5",
+                                              "--backbones.sd_15.batch_size", "2"])
+    assert sorted(loaded.backbones) == ["sd_15", "tiny-sd"]
+    assert loaded.backbones["tiny-sd"].num_inference_steps == 5 and loaded.backbones["sd_15"].batch_size == 2
+    train = load_config(TrainConfig, CONFIGS / "sdxl_imagereward.yaml", ["--grpo.group-size", "4"])
+    assert train.grpo.group_size == 4

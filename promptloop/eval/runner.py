@@ -3,9 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import json
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -21,6 +18,7 @@ from ..policy.writer import resolve_policy_config
 from ..rewards import Reward, load_reward
 from ..visualize import trajectory_strip
 from .config import BackboneEntry, EvalConfig, MethodVariant, PolicySamplingSection
+from .journal import BatchKey, EvalJournal, run_identity
 from .methods import sample_batch
 from .prompt_sets import load_prompt_set
 from .report import write_report
@@ -112,36 +110,60 @@ def _policy_seed(seed: int, start: int) -> int:
 
 
 class _Evaluator:
-    """Runs one backbone x method over the prompts and seeds; saves images and strips; measures. Under several
-    processes, process ``rank`` takes every ``num_processes``-th batch: each batch is made exactly as in one
-    process (same prompts, seeds and policy seed), so the results do not depend on the number of processes."""
+    """Runs one backbone x method over the prompts and seeds; saves images and strips; measures; records each
+    finished batch in the journal. Under several processes, process ``rank`` takes every ``num_processes``-th batch:
+    each batch is made exactly as in one process (same prompts, seeds and policy seed), so the results do not
+    depend on the number of processes. Batches in ``done`` (a resumed evaluation's) whose images are on disk are
+    reused, not made again."""
 
     def __init__(self, config: EvalConfig, queries: list[str], rewards: dict[str, Reward], embedder: TextEmbedder,
-                 out_dir: Path, log: Log, rank: int = 0, num_processes: int = 1):
+                 out_dir: Path, log: Log, journal: EvalJournal, done: dict[BatchKey, list[Sample]], rank: int = 0,
+                 num_processes: int = 1):
         self.config, self.queries, self.rewards, self.embedder = config, queries, rewards, embedder
-        self.out_dir, self.log = out_dir, log
+        self.out_dir, self.log, self.journal, self.done = out_dir, log, journal, done
         self.rank, self.num_processes = rank, num_processes
 
-    def run(self, backbone_label: str, backbone: Backbone, entry: BackboneEntry, variant: MethodVariant,
+    def _batches(self, entry: BackboneEntry) -> list[tuple[int, int]]:
+        """This process's batches on a backbone: (seed, index of the first prompt)."""
+        starts = range(0, len(self.queries), entry.batch_size)
+        return [(seed, start) for seed in self.config.seeds for start in starts][self.rank::self.num_processes]
+
+    def _finished(self, key: BatchKey) -> Optional[list[Sample]]:
+        samples = self.done.get(key)
+        files = [self.out_dir / path for s in samples or [] for path in (s.image, s.strip) if path]
+        return samples if samples and all(f.is_file() for f in files) else None
+
+    def pending(self, backbone_label: str, entry: BackboneEntry, variant: MethodVariant) -> bool:
+        """Whether this process has batches of ``variant`` on the backbone left to make."""
+        return any(self._finished((backbone_label, variant.label, seed, start)) is None
+                   for seed, start in self._batches(entry))
+
+    def run(self, backbone_label: str, backbone: Optional[Backbone], entry: BackboneEntry, variant: MethodVariant,
             policy: Optional[PromptWriter]) -> list[Sample]:
+        """This process's samples of ``variant`` on the backbone (``backbone`` and ``policy`` may be None when
+        nothing is :meth:`pending`)."""
         settings = sampler_settings(entry)
-        if self.config.warmup:
+        if self.config.warmup and self.pending(backbone_label, entry, variant):
             sample_batch(variant, backbone, policy, self.queries[:1], [self.config.seeds[0]], settings, 0)
         folder = Path("images") / backbone_label / variant.folder_name
         strip_folder = Path("strips") / backbone_label / variant.folder_name
         (self.out_dir / folder).mkdir(parents=True, exist_ok=True)
         samples = []
-        starts = range(0, len(self.queries), entry.batch_size)
-        batches = [(seed, start) for seed in self.config.seeds for start in starts]
-        for seed, start in batches[self.rank::self.num_processes]:
-            queries = self.queries[start:start + entry.batch_size]
-            began = time.perf_counter()
-            out = sample_batch(variant, backbone, policy, queries, [seed] * len(queries), settings,
-                               _policy_seed(seed, start))
-            per_image = (time.perf_counter() - began) / len(queries)
-            samples += self._measure(backbone_label, variant, out, queries, start, seed, per_image, folder,
-                                     strip_folder)
-            if start == starts[-1]:
+        last_start = range(0, len(self.queries), entry.batch_size)[-1]
+        for seed, start in self._batches(entry):
+            key = (backbone_label, variant.label, seed, start)
+            batch = self._finished(key)
+            if batch is None:
+                queries = self.queries[start:start + entry.batch_size]
+                began = time.perf_counter()
+                out = sample_batch(variant, backbone, policy, queries, [seed] * len(queries), settings,
+                                   _policy_seed(seed, start))
+                per_image = (time.perf_counter() - began) / len(queries)
+                batch = self._measure(backbone_label, variant, out, queries, start, seed, per_image, folder,
+                                      strip_folder)
+                self.journal.record(key, batch)
+            samples += batch
+            if start == last_start:
                 self.log(f"  {backbone_label} / {variant.label}: seed {seed} done")
         return samples
 
@@ -173,13 +195,15 @@ class _Evaluator:
 
 
 def run_evaluation(config: EvalConfig, queries: Optional[Sequence[str]] = None,
-                   log: Optional[Log] = print) -> EvalResults:
+                   log: Optional[Log] = print, resume: bool = False) -> EvalResults:
     """Evaluate, write results.json / samples.csv / summary.csv / results.md (and report.html) into
     ``config.output.output_dir``, and return the results.
 
     ``queries`` (default: loaded from ``config.prompts``) are the prompts. Cheap checks run first (prompt set, N_R
     against steps, local paths), then rewards and the text embedder load once, then each backbone in turn (freed
-    before the next) with every method; policies load once per path.
+    before the next) with every method; policies load once per path. Every finished batch is journaled:
+    ``resume`` continues an interrupted evaluation of the same config and prompts (:mod:`.journal`), making only
+    the batches it had not finished.
     """
     state = process_state()
     main = state.is_main_process
@@ -194,26 +218,35 @@ def run_evaluation(config: EvalConfig, queries: Optional[Sequence[str]] = None,
     device = resolve_device(config.device, state.local_process_index, state.num_processes)
     out_dir = Path(config.output.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    journal = EvalJournal(out_dir, state.process_index)
+    identity = run_identity(config, queries)
+    done = journal.resume(identity) if resume else {}
+    if not resume and main:
+        journal.begin(identity)
+    state.wait_for_everyone()
+    if resume:
+        log(f"resuming: {len(done)} finished batch(es) found in {journal.folder}")
     log(f"{len(queries)} prompts x {len(config.seeds)} seeds; {len(config.backbones)} backbone(s) x "
         f"{len(variants)} method(s): {[v.label for v in variants]}")
     rewards = {label: load_reward(entry.spec, device=entry.device or device, **entry.kwargs)
                for label, entry in config.rewards.items()}
     embedder = load_text_embedder(config.text_embedder, device=device)
     policies = PolicyCache(config.policy_sampling, device, [v.policy for v in variants if v.kind != "base"])
-    evaluator = _Evaluator(config, queries, rewards, embedder, out_dir, log, state.process_index,
+    evaluator = _Evaluator(config, queries, rewards, embedder, out_dir, log, journal, done, state.process_index,
                            state.num_processes)
     samples: list[Sample] = []
     for label, entry in config.backbones.items():
-        backbone = load_backbone(entry.name_or_path, entry.dtype, device)
+        todo = [v for v in variants if evaluator.pending(label, entry, v)]
+        backbone = load_backbone(entry.name_or_path, entry.dtype, device) if todo else None
         for variant in variants:
-            policy = policies.get(variant.policy) if variant.kind != "base" else None
+            policy = policies.get(variant.policy) if variant in todo and variant.kind != "base" else None
             samples += evaluator.run(label, backbone, entry, variant, policy)
         del backbone
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if state.num_processes > 1:
-        samples = _gather_samples(samples, state, out_dir, list(config.backbones), [v.label for v in variants],
+        samples = _gather_samples(journal, state, list(config.backbones), [v.label for v in variants],
                                   list(config.seeds))
     results = EvalResults(
         config=to_dict(config), prompt_set={"source": config.prompts.source, "num_prompts": len(queries)},
@@ -227,26 +260,17 @@ def run_evaluation(config: EvalConfig, queries: Optional[Sequence[str]] = None,
         if config.output.html:
             paths["html"] = write_report(results, out_dir, config.output.embed_images, config.output.grid_prompts)
         log("wrote " + ", ".join(str(p) for p in paths.values()))
+        journal.remove()
     state.wait_for_everyone()
     return results
 
 
-def _gather_samples(samples: list[Sample], state, out_dir: Path, backbones: list[str], methods: list[str],
+def _gather_samples(journal: EvalJournal, state, backbones: list[str], methods: list[str],
                     seeds: list[int]) -> list[Sample]:
-    """Every process's samples, in the order one process makes them (backbone, method, seed, prompt). Exchanged
-    as JSON files in ``out_dir`` (which the processes share anyway for the images), removed afterwards."""
-    shards = out_dir / ".shards"
-    shards.mkdir(exist_ok=True)
-    mine = shards / f"rank-{state.process_index}.json"
-    tmp = mine.with_suffix(".tmp")
-    tmp.write_text(json.dumps([dataclasses.asdict(sample) for sample in samples]), encoding="utf-8")
-    os.replace(tmp, mine)
+    """Every process's samples, read from the journal once all have finished, in the order one process makes them
+    (backbone, method, seed, prompt)."""
     state.wait_for_everyone()
-    everyone = [Sample(**row) for rank in range(state.num_processes)
-                for row in json.loads((shards / f"rank-{rank}.json").read_text(encoding="utf-8"))]
-    state.wait_for_everyone()  # every process has read every shard
-    if state.is_main_process:
-        shutil.rmtree(shards, ignore_errors=True)
+    everyone = [sample for batch in journal.batches().values() for sample in batch]
     return sorted(everyone, key=lambda x: (backbones.index(x.backbone), methods.index(x.method),
                                            seeds.index(x.seed), x.prompt_index))
 

@@ -10,40 +10,16 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import yaml
 from PIL import Image
 
-from eval_helpers import TEST_REWARD
-
-QUERIES = ["a red circle", "two green squares on grass", "a blue triangle at night"]
-
-
-def _config(tmp_path: Path, backbone_dir: Path, policy_dir: Path) -> Path:
-    (tmp_path / "prompts.txt").write_text("\n".join(QUERIES) + "\n")
-    config = {
-        "prompts": {"source": str(tmp_path / "prompts.txt")},
-        "backbones": {"tiny-sd": {"name_or_path": str(backbone_dir), "num_inference_steps": 4, "preview_size": 32,
-                                  "batch_size": 1}},
-        "methods": {"base": {"kind": "base"},
-                    "closed": {"kind": "closed", "policy": str(policy_dir), "num_refinements": [1]},
-                    "apriori": {"kind": "apriori", "policy": str(policy_dir), "num_refinements": [2]}},
-        "rewards": {"bright": {"spec": TEST_REWARD}},
-        "seeds": [0, 1], "device": "cpu", "warmup": False,
-        "policy_sampling": {"max_new_tokens": 6},
-        "output": {"output_dir": "overridden", "grid_prompts": 3, "strips": 2},
-    }
-    path = tmp_path / "eval.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
-
-
-def _without_timings(results: dict) -> list[dict]:
-    return [dict(s, metrics={k: v for k, v in s["metrics"].items() if k != "seconds_per_image"})
-            for s in results["samples"]]
+from eval_helpers import one_per_batch_config, samples_without_timings
 
 
 def test_two_processes_give_one_processs_results(tmp_path, tiny_backbone_dir, tiny_policy_dir):
-    config = _config(tmp_path, tiny_backbone_dir, tiny_policy_dir)
+    config = one_per_batch_config(tmp_path, tiny_backbone_dir, {
+        "base": {"kind": "base"},
+        "closed": {"kind": "closed", "policy": str(tiny_policy_dir), "num_refinements": [1]},
+        "apriori": {"kind": "apriori", "policy": str(tiny_policy_dir), "num_refinements": [2]}}, "overridden")
     script = str(Path(__file__).with_name("eval_ddp.py"))
     # both runs one thread per process, so that float reductions (and so pixels) agree bit for bit
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
@@ -61,10 +37,10 @@ def test_two_processes_give_one_processs_results(tmp_path, tiny_backbone_dir, ti
 
     one, two = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("one", "two"))
     assert len(one["samples"]) == 3 * 3 * 2  # prompts x methods x seeds
-    assert _without_timings(two) == _without_timings(one)
+    assert samples_without_timings(two) == samples_without_timings(one)
     for sample in one["samples"]:
         a, b = (np.asarray(Image.open(tmp_path / name / sample["image"])) for name in ("one", "two"))
         assert np.array_equal(a, b), sample["image"]
     assert (tmp_path / "two" / "report.html").is_file() and (tmp_path / "two" / "results.md").is_file()
-    assert not (tmp_path / "two" / ".shards").exists()
+    assert not (tmp_path / "two" / ".progress").exists()
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())

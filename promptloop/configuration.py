@@ -192,25 +192,51 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, str, Any]]:
     return rows
 
 
+def _shown_default(default: Any) -> str:
+    import json
+
+    if default is dataclasses.MISSING:
+        return "required"
+    return json.dumps(default, default=lambda o: dataclasses.asdict(o) if dataclasses.is_dataclass(o) else str(o))
+
+
 def keys_help(cls: type, width: int = 100) -> str:
     """Every key of ``cls`` with its default and help text, as ``promptloop train/eval --help`` lists them."""
-    import json
     import textwrap
-
-    def shown(default: Any) -> str:
-        if default is dataclasses.MISSING:
-            return "required"
-        return "default: " + json.dumps(default, default=lambda o: dataclasses.asdict(o)
-                                        if dataclasses.is_dataclass(o) else str(o))
 
     lines = ["config keys (YAML sections; override any with --section.key VALUE):"]
     for key, help_text, default in describe(cls):
-        lines.append(f"  --{key}  [{shown(default)}]")
+        shown = _shown_default(default)
+        lines.append(f"  --{key}  [{shown if shown == 'required' else 'default: ' + shown}]")
         lines += textwrap.wrap(help_text, width, initial_indent=" " * 6, subsequent_indent=" " * 6,
                                break_on_hyphens=False, break_long_words=False)
     return "\n".join(lines)
 
 
+def config_reference() -> str:
+    """``docs/configuration.md``: every key of ``promptloop train`` and ``promptloop eval`` configs as markdown
+    tables (``python -m promptloop.configuration > docs/configuration.md`` regenerates it)."""
+    from promptloop.eval.config import EvalConfig
+    from promptloop.rl.config import TrainConfig
+
+    parts = ["# Configuration reference", "",
+             "Generated from the config dataclasses (`python -m promptloop.configuration > docs/configuration.md`); "
+             "the same text is printed by `promptloop train --help` and `promptloop eval --help`. YAML sections "
+             "map to `--section.key VALUE` overrides; `--print-config` prints a resolved config.", ""]
+    for title, cls in (("`promptloop train` (`promptloop.rl.config.TrainConfig`)", TrainConfig),
+                       ("`promptloop eval` (`promptloop.eval.config.EvalConfig`)", EvalConfig)):
+        parts += [f"## {title}", "", "| key | default | meaning |", "|---|---|---|"]
+        for key, help_text, default in describe(cls):
+            default_cell, help_cell = (text.replace("|", "\\|") for text in (_shown_default(default), help_text))
+            parts.append(f"| `{key}` | `{default_cell}` | {help_cell} |")
+        parts.append("")
+    return "\n".join(parts)
+
+
 def dump_config(config: Any) -> str:
     """``config`` as YAML that :func:`load_config` reads back to an equal config (every key, defaults included)."""
     return yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True, default_flow_style=False)
+
+
+if __name__ == "__main__":
+    print(config_reference(), end="")

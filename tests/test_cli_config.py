@@ -65,3 +65,13 @@ def test_overrides_accept_hyphens_in_keys_and_keep_them_in_labels(tmp_path):
     assert loaded.backbones["tiny-sd"].num_inference_steps == 5 and loaded.backbones["sd_15"].batch_size == 2
     train = load_config(TrainConfig, CONFIGS / "sdxl_imagereward.yaml", ["--grpo.group-size", "4"])
     assert train.grpo.group_size == 4
+
+
+def test_the_configuration_reference_in_docs_is_up_to_date():
+    from promptloop.configuration import config_reference
+
+    written = (CONFIGS.parent / "docs" / "configuration.md").read_text(encoding="utf-8")
+    assert written == config_reference(), ("docs/configuration.md is stale: regenerate it with "
+                                           "`python -m promptloop.configuration > docs/configuration.md`")
+    for cls in (TrainConfig, EvalConfig):
+        assert all(f"| `{key}` |" in written for key, _, _ in describe(cls))

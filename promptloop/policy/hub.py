@@ -82,6 +82,7 @@ def policy_model_card(config: PolicyConfig, *, has_adapter: bool, repo_id: Optio
     name = repo_id or "PATH_TO_THIS_FOLDER"
     backbone = training.backbone if training and is_hub_id(training.backbone) else "YOUR/DIFFUSERS-PIPELINE"
     refinements = training.num_refinements if training else 5
+    first = training is not None and training.initial_rewrite  # trained to write the step-0 prompt too
     what = f"a LoRA adapter on `{base}`" if has_adapter else f"the chat model `{base}` (no adapter)"
     mode = {"closed": "rewrites the prompt at a few denoising steps, each time looking at the current denoised (x0) "
                       "estimate of the image",
@@ -101,14 +102,15 @@ def policy_model_card(config: PolicyConfig, *, has_adapter: bool, repo_id: Optio
         "",
         f'pipe = DiffusionPipeline.from_pretrained("{backbone}", dtype=torch.bfloat16).to("cuda")',
         f'loop = PromptLoopPipeline.from_pretrained("{name}", pipe, device="cuda")',
-        f'out = loop("a cat wearing a tiny hat", num_refinements={refinements}, mode="{config.mode}", seed=0)',
+        f'out = loop("a cat wearing a tiny hat", num_refinements={refinements}, mode="{config.mode}", '
+        f'{"initial_rewrite=True, " if first else ""}seed=0)',
         "out.images[0].save(\"cat.png\")",
         "print(out.trajectories[0].prompts)  # the prompt in force after each refinement",
         "```", "",
         "Command line (`pip install promptloop`):", "",
         "```bash",
         f'promptloop sample --policy {name} --backbone {backbone} --prompt "a cat wearing a tiny hat" '
-        f"--refinements {refinements} --mode {config.mode} --out samples/",
+        f"--refinements {refinements} --mode {config.mode}{' --initial-rewrite' if first else ''} --out samples/",
         "```", "",
         "## Policy settings", "",
         "| setting | value |", "|---|---|",

@@ -43,6 +43,7 @@ def test_model_card_has_hub_metadata_usage_and_training():
     assert 'PromptLoopPipeline.from_pretrained("me/sdxl-loop", pipe' in text
     assert 'DiffusionPipeline.from_pretrained("stabilityai/stable-diffusion-xl-base-1.0"' in text
     assert "num_refinements=5" in text and "--policy me/sdxl-loop" in text
+    assert "initial_rewrite" not in text and "--initial-rewrite" not in text
     assert "| reward | `imagereward` |" in text and "| steps | 300 |" in text
     assert "| 0.1234 | 0.5678 | not logged |" in text
     assert f"r = {config.lora_r}" in text
@@ -50,11 +51,13 @@ def test_model_card_has_hub_metadata_usage_and_training():
 
 def test_model_card_keeps_local_paths_out_of_the_metadata():
     config = small_config(model_name_or_path="../policy_edit")
-    card = ModelCard(policy_model_card(config, has_adapter=False, training=_summary(backbone="/data/backbone_a")))
+    card = ModelCard(policy_model_card(config, has_adapter=False, training=_summary(backbone="/data/backbone_a",
+                                                                                    initial_rewrite=True)))
     assert card.data.base_model is None and card.data.library_name == "transformers"
     assert "`../policy_edit`" in card.text and "`/data/backbone_a`" in card.text
     assert "PATH_TO_THIS_FOLDER" in card.text and "YOUR/DIFFUSERS-PIPELINE" in card.text
     assert "## Training" not in policy_model_card(config, has_adapter=False)
+    assert 'mode="closed", initial_rewrite=True, seed=0)' in card.text and "--initial-rewrite" in card.text
 
 
 def test_saved_policy_carries_its_own_model_card(tiny_vlm_dirs, tmp_path):

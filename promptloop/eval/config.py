@@ -189,6 +189,8 @@ class EvalConfig:
                                                    default_factory=PolicySamplingSection)
     warmup: bool = _help("Run one untimed image per backbone x method before timing (lazy initialisation, "
                          "kernel selection).", default=True)
+    progress: bool = _help("Show a progress bar with ETA over the batches (of the first process, under "
+                           "accelerate launch).", default=True)
     output: OutputSection = _help("Where and what to write.", default_factory=OutputSection)
 
     def __post_init__(self):

@@ -122,8 +122,10 @@ class _Evaluator:
         self.config, self.queries, self.rewards, self.embedder = config, queries, rewards, embedder
         self.out_dir, self.log, self.journal, self.done = out_dir, log, journal, done
         self.rank, self.num_processes = rank, num_processes
+        self.bar: Any = None
+        """A tqdm bar advanced once per batch (made or reused), or None."""
 
-    def _batches(self, entry: BackboneEntry) -> list[tuple[int, int]]:
+    def batches(self, entry: BackboneEntry) -> list[tuple[int, int]]:
         """This process's batches on a backbone: (seed, index of the first prompt)."""
         starts = range(0, len(self.queries), entry.batch_size)
         return [(seed, start) for seed in self.config.seeds for start in starts][self.rank::self.num_processes]
@@ -136,7 +138,7 @@ class _Evaluator:
     def pending(self, backbone_label: str, entry: BackboneEntry, variant: MethodVariant) -> bool:
         """Whether this process has batches of ``variant`` on the backbone left to make."""
         return any(self._finished((backbone_label, variant.label, seed, start)) is None
-                   for seed, start in self._batches(entry))
+                   for seed, start in self.batches(entry))
 
     def run(self, backbone_label: str, backbone: Optional[Backbone], entry: BackboneEntry, variant: MethodVariant,
             policy: Optional[PromptWriter]) -> list[Sample]:
@@ -150,7 +152,7 @@ class _Evaluator:
         (self.out_dir / folder).mkdir(parents=True, exist_ok=True)
         samples = []
         last_start = range(0, len(self.queries), entry.batch_size)[-1]
-        for seed, start in self._batches(entry):
+        for seed, start in self.batches(entry):
             key = (backbone_label, variant.label, seed, start)
             batch = self._finished(key)
             if batch is None:
@@ -163,6 +165,8 @@ class _Evaluator:
                                       strip_folder)
                 self.journal.record(key, batch)
             samples += batch
+            if self.bar is not None:
+                self.bar.update(1)
             if start == last_start:
                 self.log(f"  {backbone_label} / {variant.label}: seed {seed} done")
         return samples
@@ -234,6 +238,10 @@ def run_evaluation(config: EvalConfig, queries: Optional[Sequence[str]] = None,
     policies = PolicyCache(config.policy_sampling, device, [v.policy for v in variants if v.kind != "base"])
     evaluator = _Evaluator(config, queries, rewards, embedder, out_dir, log, journal, done, state.process_index,
                            state.num_processes)
+    from tqdm.auto import tqdm
+
+    evaluator.bar = tqdm(total=sum(len(evaluator.batches(entry)) for entry in config.backbones.values()) * len(
+        variants), desc="eval", unit="batch", disable=not (main and config.progress))
     samples: list[Sample] = []
     for label, entry in config.backbones.items():
         todo = [v for v in variants if evaluator.pending(label, entry, v)]
@@ -245,6 +253,7 @@ def run_evaluation(config: EvalConfig, queries: Optional[Sequence[str]] = None,
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    evaluator.bar.close()
     if state.num_processes > 1:
         samples = _gather_samples(journal, state, list(config.backbones), [v.label for v in variants],
                                   list(config.seeds))

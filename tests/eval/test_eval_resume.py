@@ -45,7 +45,7 @@ def _samples(out: Path) -> list[dict]:
 
 
 def test_a_resumed_evaluation_makes_only_the_missing_batches(tmp_path, tiny_backbone_dir, tiny_policy_dir,
-                                                             counted_batches):
+                                                             counted_batches, capsys):
     config = _config(tmp_path, tiny_backbone_dir, tiny_policy_dir)
     assert main(["eval", config, "--output.output_dir", str(tmp_path / "whole")]) == 0
     assert counted_batches["calls"] == BATCHES
@@ -62,8 +62,10 @@ def test_a_resumed_evaluation_makes_only_the_missing_batches(tmp_path, tiny_back
         f.write('{"backbone": "tiny-sd", "method": "clo')
     (tmp_path / "out" / "images" / "tiny-sd" / "base" / "p0000_s0.png").unlink()
     counted_batches.update(calls=0, stop_at=None)
+    capsys.readouterr()
     assert main(["eval", config, "--resume"]) == 0
     assert counted_batches["calls"] == BATCHES - 7 + 1
+    assert f"{BATCHES}/{BATCHES}" in capsys.readouterr().err, "the progress bar counts reused batches too"
     assert _samples(tmp_path / "out") == _samples(tmp_path / "whole")
     assert not journal.exists(), "the journal is removed once the results are written"
 

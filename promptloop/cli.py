@@ -63,6 +63,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_env(args: argparse.Namespace) -> int:
+    """Versions and accelerators, to paste into a bug report."""
+    from .environment import environment
+
+    print("\n".join(f"- {name}: {value}" for name, value in environment().items()))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """PromptLoop end to end in the mini world: GRPO training, then evaluation against base and untrained."""
     from .miniworld.demo import run_demo
@@ -178,7 +186,11 @@ def _print_config(config_class: type, args: argparse.Namespace, overrides: Seque
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="promptloop", description=__doc__)
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"promptloop {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_ConfigHelpParser)
+    sub.add_parser("env", help="print versions and accelerators, for bug reports").set_defaults(func=cmd_env)
 
     demo = sub.add_parser("demo", help="train and evaluate PromptLoop in the mini world (offline, CPU, minutes)")
     demo.add_argument("--quick", action="store_true", help="the shortest run (CI)")

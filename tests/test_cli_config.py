@@ -75,3 +75,20 @@ def test_the_configuration_reference_in_docs_is_up_to_date():
                                            "`python -m promptloop.configuration > docs/configuration.md`")
     for cls in (TrainConfig, EvalConfig):
         assert all(f"| `{key}` |" in written for key, _, _ in describe(cls))
+
+
+def test_env_and_version_for_bug_reports(capsys):
+    import torch
+
+    import promptloop
+    from promptloop.environment import LIBRARIES
+
+    assert main(["env"]) == 0
+    lines = dict(line[2:].split(": ", 1) for line in capsys.readouterr().out.splitlines())
+    assert lines["promptloop"] == promptloop.__version__
+    assert set(LIBRARIES) <= set(lines) and torch.__version__.startswith(lines["torch"])
+    cuda = torch.cuda.is_available()
+    assert lines["gpus"].startswith(f"{torch.cuda.device_count()}: ") if cuda else lines["gpus"] == "none (CPU only)"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"promptloop {promptloop.__version__}"

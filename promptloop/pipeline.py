@@ -54,6 +54,15 @@ def oneshot_prompts(
         return policy.act(blind_observations(queries, 0, num_steps), seed=seed).prompts
 
 
+def seeds_from_generators(generator: Union[torch.Generator, Sequence[torch.Generator]], num_images: int) -> list[int]:
+    """One seed per image drawn from ``generator`` (one generator for all images, or one per image)."""
+    generators = [generator] * num_images if isinstance(generator, torch.Generator) else list(generator)
+    if len(generators) != num_images or not all(isinstance(g, torch.Generator) for g in generators):
+        raise ValueError(f"generator must be a torch.Generator or a list of {num_images} (one per image), got "
+                         f"{generator!r}.")
+    return [int(torch.randint(0, 2**31 - 1, (1,), generator=g, device=g.device)) for g in generators]
+
+
 class PromptLoopPipeline:
     """``PromptLoopPipeline(policy, pipe)(prompts)``: sample with the policy rewriting the prompt.
 
@@ -95,8 +104,9 @@ class PromptLoopPipeline:
         *,
         num_refinements: int = 5,
         mode: RefinementMode = "closed",
-        seed: Union[int, Sequence[int]] = 0,
+        seed: Union[int, Sequence[int], None] = None,
         policy_seed: Optional[int] = None,
+        generator: Union[torch.Generator, Sequence[torch.Generator], None] = None,
         num_inference_steps: int = 50,
         guidance_scale: Optional[float] = None,
         negative_prompt: Optional[str] = None,
@@ -115,7 +125,9 @@ class PromptLoopPipeline:
         ``mode``: "closed" (the policy sees the x0 preview at ``num_refinements`` evenly spaced steps), "apriori"
         (one policy call writes all prompts up front; the sampler runs uninterrupted), "oneshot" (one rewrite before
         sampling), "none" (plain sampling). ``seed``: one int for the batch (image i uses seed + i) or one per image;
-        the same seeds give the same images. ``policy_seed`` (default: the first seed) seeds the policy's sampling.
+        the same seeds give the same images (default 0). ``generator`` (as in diffusers; instead of ``seed``): one
+        ``torch.Generator`` for the batch or one per image, from which the images' seeds are drawn. ``policy_seed``
+        (default: the first image's seed) seeds the policy's sampling.
         ``feedback_delay`` (closed mode): pipelined feedback, the prompt taking effect at step k is written from the
         preview of step k - 1 - d while the sampler goes on (see :func:`~promptloop.backbones.rollout`).
         ``initial_rewrite`` (closed mode): the policy also writes the prompt for step 0, before any preview exists,
@@ -134,7 +146,13 @@ class PromptLoopPipeline:
             num_refinements = 0
         elif num_refinements == 0 and not (mode == "closed" and initial_rewrite):
             mode = "none"
-        seeds = [seed + i for i in range(len(queries))] if isinstance(seed, int) else list(seed)
+        if generator is not None:
+            if seed is not None:
+                raise ValueError("Give seed or generator, not both.")
+            seeds = seeds_from_generators(generator, len(queries))
+        else:
+            seed = 0 if seed is None else seed
+            seeds = [seed + i for i in range(len(queries))] if isinstance(seed, int) else list(seed)
         if len(seeds) != len(queries):
             raise ValueError(f"seed holds {len(seeds)} values for {len(queries)} images (prompts x "
                              "num_images_per_prompt): give one seed per image, or one int for all.")

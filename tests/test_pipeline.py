@@ -89,7 +89,22 @@ def test_num_images_per_prompt_repeats_each_prompt_with_consecutive_seeds(loop):
     assert not torch.equal(out.images[0], out.images[1]), "two images of one prompt use different seeds"
 
 
+def test_a_generator_draws_the_seeds_as_in_diffusers(loop):
+    kwargs = dict(num_refinements=1, num_inference_steps=4, preview_size=32, output_type="pt")
+    out = loop(QUERIES, generator=torch.Generator().manual_seed(7), **kwargs)
+    again = loop(QUERIES, generator=torch.Generator().manual_seed(7), **kwargs)
+    seeds = [t.seed for t in out.trajectories]
+    assert torch.equal(out.images, again.images) and seeds == [t.seed for t in again.trajectories]
+    assert len(set(seeds)) == 2 and seeds != [0, 1]
+    assert torch.equal(out.images, loop(QUERIES, seed=seeds, **kwargs).images)
+    per_image = loop(QUERIES, generator=[torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)],
+                     **kwargs)
+    assert len({t.seed for t in per_image.trajectories}) == 1  # two generators in the same state
+
+
 @pytest.mark.parametrize("kwargs,match", [
+    (dict(seed=1, generator=torch.Generator()), "seed or generator, not both"),
+    (dict(generator=[torch.Generator()]), "a list of 2 \\(one per image\\)"),
     (dict(num_images_per_prompt=0), "num_images_per_prompt must be an int >= 1"),
     (dict(seed=[1, 2, 3]), "seed holds 3 values for 2 images"),
     (dict(mode="loop"), "mode='loop' is not one of"),

@@ -47,8 +47,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     pipeline = PromptLoopPipeline.from_pretrained(args.policy, args.backbone, device=args.device,
                                                   policy_backend=args.policy_backend)
-    if args.device:
-        pipeline.backbone.pipe.to(args.device)
     written = []
     for start in range(0, len(rows), args.batch_size):
         chunk = rows[start:start + args.batch_size]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from typing import Any, Iterator, Literal, Optional, Sequence, Union
 
@@ -86,8 +87,9 @@ class PromptLoopPipeline:
     ) -> "PromptLoopPipeline":
         """Load a saved policy and wrap ``pipe_or_path`` (a pipeline object, a local folder or a hub id).
 
-        ``policy_backend``: "transformers" (:class:`PromptPolicy` on ``device``) or "vllm" (:class:`VLLMPromptPolicy`
-        with its default engine settings; build one yourself to pass engine arguments).
+        ``device`` places the policy, and a pipeline loaded here from a path (a pipeline object stays where the user
+        put it: devices, offload). ``policy_backend``: "transformers" (:class:`PromptPolicy`) or "vllm"
+        (:class:`VLLMPromptPolicy` with its default engine settings; build one yourself to pass engine arguments).
         """
         if policy_backend not in POLICY_BACKENDS:
             raise ValueError(f"policy_backend={policy_backend!r} is not one of {POLICY_BACKENDS}.")
@@ -96,7 +98,17 @@ class PromptLoopPipeline:
         else:
             policy = PromptPolicy.from_pretrained(policy_path, device=device, is_trainable=False)
         backbone = auto_backbone(pipe_or_path, **pipeline_kwargs)
+        if device is not None and isinstance(pipe_or_path, (str, os.PathLike)):
+            backbone.pipe.to(device)
         return cls(policy, backbone)
+
+    def to(self, device: Union[str, torch.device]) -> "PromptLoopPipeline":
+        """Move the diffusion pipeline and a transformers policy to ``device`` (a vLLM engine stays where it runs);
+        returns ``self``, as diffusers' ``pipe.to`` does."""
+        self.backbone.pipe.to(device)
+        if isinstance(self.policy, PromptPolicy):
+            self.policy.model.to(device)
+        return self
 
     def __call__(
         self,

@@ -119,6 +119,23 @@ def test_bad_arguments_are_clear_errors(loop, kwargs, match):
         loop(QUERIES, **kwargs)
 
 
+def test_device_places_what_was_loaded_here_and_to_moves_both(saved, monkeypatch):
+    from diffusers import StableDiffusionPipeline
+
+    moved = []
+    real_to = StableDiffusionPipeline.to
+    monkeypatch.setattr(StableDiffusionPipeline, "to", lambda self, *a, **k: moved.append(a) or real_to(self, *a, **k))
+    loop = PromptLoopPipeline.from_pretrained(str(saved / "policy"), str(saved / "sd"), device="cpu")
+    assert moved == [("cpu",)], "a pipeline loaded from a path goes to the device"
+    user_pipe = tiny_sd_pipeline(seed=0)
+    PromptLoopPipeline.from_pretrained(str(saved / "policy"), user_pipe, device="cpu")
+    assert moved == [("cpu",)], "the user's pipeline object stays where it is"
+    policy_moves = []
+    monkeypatch.setattr(loop.policy.model, "to", lambda *a, **k: policy_moves.append(a))
+    assert loop.to("cpu") is loop
+    assert moved == [("cpu",), ("cpu",)] and policy_moves == [("cpu",)]
+
+
 def test_policy_must_be_a_prompt_policy():
     with pytest.raises(TypeError, match="PromptPolicy"):
         PromptLoopPipeline("not a policy", tiny_sd_pipeline())

@@ -66,6 +66,11 @@ def resolve_policy_config(
     """
     saved_config_path = locate(path_or_id, POLICY_CONFIG_NAME)
     if saved_config_path is None:
+        run = Path(path_or_id)
+        if (run / "policy" / POLICY_CONFIG_NAME).is_file() or (run / "checkpoints").is_dir():
+            raise ValueError(f"{path_or_id} is a training run folder, not a policy: load the trained policy "
+                             f"{run / 'policy'} (written when training completes) or a checkpoint's "
+                             f"{run / 'checkpoints' / 'step-N' / 'policy'}.")
         return dataclasses.replace(config or PolicyConfig(), model_name_or_path=path_or_id), False
     saved = PolicyConfig.load(saved_config_path)
     base = saved.model_name_or_path

@@ -11,6 +11,7 @@ from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 
 from promptloop.configuration import ConfigError, build
+from promptloop.policy import PromptPolicy
 from promptloop.rl.checkpoint import latest_checkpoint
 from promptloop.rl.config import TrainConfig
 from promptloop.rl.trainer import GRPOTrainer
@@ -89,3 +90,6 @@ def test_runs_without_push_write_the_policy_and_upload_nothing(tmp_path, vlm_dir
     assert "PATH_TO_THIS_FOLDER" in card and "| steps | 1 |" in card
     assert json.loads((trainer.policy_dir / "policy_config.json").read_text())["model_name_or_path"] == str(vlm_dir)
     assert fake_hub.calls == []
+    with pytest.raises(ValueError, match=r"is a training run folder, not a policy: load the trained policy .*/policy"):
+        PromptPolicy.from_pretrained(trainer.run_dir, device="cpu")
+    assert PromptPolicy.from_pretrained(trainer.policy_dir, device="cpu").has_adapter

@@ -181,6 +181,10 @@ class LoggingSection:
     hub_model_id: Optional[str] = _help("Hub repo the policy is pushed to ('org/name'; created if missing).",
                                         default=None)
     hub_private_repo: Optional[bool] = _help("Create the hub repo private (None: the hub's default).", default=None)
+    hub_strategy: Literal["every_save", "end"] = _help(
+        "With push_to_hub: 'every_save' also uploads each checkpoint's policy when it is written (a failed upload "
+        "is a warning and training goes on; for jobs that may be preempted), 'end' only the final policy.",
+        default="every_save")
 
     def __post_init__(self):
         for name in ("log_every", "checkpoint_every", "keep_last"):

@@ -213,6 +213,8 @@ class GRPOTrainer:
         self._engine_step = -1
         """The step whose adapter weights the vLLM engine serves (-1: not started)."""
         self._engine_dir: Optional[tempfile.TemporaryDirectory] = None
+        self._pushed_step = -1
+        """The step whose policy was last uploaded to the hub by this process (-1: none)."""
 
     @classmethod
     def from_config(cls, config: TrainConfig, accelerator=None) -> "GRPOTrainer":
@@ -508,17 +510,40 @@ class GRPOTrainer:
     def save_checkpoint(self) -> Optional[Path]:
         """Adapter (safetensors, loadable as a policy), optimizer, LR schedule, RNG, step and data position."""
         path = None
+        log = self.config.logging
         if self.accelerator.is_main_process:
+            card = self._model_card()
+
             def write(tmp: Path) -> None:
-                self.policy.save_pretrained(tmp / "policy")
+                self.policy.save_pretrained(tmp / "policy", model_card=card)
                 torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
                 torch.save(self.lr_scheduler.state_dict(), tmp / "scheduler.pt")
                 torch.save(rng_state(), tmp / "rng.pt")
 
             meta = {"data": self.stream.position, "config": to_dict(self.config)}
-            path = save_checkpoint(self.run_dir, self.step, write, meta, self.config.logging.keep_last)
+            path = save_checkpoint(self.run_dir, self.step, write, meta, log.keep_last)
+            if log.push_to_hub and log.hub_strategy == "every_save":
+                try:
+                    self._push(path / "policy")
+                except Exception as e:  # the checkpoint is on disk; the next save or the end tries again
+                    warnings.warn(f"training step {self.step}: the upload of the checkpoint's policy to "
+                                  f"{log.hub_model_id!r} failed ({type(e).__name__}: {e}); training goes on.",
+                                  RuntimeWarning)
         self.accelerator.wait_for_everyone()
         return path
+
+    def _model_card(self) -> str:
+        log = self.config.logging
+        return policy_model_card(self.policy.config, has_adapter=self.policy.has_adapter,
+                                 repo_id=log.hub_model_id if log.push_to_hub else None,
+                                 training=self.training_summary())
+
+    def _push(self, folder: Path) -> None:
+        """Upload a saved policy folder to ``logging.hub_model_id`` (main process)."""
+        log = self.config.logging
+        push_policy_folder(folder, log.hub_model_id, private=log.hub_private_repo,
+                           commit_message=f"PromptLoop policy, step {self.step}")
+        self._pushed_step = self.step
 
     def load_checkpoint(self, checkpoint: Optional[Path] = None) -> Path:
         """Restore everything :meth:`save_checkpoint` wrote (the latest complete checkpoint by default)."""
@@ -563,18 +588,16 @@ class GRPOTrainer:
 
     def save_policy(self) -> Path:
         """Write the policy with a model card to :attr:`policy_dir` (replaced atomically), then upload it when
-        ``logging.push_to_hub``. Called by :meth:`train` when it completes."""
-        log = self.config.logging
-        repo_id = log.hub_model_id if log.push_to_hub else None
+        ``logging.push_to_hub`` (unless a checkpoint of this step was just uploaded). Called by :meth:`train` when it
+        completes."""
+        repo_id = self.config.logging.hub_model_id
         upload_error = None
         if self.accelerator.is_main_process:
-            card = policy_model_card(self.policy.config, has_adapter=self.policy.has_adapter, repo_id=repo_id,
-                                     training=self.training_summary())
+            card = self._model_card()
             write_folder_atomically(self.policy_dir, lambda tmp: self.policy.save_pretrained(tmp, model_card=card))
-            if repo_id:
+            if self.config.logging.push_to_hub and self._pushed_step != self.step:  # not already by a checkpoint
                 try:
-                    push_policy_folder(self.policy_dir, repo_id, private=log.hub_private_repo,
-                                       commit_message=f"PromptLoop policy, step {self.step}")
+                    self._push(self.policy_dir)
                 except Exception as e:  # network, permissions: the other processes must not wait forever
                     upload_error = e
         self.accelerator.wait_for_everyone()
@@ -740,12 +763,12 @@ class GRPOTrainer:
                 eval_metrics = self.evaluate()
                 metrics.update(eval_metrics)
                 self.accelerator.log(eval_metrics, step=self.step)
+            history.append(metrics)
+            if main:  # before the checkpoint, whose model card reads it; a resume drops rows past its checkpoint
+                self._append_step_log(METRICS_LOG, [{"step": self.step, **_json_safe(metrics)}])
             if self.step % cfg.logging.checkpoint_every == 0:
                 self.save_checkpoint()
                 last_saved = self.step
-            history.append(metrics)
-            if main:
-                self._append_step_log(METRICS_LOG, [{"step": self.step, **_json_safe(metrics)}])
             bar.update(1)
             if batch is not None:
                 bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}")

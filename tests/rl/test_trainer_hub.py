@@ -18,15 +18,15 @@ from promptloop.rl.trainer import GRPOTrainer
 from trainer_helpers import tiny_trainer
 
 
-def _hub_trainer(tmp_path, vlm_dir, **logging):
-    trainer = tiny_trainer(tmp_path / "run", vlm_dir, max_steps=2)
+def _hub_trainer(tmp_path, vlm_dir, max_steps=2, **logging):
+    trainer = tiny_trainer(tmp_path / "run", vlm_dir, max_steps=max_steps)
     for key, value in dict(push_to_hub=True, hub_model_id="me/tiny-run", **logging).items():
         setattr(trainer.config.logging, key, value)
     return trainer
 
 
 def test_training_writes_the_final_policy_with_a_card_and_pushes_it(tmp_path, vlm_dir, fake_hub):
-    trainer = _hub_trainer(tmp_path, vlm_dir, hub_private_repo=True)
+    trainer = _hub_trainer(tmp_path, vlm_dir, hub_private_repo=True, hub_strategy="end")
     with pytest.warns(UserWarning, match="local path"):
         history = trainer.train()
     final = trainer.policy_dir
@@ -54,11 +54,35 @@ def test_a_failed_upload_keeps_the_saved_policy_and_says_how_to_retry(tmp_path, 
         raise ConnectionError("no network")
 
     fake_hub.upload_folder = offline
-    trainer = _hub_trainer(tmp_path, vlm_dir)
+    trainer = _hub_trainer(tmp_path, vlm_dir, hub_strategy="end")
     with pytest.raises(RuntimeError, match=r"saved in .*run/policy.*hf upload me/tiny-run"), \
             pytest.warns(UserWarning, match="local path"):
         trainer.train()
     assert (trainer.policy_dir / "adapter_model.safetensors").is_file()
+
+
+def test_every_save_uploads_each_checkpoint_and_survives_a_failed_upload(tmp_path, vlm_dir, fake_hub):
+    real_upload, attempts = fake_hub.upload_folder, []
+
+    def flaky(self, **kwargs):
+        attempts.append(kwargs["commit_message"])
+        if len(attempts) == 1:
+            raise ConnectionError("network down")
+        return real_upload(self, **kwargs)
+
+    fake_hub.upload_folder = flaky
+    trainer = _hub_trainer(tmp_path, vlm_dir, max_steps=6)  # checkpoints at steps 2, 4, 6; every_save by default
+    assert trainer.config.logging.hub_strategy == "every_save"
+    with pytest.warns(RuntimeWarning, match="training step 2: the upload of the checkpoint's policy to 'me/tiny-run' "
+                                            "failed .*network down.*training goes on"):
+        trainer.train()
+    assert trainer.step == 6
+    # step 2 failed and was not retried by itself; steps 4 and 6 uploaded; the end adds no duplicate of step 6
+    assert attempts == [f"PromptLoop policy, step {n}" for n in (2, 4, 6)]
+    uploaded = load_file(str(fake_hub.remote / "me/tiny-run" / "adapter_model.safetensors"))
+    final = load_file(str(trainer.policy_dir / "adapter_model.safetensors"))
+    assert all(torch.equal(uploaded[k], final[k]) for k in final)
+    assert "| steps | 6 |" in (fake_hub.remote / "me/tiny-run" / "README.md").read_text()
 
 
 def test_hub_settings_fail_fast(tmp_path, monkeypatch):

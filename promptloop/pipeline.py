@@ -83,22 +83,32 @@ class PromptLoopPipeline:
     @classmethod
     def from_pretrained(
         cls, policy_path: str, pipe_or_path: Any, device: Optional[str] = None, *,
-        policy_backend: str = "transformers", **pipeline_kwargs: Any
+        policy_backend: str = "transformers", policy_revision: Optional[str] = None,
+        token: Union[str, bool, None] = None, cache_dir: Union[str, os.PathLike, None] = None,
+        local_files_only: bool = False, **pipeline_kwargs: Any
     ) -> "PromptLoopPipeline":
-        """Load a saved policy and wrap ``pipe_or_path`` (a pipeline object, a local folder or a hub id).
+        """Load a saved policy (folder or hub id, at ``policy_revision``) and wrap ``pipe_or_path`` (a pipeline object,
+        a local folder or a hub id).
 
         ``device`` places the policy, and a pipeline loaded here from a path (a pipeline object stays where the user
         put it: devices, offload). ``policy_backend``: "transformers" (:class:`PromptPolicy`) or "vllm"
         (:class:`VLLMPromptPolicy` with its default engine settings; build one yourself to pass engine arguments).
+        ``token``, ``cache_dir`` and ``local_files_only`` apply to every hub download (policy, its base model, and a
+        pipeline loaded here); ``pipeline_kwargs`` go to the diffusers ``from_pretrained`` (``dtype``, ``revision``
+        of the pipeline, ...).
         """
         if policy_backend not in POLICY_BACKENDS:
             raise ValueError(f"policy_backend={policy_backend!r} is not one of {POLICY_BACKENDS}.")
+        download: dict[str, Any] = {key: value for key, value in dict(
+            token=token, cache_dir=cache_dir, local_files_only=local_files_only or None).items() if value is not None}
         if policy_backend == "vllm":
-            policy: PromptWriter = VLLMPromptPolicy.from_pretrained(policy_path)
+            policy: PromptWriter = VLLMPromptPolicy.from_pretrained(policy_path, revision=policy_revision, **download)
         else:
-            policy = PromptPolicy.from_pretrained(policy_path, device=device, is_trainable=False)
-        backbone = auto_backbone(pipe_or_path, **pipeline_kwargs)
-        if device is not None and isinstance(pipe_or_path, (str, os.PathLike)):
+            policy = PromptPolicy.from_pretrained(policy_path, device=device, is_trainable=False,
+                                                  revision=policy_revision, **download)
+        loads_pipeline = isinstance(pipe_or_path, (str, os.PathLike))
+        backbone = auto_backbone(pipe_or_path, **(download if loads_pipeline else {}), **pipeline_kwargs)
+        if device is not None and loads_pipeline:
             backbone.pipe.to(device)
         return cls(policy, backbone)
 

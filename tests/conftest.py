@@ -41,3 +41,30 @@ def fake_hub(monkeypatch, tmp_path):
     api = type("Api", (RecordingHubApi,), {"remote": tmp_path / "remote", "calls": []})
     monkeypatch.setattr(huggingface_hub, "HfApi", api)
     return api
+
+
+class HubCache:
+    """A huggingface_hub cache folder that tests fill with repos, so that the real download code finds them with
+    ``local_files_only`` (no network)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def add(self, repo_id: str, folder: Path, commit: str, refs: tuple[str, ...] = ("main",)) -> Path:
+        """Copy ``folder`` in as ``repo_id`` at ``commit`` (40 hex digits), with ``refs`` (branches, tags) on it."""
+        repo = self.path / f"models--{repo_id.replace('/', '--')}"
+        shutil.copytree(folder, repo / "snapshots" / commit)
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        for ref in refs:
+            (repo / "refs" / ref).write_text(commit)
+        return repo / "snapshots" / commit
+
+    @property
+    def offline(self) -> dict:
+        """The ``from_pretrained`` keywords that read this cache only."""
+        return {"cache_dir": self.path, "local_files_only": True}
+
+
+@pytest.fixture
+def hub_cache(tmp_path) -> HubCache:
+    return HubCache(tmp_path / "hub-cache")

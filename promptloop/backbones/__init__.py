@@ -34,11 +34,15 @@ def adapter_for(pipeline_class_name: str) -> type[Backbone]:
     return getattr(importlib.import_module(module), cls)
 
 
+HUB_DOWNLOAD_KWARGS = ("revision", "token", "cache_dir", "local_files_only")
+"""The ``from_pretrained`` keywords that choose what to download from the hub (diffusers and transformers)."""
+
+
 def auto_backbone(pipe_or_path: Any, preview_decoder: Optional[torch.nn.Module] = None, **kwargs: Any) -> Backbone:
     """Wrap a pipeline object, or load a local folder / hub id, with the adapter of its pipeline class.
 
     With a pipeline object, ``kwargs`` go to the adapter's ``from_pipeline``; with a path or id, to its
-    ``from_pretrained`` (and from there to the diffusers ``from_pretrained``, e.g. ``dtype``).
+    ``from_pretrained`` (and from there to the diffusers ``from_pretrained``, e.g. ``dtype``, ``revision``).
     """
     if not isinstance(pipe_or_path, (str, os.PathLike)):
         return adapter_for(type(pipe_or_path).__name__).from_pipeline(
@@ -49,7 +53,8 @@ def auto_backbone(pipe_or_path: Any, preview_decoder: Optional[torch.nn.Module] 
     if class_name is None:
         from diffusers import DiffusionPipeline
 
-        class_name = DiffusionPipeline.load_config(path).get("_class_name")
+        hub = {key: kwargs[key] for key in HUB_DOWNLOAD_KWARGS if key in kwargs}
+        class_name = DiffusionPipeline.load_config(path, **hub).get("_class_name")
     return adapter_for(class_name).from_pretrained(path, preview_decoder=preview_decoder, **kwargs)
 
 

@@ -11,6 +11,8 @@ import torch
 POLICY_MODES = ("closed", "oneshot", "apriori")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CACHE_IMPLEMENTATIONS = (None, "static")
+POLICY_CONFIG_NAME = "policy_config.json"
+"""The file a saved policy's :class:`PolicyConfig` is written to; a folder or hub repo holding it is a saved policy."""
 
 DEFAULT_LORA_TARGET_MODULES = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 """LoRA on every attention and MLP projection of the language model; the vision tower stays frozen."""
@@ -28,6 +30,11 @@ class PolicyConfig:
         metadata={"help": "Hub id or local path of the base image-text-to-text chat model. In a saved policy's "
                           "policy_config.json, a path starting with './' or '../' is relative to that folder (a "
                           "shipped adapter next to its base)."},
+    )
+    model_revision: Optional[str] = field(
+        default=None,
+        metadata={"help": "Branch, tag or commit of model_name_or_path on the hub (None: its default branch). A saved "
+                          "policy records the revision of its base model here."},
     )
     mode: str = field(
         default="closed",

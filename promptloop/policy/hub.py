@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Optional, Union
 
 from promptloop import __version__
-from promptloop.policy.config import PolicyConfig
-from promptloop.policy.writer import POLICY_CONFIG_NAME
+from promptloop.policy.config import POLICY_CONFIG_NAME, PolicyConfig
 
 MODEL_CARD_NAME = "README.md"
+POLICY_FILE_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.jinja", "*.model", "*.md")
+"""What a saved policy folder holds: configs, tokenizer and chat template, adapter (or bundled base) weights, card."""
 CARD_TAGS = ["promptloop", "prompt-refinement", "text-to-image", "diffusion", "grpo"]
 
 _CITATION = """@article{lee2025promptloop,
@@ -58,6 +59,25 @@ def is_hub_id(name: str) -> bool:
     except HFValidationError:
         return False
     return True
+
+
+def download_saved_policy(repo_id: str, *, revision: Optional[str] = None, token: Union[str, bool, None] = None,
+                          cache_dir: Union[str, Path, None] = None, local_files_only: bool = False) -> Optional[str]:
+    """The local snapshot of the saved policy ``repo_id`` at ``revision`` (the hub cache's folder), or None when
+    that repo holds no ``policy_config.json`` or cannot be reached: a base model, left to transformers to load.
+
+    Only the weights-free and safetensors files are fetched (configs, tokenizer, chat template, adapter, card); a
+    policy repo that bundles its base model in a subfolder brings it along, pickled files never.
+    """
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+
+    download = dict(revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only)
+    try:
+        hf_hub_download(repo_id, POLICY_CONFIG_NAME, **download)
+    except (EntryNotFoundError, RepositoryNotFoundError):  # not a policy repo, unknown, gated or offline
+        return None
+    return snapshot_download(repo_id, allow_patterns=list(POLICY_FILE_PATTERNS), **download)
 
 
 def _number(value: Optional[float]) -> str:

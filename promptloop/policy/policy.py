@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -20,7 +20,6 @@ from promptloop.policy.writer import (
     PromptActions,
     PromptWriter,
     end_token_ids,
-    locate,
     resolve_policy_config,
     resolve_seed,
     suppressed_token_ids,
@@ -99,36 +98,44 @@ class PromptPolicy(PromptWriter):
         add_adapter: bool = True,
         is_trainable: bool = True,
         base_model_name_or_path: Optional[str] = None,
+        revision: Optional[str] = None,
+        token: Union[str, bool, None] = None,
+        cache_dir: Union[str, Path, None] = None,
+        local_files_only: bool = False,
     ) -> "PromptPolicy":
         """Load a saved policy or wrap a base chat VLM.
 
-        - ``path_or_id`` holds ``policy_config.json`` (a saved policy): the base model named in it (a path
-          starting with ``./`` or ``../`` is relative to the saved folder; ``base_model_name_or_path`` overrides
-          it) is loaded and the saved adapter attached (trainable if ``is_trainable``).
-          ``config``, if given, replaces the saved sampling/chat settings; the model and LoRA fields stay the saved
-          ones. ``trust_remote_code`` comes only from ``config`` (False without one), never from the saved file.
-        - Otherwise ``path_or_id`` is a base model; ``config`` (default: ``PolicyConfig()``) gives the settings and
-          a fresh LoRA adapter is added when ``add_adapter``.
+        - ``path_or_id`` holds ``policy_config.json`` (a saved policy: a folder, or a hub repo downloaded at
+          ``revision``): the base model named in it (at its recorded ``model_revision``; a path starting with ``./``
+          or ``../`` is relative to the saved folder; ``base_model_name_or_path`` overrides it) is loaded and the
+          saved adapter attached (trainable if ``is_trainable``). ``config``, if given, replaces the sampling/chat
+          settings; the model and LoRA fields stay the saved ones. ``trust_remote_code`` comes only from ``config``
+          (False without one), never from the saved file.
+        - Otherwise ``path_or_id`` is a base model (at ``revision``); ``config`` (default: ``PolicyConfig()``) gives
+          the settings and a fresh LoRA adapter is added when ``add_adapter``.
+
+        ``token``, ``cache_dir`` and ``local_files_only`` apply to every hub download, as in transformers.
         """
         path_or_id = str(path_or_id)
-        config, saved = resolve_policy_config(path_or_id, config, base_model_name_or_path)
+        download: dict[str, Any] = dict(token=token, cache_dir=cache_dir, local_files_only=local_files_only)
+        resolved = resolve_policy_config(path_or_id, config, base_model_name_or_path, revision=revision, **download)
+        config, folder = resolved
         device = _resolve_device(device)
+        base = dict(revision=config.model_revision, trust_remote_code=config.trust_remote_code, **download)
         model = AutoModelForImageTextToText.from_pretrained(
-            config.model_name_or_path, dtype=config.torch_dtype(device), device_map={"": device},
-            trust_remote_code=config.trust_remote_code,
+            config.model_name_or_path, dtype=config.torch_dtype(device), device_map={"": device}, **base,
+            # transformers' check for an adapter in the base repo does not get these by itself (5.24)
+            adapter_kwargs=dict(cache_dir=cache_dir, local_files_only=local_files_only),
         )
-        processor = AutoProcessor.from_pretrained(
-            path_or_id if saved else config.model_name_or_path,
-            trust_remote_code=config.trust_remote_code,
-        )
+        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=config.trust_remote_code) if folder \
+            else AutoProcessor.from_pretrained(config.model_name_or_path, **base)
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.eval()
         policy = cls(model, processor, config)  # cleans the generation config before peft wraps the model
-        if saved:
-            if locate(path_or_id, ADAPTER_CONFIG_NAME) is not None:
-                policy.model = PeftModel.from_pretrained(model, path_or_id, is_trainable=is_trainable)
-        elif add_adapter:
+        if resolved.adapter_folder is not None:
+            policy.model = PeftModel.from_pretrained(model, resolved.adapter_folder, is_trainable=is_trainable)
+        elif folder is None and add_adapter:
             policy.model = get_peft_model(model, policy.lora_config())
         policy.model.eval()
         return policy

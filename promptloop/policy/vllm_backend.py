@@ -20,11 +20,9 @@ from transformers import AutoConfig, AutoProcessor, GenerationConfig, ProcessorM
 from promptloop.backbones.types import Observation
 from promptloop.policy.config import PolicyConfig
 from promptloop.policy.writer import (
-    ADAPTER_CONFIG_NAME,
     PromptActions,
     PromptWriter,
     end_token_ids,
-    locate,
     resolve_policy_config,
     resolve_seed,
     suppressed_token_ids,
@@ -73,12 +71,15 @@ def vllm_max_lora_rank(rank: int) -> int:
     raise ValueError(f"lora_r={rank} is above the largest LoRA rank vLLM serves ({VLLM_MAX_LORA_RANKS[-1]}).")
 
 
-def start_engine(config: PolicyConfig, tokenizer: str, max_lora_rank: Optional[int],
+def start_engine(config: PolicyConfig, saved_folder: Optional[str], max_lora_rank: Optional[int],
                  gpu_memory_utilization: float, **llm_kwargs: Any) -> Any:
-    """A ``vllm.LLM`` on ``config``'s base model, dtype and preview sizes (LoRA enabled up to ``max_lora_rank``)."""
+    """A ``vllm.LLM`` on ``config``'s base model (at its ``model_revision``), dtype and preview sizes (LoRA enabled
+    up to ``max_lora_rank``); the tokenizer is the saved policy's (``saved_folder``) or the base model's."""
     vllm = import_vllm()
     engine_kwargs: dict[str, Any] = dict(
-        model=config.model_name_or_path, tokenizer=tokenizer, trust_remote_code=config.trust_remote_code,
+        model=config.model_name_or_path, revision=config.model_revision,
+        tokenizer=saved_folder or config.model_name_or_path,
+        tokenizer_revision=None if saved_folder else config.model_revision, trust_remote_code=config.trust_remote_code,
         dtype=config.dtype if config.dtype != "auto" else "bfloat16",
         gpu_memory_utilization=gpu_memory_utilization,
         limit_mm_per_prompt={"image": 1, "video": 0},  # a chat holds at most one preview
@@ -154,11 +155,17 @@ class VLLMPromptPolicy(PromptWriter):
         llm: Any = None,
         max_lora_rank: Optional[int] = None,
         gpu_memory_utilization: float = 0.35,
+        revision: Optional[str] = None,
+        token: Union[str, bool, None] = None,
+        cache_dir: Union[str, Path, None] = None,
+        local_files_only: bool = False,
         **llm_kwargs: Any,
     ) -> "VLLMPromptPolicy":
         """A policy served by vLLM: a ``vllm.LLM`` started on its base model (or ``llm``), with its saved adapter.
 
-        ``path_or_id`` and ``config`` resolve as in :meth:`PromptPolicy.from_pretrained`. ``gpu_memory_utilization``
+        ``path_or_id``, ``config`` and the hub arguments (``revision``, ``token``, ``cache_dir``,
+        ``local_files_only``) resolve as in :meth:`PromptPolicy.from_pretrained`; the engine loads the base model at
+        its ``model_revision``. ``gpu_memory_utilization``
         is the share of the GPU a new engine reserves (weights + KV cache); the default leaves the rest to the
         diffusion pipeline in the same process. ``llm_kwargs`` go to ``vllm.LLM`` as they are (``enforce_eager``,
         ``max_model_len``, ``tensor_parallel_size``, ...) and override the ones set here.
@@ -173,14 +180,16 @@ class VLLMPromptPolicy(PromptWriter):
             raise ValueError(f"Engine arguments {sorted(llm_kwargs)} apply to a new engine; with llm=... the engine "
                              "already runs. Pass them where it was started.")
         path_or_id = str(path_or_id)
-        config, saved = resolve_policy_config(path_or_id, config, base_model_name_or_path)
-        base = config.model_name_or_path
-        adapter_path = path_or_id if saved and locate(path_or_id, ADAPTER_CONFIG_NAME) is not None else None
-        processor_source = path_or_id if saved else base
-        processor = AutoProcessor.from_pretrained(processor_source, trust_remote_code=config.trust_remote_code)
-        model_config = AutoConfig.from_pretrained(base, trust_remote_code=config.trust_remote_code)
+        resolved = resolve_policy_config(path_or_id, config, base_model_name_or_path, revision=revision,
+                                         token=token, cache_dir=cache_dir, local_files_only=local_files_only)
+        config, folder = resolved
+        base = dict(revision=config.model_revision, token=token, cache_dir=cache_dir,
+                    local_files_only=local_files_only, trust_remote_code=config.trust_remote_code)
+        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=config.trust_remote_code) if folder \
+            else AutoProcessor.from_pretrained(config.model_name_or_path, **base)
+        model_config = AutoConfig.from_pretrained(config.model_name_or_path, **base)
         try:
-            generation_eos = GenerationConfig.from_pretrained(base).eos_token_id
+            generation_eos = GenerationConfig.from_pretrained(config.model_name_or_path, **base).eos_token_id
         except OSError:  # the model ships no generation_config.json
             generation_eos = None
         eos = end_token_ids(generation_eos, processor.tokenizer)
@@ -188,11 +197,11 @@ class VLLMPromptPolicy(PromptWriter):
             processor.tokenizer, model_config, model_config.get_text_config().vocab_size, eos
         )
         if llm is None:
-            if max_lora_rank is None and adapter_path is not None:
+            if max_lora_rank is None and resolved.adapter_folder is not None:
                 max_lora_rank = config.lora_r
-            llm = start_engine(config, processor_source, max_lora_rank, gpu_memory_utilization, **llm_kwargs)
+            llm = start_engine(config, folder, max_lora_rank, gpu_memory_utilization, **llm_kwargs)
         return cls(llm, processor, config, eos_token_ids=eos, suppressed_token_ids=suppressed,
-                   adapter_path=adapter_path)
+                   adapter_path=resolved.adapter_folder)
 
     def sampling_params(self, seed: Optional[int]) -> Any:
         """The ``vllm.SamplingParams`` of one row: the policy config's sampling settings and ``seed``."""

@@ -9,18 +9,17 @@ import abc
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ContextManager, Optional, Sequence, Union
+from typing import Any, ContextManager, NamedTuple, Optional, Sequence, Union
 
 import torch
 from transformers import ProcessorMixin
-from transformers.utils import cached_file
 
 from promptloop.backbones.types import Observation, RefineFn
 from promptloop.policy.chat import Chat, build_chat
-from promptloop.policy.config import PolicyConfig
+from promptloop.policy.config import POLICY_CONFIG_NAME, PolicyConfig
+from promptloop.policy.hub import download_saved_policy, is_hub_id
 from promptloop.policy.sanitize import PromptSchedule, missing_query_words, parse_prompt_schedule, sanitize_prompt
 
-POLICY_CONFIG_NAME = "policy_config.json"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 _VISION_TOKEN_ATTRIBUTES = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
 
@@ -42,47 +41,61 @@ class PromptActions:
     """A-priori mode only: the parsed schedule of every observation."""
 
 
-def locate(path_or_id: str, filename: str) -> Optional[str]:
-    """Path of ``filename`` inside ``path_or_id`` (local folder or hub repo), or None where it has none."""
-    local = Path(path_or_id)
-    if local.is_dir():
-        candidate = local / filename
-        return str(candidate) if candidate.is_file() else None
-    return cached_file(
-        path_or_id, filename, _raise_exceptions_for_missing_entries=False,
-        _raise_exceptions_for_connection_errors=False,
-    )
+class ResolvedPolicy(NamedTuple):
+    """Where a policy loads from: its config, and the local folder of a saved policy (None: a base model)."""
+
+    config: PolicyConfig
+    folder: Optional[str]
+
+    @property
+    def adapter_folder(self) -> Optional[str]:
+        """The saved folder when it holds a LoRA adapter (a saved policy can also be a bare base model)."""
+        has_adapter = self.folder is not None and (Path(self.folder) / ADAPTER_CONFIG_NAME).is_file()
+        return self.folder if has_adapter else None
 
 
 def resolve_policy_config(
-    path_or_id: str, config: Optional[PolicyConfig], base_model_name_or_path: Optional[str]
-) -> tuple[PolicyConfig, bool]:
-    """The config to load ``path_or_id`` with, and whether it is a saved policy (it holds ``policy_config.json``).
+    path_or_id: str, config: Optional[PolicyConfig] = None, base_model_name_or_path: Optional[str] = None, *,
+    revision: Optional[str] = None, **download: Any,
+) -> ResolvedPolicy:
+    """The config to load ``path_or_id`` with, and the local folder when it is a saved policy (a folder or a hub repo
+    holding ``policy_config.json``; a repo is downloaded at ``revision``, with ``download``'s ``token``,
+    ``cache_dir`` and ``local_files_only``).
 
-    A saved policy keeps its model and LoRA fields; ``config`` (if given) replaces the sampling/chat settings; a base
-    model path starting with ``./`` or ``../`` is relative to the saved folder; ``base_model_name_or_path``
-    overrides the base. ``trust_remote_code`` comes only from ``config``, never from a saved (downloaded) file.
-    Otherwise ``path_or_id`` is the base model, with ``config`` (default ``PolicyConfig()``) as settings.
+    A saved policy keeps its model and LoRA fields, its base model's revision included; ``config`` (if given)
+    replaces the sampling/chat settings; a base model path starting with ``./`` or ``../`` is relative to the saved
+    folder; ``base_model_name_or_path`` overrides the base. ``trust_remote_code`` comes only from ``config``, never
+    from a saved (downloaded) file. Otherwise ``path_or_id`` is the base model, with ``config`` (default
+    ``PolicyConfig()``) as settings. ``revision`` is that of ``path_or_id`` (default: ``config.model_revision`` when
+    ``config`` names ``path_or_id``).
     """
-    saved_config_path = locate(path_or_id, POLICY_CONFIG_NAME)
-    if saved_config_path is None:
-        run = Path(path_or_id)
-        if (run / "policy" / POLICY_CONFIG_NAME).is_file() or (run / "checkpoints").is_dir():
+    if revision is None and config is not None and config.model_name_or_path == path_or_id:
+        revision = config.model_revision
+    local = Path(path_or_id).expanduser()
+    if local.is_dir():
+        folder = str(local) if (local / POLICY_CONFIG_NAME).is_file() else None
+    else:
+        folder = download_saved_policy(path_or_id, revision=revision, **download) if is_hub_id(path_or_id) else None
+    if folder is None:
+        if (local / "policy" / POLICY_CONFIG_NAME).is_file() or (local / "checkpoints").is_dir():
             raise ValueError(f"{path_or_id} is a training run folder, not a policy: load the trained policy "
-                             f"{run / 'policy'} (written when training completes) or a checkpoint's "
-                             f"{run / 'checkpoints' / 'step-N' / 'policy'}.")
-        return dataclasses.replace(config or PolicyConfig(), model_name_or_path=path_or_id), False
-    saved = PolicyConfig.load(saved_config_path)
-    base = saved.model_name_or_path
+                             f"{local / 'policy'} (written when training completes) or a checkpoint's "
+                             f"{local / 'checkpoints' / 'step-N' / 'policy'}.")
+        return ResolvedPolicy(dataclasses.replace(
+            config or PolicyConfig(), model_name_or_path=path_or_id, model_revision=revision), None)
+    saved = PolicyConfig.load(Path(folder) / POLICY_CONFIG_NAME)
+    base, base_revision = saved.model_name_or_path, saved.model_revision
     if base.startswith(("./", "../")):
-        base = str((Path(saved_config_path).parent / base).resolve())
+        base = str((Path(folder) / base).resolve())
     caller = config or PolicyConfig()
+    if base_model_name_or_path:
+        base, base_revision = base_model_name_or_path, caller.model_revision
     resolved = dataclasses.replace(
-        config or saved, model_name_or_path=base_model_name_or_path or base,
+        config or saved, model_name_or_path=base, model_revision=base_revision,
         lora_r=saved.lora_r, lora_alpha=saved.lora_alpha, lora_dropout=saved.lora_dropout,
         lora_target_modules=saved.lora_target_modules, trust_remote_code=caller.trust_remote_code,
     )
-    return resolved, True
+    return ResolvedPolicy(resolved, folder)
 
 
 def end_token_ids(generation_eos: Union[int, list[int], None], tokenizer: Any) -> list[int]:

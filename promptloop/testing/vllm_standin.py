@@ -29,7 +29,7 @@ SAMPLING_PARAMS_FIELDS = {
 LLM_ARGUMENTS = {
     "tokenizer", "trust_remote_code", "dtype", "seed", "gpu_memory_utilization", "enforce_eager",
     "mm_processor_kwargs", "tensor_parallel_size", "max_model_len", "enable_lora", "max_loras", "max_lora_rank",
-    "limit_mm_per_prompt",
+    "limit_mm_per_prompt", "revision", "tokenizer_revision",
 }
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -78,8 +78,10 @@ class LLM:
         if kwargs.get("enable_lora") and kwargs.get("max_lora_rank", 16) not in VLLM_MAX_LORA_RANKS:
             raise ValueError(f"max_lora_rank={kwargs['max_lora_rank']} is not one of {VLLM_MAX_LORA_RANKS}")
         self.model_path, self.kwargs = model, kwargs
-        self.base = AutoModelForImageTextToText.from_pretrained(model, dtype=torch.float32).eval()
-        self.processor = AutoProcessor.from_pretrained(kwargs.get("tokenizer") or model)
+        self.base = AutoModelForImageTextToText.from_pretrained(model, dtype=torch.float32,
+                                                                revision=kwargs.get("revision")).eval()
+        self.processor = AutoProcessor.from_pretrained(kwargs.get("tokenizer") or model,
+                                                       revision=kwargs.get("tokenizer_revision"))
         self.peft: Optional[PeftModel] = None
         self.adapters: dict[int, str] = {}
         """The adapter path loaded under each LoRA id."""

@@ -104,3 +104,78 @@ def test_push_needs_a_saved_policy_folder_and_a_token(tmp_path, monkeypatch, fak
     check_hub_token(token="hf_given")  # an explicit token is enough
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_saved")
     check_hub_token()
+
+
+def _nudged_policy(base: str, config, seed: int) -> PromptPolicy:
+    policy = PromptPolicy.from_pretrained(base, config, device="cpu")
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(seed)
+        for p in policy.trainable_parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    return policy
+
+
+def _lora_weights(policy: PromptPolicy) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in policy.model.named_parameters() if "lora_" in n}
+
+
+def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys() and len(a) > 0
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=0, rtol=0)
+
+
+def test_hub_policy_loads_at_the_asked_revision(tiny_vlm_dirs, tmp_path, hub_cache):
+    """Two revisions of a policy repo in the hub cache (real huggingface_hub resolution, no network): main and the
+    tag v1 hold different adapters; ``revision`` picks one, for both backends' resolution."""
+    base = str(tiny_vlm_dirs["qwen2_5_vl"])
+    versions = {}
+    for seed, (commit, refs) in enumerate((("a" * 40, ("main",)), ("b" * 40, ("v1",)))):
+        policy = _nudged_policy(base, small_config(), seed)
+        policy.save_pretrained(tmp_path / commit[0])
+        hub_cache.add("me/loop", tmp_path / commit[0], commit, refs)
+        versions[refs[0]] = _lora_weights(policy)
+    assert any(not torch.equal(versions["main"][n], versions["v1"][n]) for n in versions["main"]), \
+        "the two revisions must differ for the test to mean anything"
+    hub = hub_cache.offline
+
+    for revision, expected in ((None, "main"), ("v1", "v1"), ("b" * 40, "v1")):
+        loaded = PromptPolicy.from_pretrained("me/loop", device="cpu", is_trainable=False, revision=revision, **hub)
+        _assert_same(_lora_weights(loaded), versions[expected])
+    with pytest.raises(OSError):  # a revision the cache does not hold: no saved policy, and no base model either
+        PromptPolicy.from_pretrained("me/loop", device="cpu", revision="v9", **hub)
+
+
+def test_base_model_revision_is_used_and_recorded(tiny_vlm_dirs, tmp_path, hub_cache):
+    """``model_revision`` picks the base model's revision on the hub; a saved policy records it and loads its base
+    at that revision again."""
+    from transformers import AutoModelForImageTextToText
+
+    base_dir = tiny_vlm_dirs["qwen2_5_vl"]
+    changed = AutoModelForImageTextToText.from_pretrained(base_dir)
+    with torch.no_grad():
+        changed.get_output_embeddings().weight.mul_(-1.0)
+    changed.save_pretrained(tmp_path / "changed")
+    for name in ("preprocessor_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                 "chat_template.json", "video_preprocessor_config.json", "processor_config.json"):
+        if (base_dir / name).is_file():
+            (tmp_path / "changed" / name).write_bytes((base_dir / name).read_bytes())
+    hub_cache.add("me/base", base_dir, "c" * 40)
+    hub_cache.add("me/base", tmp_path / "changed", "d" * 40, ("v2",))
+    hub = hub_cache.offline
+
+    def head(policy: PromptPolicy) -> torch.Tensor:
+        return policy.model.get_base_model().get_output_embeddings().weight
+
+    main = PromptPolicy.from_pretrained("me/base", small_config(), device="cpu", **hub)
+    at_v2 = PromptPolicy.from_pretrained("me/base", small_config(), device="cpu", revision="v2", **hub)
+    torch.testing.assert_close(head(at_v2), -head(main), atol=0, rtol=0)
+    assert main.config.model_revision is None and at_v2.config.model_revision == "v2"
+    from_config = PromptPolicy.from_pretrained("me/base", small_config(model_name_or_path="me/base",
+                                                                       model_revision="v2"), device="cpu", **hub)
+    torch.testing.assert_close(head(from_config), head(at_v2), atol=0, rtol=0)
+
+    at_v2.save_pretrained(tmp_path / "policy")
+    reloaded = PromptPolicy.from_pretrained(tmp_path / "policy", device="cpu", **hub)
+    assert reloaded.config.model_name_or_path == "me/base" and reloaded.config.model_revision == "v2"
+    torch.testing.assert_close(head(reloaded), head(at_v2), atol=0, rtol=0)

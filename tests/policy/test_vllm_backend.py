@@ -193,3 +193,22 @@ def test_answer_tokens_keep_the_stop_token_and_adapters_are_handed_over(saved_po
     assert shared.has_adapter and shared.act(observations).texts == before.texts
     with pytest.raises(ValueError, match="apply to a new engine"):
         VLLMPromptPolicy.from_pretrained(saved_policy, config, llm=served.llm, enforce_eager=True)
+
+
+def test_a_hub_policy_is_served_at_its_revision(saved_policy, tiny_vlm_dirs, hub_cache, monkeypatch):
+    """A policy repo (tag v1) in the hub cache: the engine serves that snapshot's adapter and tokenizer, and starts
+    on the base model at the revision the saved policy records."""
+    from promptloop.policy.config import POLICY_CONFIG_NAME, PolicyConfig
+
+    vllm_standin.install(monkeypatch)
+    config = PolicyConfig.load(saved_policy / POLICY_CONFIG_NAME)
+    config.model_revision = "main"
+    config.save(saved_policy.parent / "revisioned.json")
+    snapshot = hub_cache.add("me/loop", saved_policy, "e" * 40, ("v1",))
+    (saved_policy.parent / "revisioned.json").replace(snapshot / POLICY_CONFIG_NAME)
+    served = VLLMPromptPolicy.from_pretrained("me/loop", small_config(do_sample=False), revision="v1",
+                                              **hub_cache.offline)
+    engine = vllm_standin.LLM.instances[-1]
+    assert served.lora_request.lora_path == str(snapshot)
+    assert engine.kwargs["tokenizer"] == str(snapshot) and engine.kwargs["revision"] == "main"
+    assert engine.model_path == str(tiny_vlm_dirs["qwen2_5_vl"])

@@ -212,7 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--section.key VALUE, e.g. --grpo.group_size 8.")
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of the run")
     train.add_argument("--resume-from", metavar="CHECKPOINT",
-                       help="continue from this checkpoint (an <output_dir>/checkpoints/step-N folder) instead")
+                       help="continue from this checkpoint instead: an <output_dir>/checkpoints/step-N folder, or "
+                            "the hub repo of a run pushed with --logging.hub_strategy checkpoint (its "
+                            "last-checkpoint/)")
     evaluate = _config_command(
         sub, "eval", "promptloop.eval.config:EvalConfig", cmd_eval, "configs/eval_*.yaml",
         help="methods x backbones x rewards with fixed seeds: JSON, CSV, markdown and an HTML report",

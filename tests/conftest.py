@@ -27,9 +27,13 @@ class RecordingHubApi:
     def create_repo(self, repo_id, **kwargs):
         self.calls.append(("create_repo", repo_id, kwargs))
 
-    def upload_folder(self, *, repo_id, folder_path, **kwargs):
-        self.calls.append(("upload_folder", repo_id, kwargs))
-        shutil.copytree(folder_path, self.remote / repo_id, dirs_exist_ok=True)
+    def upload_folder(self, *, repo_id, folder_path, path_in_repo=None, delete_patterns=None, **kwargs):
+        self.calls.append(("upload_folder", repo_id, dict(kwargs, path_in_repo=path_in_repo,
+                                                          delete_patterns=delete_patterns)))
+        target = self.remote / repo_id / (path_in_repo or "")
+        if delete_patterns == "*":  # the only pattern promptloop uses: the folder's earlier files go
+            shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(folder_path, target, dirs_exist_ok=True)
         return f"commit of {repo_id}"
 
 

@@ -12,6 +12,9 @@ from promptloop.policy.config import POLICY_CONFIG_NAME, PolicyConfig
 MODEL_CARD_NAME = "README.md"
 POLICY_FILE_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.jinja", "*.model", "*.md")
 """What a saved policy folder holds: configs, tokenizer and chat template, adapter (or bundled base) weights, card."""
+HUB_CHECKPOINT_FOLDER = "last-checkpoint"
+"""The folder of a policy repo that holds the latest training checkpoint (``logging.hub_strategy: checkpoint``, as
+transformers names it); never downloaded to load the policy."""
 CARD_TAGS = ["promptloop", "prompt-refinement", "text-to-image", "diffusion", "grpo"]
 
 _CITATION = """@article{lee2025promptloop,
@@ -77,7 +80,8 @@ def download_saved_policy(repo_id: str, *, revision: Optional[str] = None, token
         hf_hub_download(repo_id, POLICY_CONFIG_NAME, **download)
     except (EntryNotFoundError, RepositoryNotFoundError):  # not a policy repo, unknown, gated or offline
         return None
-    return snapshot_download(repo_id, allow_patterns=list(POLICY_FILE_PATTERNS), **download)
+    return snapshot_download(repo_id, allow_patterns=list(POLICY_FILE_PATTERNS),
+                             ignore_patterns=f"{HUB_CHECKPOINT_FOLDER}/*", **download)
 
 
 def _number(value: Optional[float]) -> str:

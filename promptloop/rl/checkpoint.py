@@ -16,6 +16,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from ..policy.hub import HUB_CHECKPOINT_FOLDER, is_hub_id
+
 COMPLETE_MARKER = "checkpoint.json"
 _PREFIX = "step-"
 _NAME = re.compile(r"step-(\d+)")
@@ -143,7 +145,8 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
 
 def resume_checkpoint(run_dir: Path, resume: bool | str | Path) -> Optional[Path]:
     """The checkpoint ``resume`` names: None for False, the run's latest complete checkpoint for True, else the
-    given folder. A run without checkpoints (``FileNotFoundError``) or a folder that is not a complete checkpoint
+    given folder, or a hub repo's ``last-checkpoint/`` (downloaded) when it names no local folder and reads as a
+    repo id. A run without checkpoints (``FileNotFoundError``) or a folder that is not a complete checkpoint
     (``ValueError``) is an error naming the fix; cheap, so ``promptloop train`` checks it before any model loads."""
     if resume is False:
         return None
@@ -153,8 +156,38 @@ def resume_checkpoint(run_dir: Path, resume: bool | str | Path) -> Optional[Path
             raise FileNotFoundError(f"--resume: no complete checkpoint under {checkpoint_dir(run_dir)}; start without "
                              "--resume or point logging.output_dir at the run to continue.")
         return found
+    if not Path(resume).exists() and is_hub_id(str(resume)):
+        resume = download_checkpoint(str(resume))
     read_meta(Path(resume))
     return Path(resume)
+
+
+def push_checkpoint(checkpoint: Path, repo_id: str, *, private: Optional[bool] = None, commit_message: str) -> Any:
+    """Upload a complete checkpoint to ``last-checkpoint/`` of the hub repo ``repo_id`` (created if missing), in
+    one commit that also deletes the previous one's files; returns huggingface_hub's ``CommitInfo``."""
+    from huggingface_hub import HfApi
+
+    read_meta(checkpoint)
+    api = HfApi()
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    return api.upload_folder(repo_id=repo_id, folder_path=checkpoint, path_in_repo=HUB_CHECKPOINT_FOLDER,
+                             commit_message=commit_message, delete_patterns="*")
+
+
+def download_checkpoint(repo_id: str) -> Path:
+    """The local copy (hub cache) of the checkpoint in ``last-checkpoint/`` of the hub repo ``repo_id``."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
+
+    hint = (f"{repo_id!r} is neither a local checkpoint folder nor a hub repo holding {HUB_CHECKPOINT_FOLDER}/ (one "
+            "written by a run with logging.hub_strategy checkpoint)")
+    try:
+        snapshot = Path(snapshot_download(repo_id, allow_patterns=f"{HUB_CHECKPOINT_FOLDER}/*"))
+    except (EntryNotFoundError, HfHubHTTPError) as e:
+        raise FileNotFoundError(f"{hint}: {type(e).__name__}: {e}") from e
+    if not (snapshot / HUB_CHECKPOINT_FOLDER).is_dir():
+        raise FileNotFoundError(f"{hint}: the repo has no {HUB_CHECKPOINT_FOLDER}/.")
+    return snapshot / HUB_CHECKPOINT_FOLDER
 
 
 def read_meta(checkpoint: Path) -> dict[str, Any]:

@@ -181,9 +181,11 @@ class LoggingSection:
     hub_model_id: Optional[str] = _help("Hub repo the policy is pushed to ('org/name'; created if missing).",
                                         default=None)
     hub_private_repo: Optional[bool] = _help("Create the hub repo private (None: the hub's default).", default=None)
-    hub_strategy: Literal["every_save", "end"] = _help(
+    hub_strategy: Literal["every_save", "checkpoint", "end"] = _help(
         "With push_to_hub: 'every_save' also uploads each checkpoint's policy when it is written (a failed upload "
-        "is a warning and training goes on; for jobs that may be preempted), 'end' only the final policy.",
+        "is a warning and training goes on); 'checkpoint' does too, and uploads the whole checkpoint (optimizer, "
+        "LR schedule, RNG, data position) to the repo's last-checkpoint/ folder, so that a preempted run continues "
+        "on any machine with `--resume-from HUB_MODEL_ID`; 'end' uploads only the final policy.",
         default="every_save")
 
     def __post_init__(self):

@@ -34,6 +34,7 @@ from ..visualize import stack_rows, trajectory_strip
 from .advantages import group_advantages
 from .checkpoint import (
     load_tensors,
+    push_checkpoint,
     read_meta,
     resume_checkpoint,
     rng_state,
@@ -522,13 +523,15 @@ class GRPOTrainer:
 
             meta = {"data": self.stream.position, "config": to_dict(self.config)}
             path = save_checkpoint(self.run_dir, self.step, write, meta, log.keep_last)
-            if log.push_to_hub and log.hub_strategy == "every_save":
+            if log.push_to_hub and log.hub_strategy in ("every_save", "checkpoint"):
                 try:
                     self._push(path / "policy")
+                    if log.hub_strategy == "checkpoint":
+                        push_checkpoint(path, log.hub_model_id, private=log.hub_private_repo,
+                                        commit_message=f"PromptLoop checkpoint, step {self.step}")
                 except Exception as e:  # the checkpoint is on disk; the next save or the end tries again
-                    warnings.warn(f"training step {self.step}: the upload of the checkpoint's policy to "
-                                  f"{log.hub_model_id!r} failed ({type(e).__name__}: {e}); training goes on.",
-                                  RuntimeWarning)
+                    warnings.warn(f"training step {self.step}: the upload of the checkpoint to {log.hub_model_id!r} "
+                                  f"failed ({type(e).__name__}: {e}); training goes on.", RuntimeWarning)
         self.accelerator.wait_for_everyone()
         return path
 

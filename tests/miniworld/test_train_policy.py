@@ -3,7 +3,6 @@ import json
 import shutil
 
 import pytest
-import torch
 
 from promptloop.miniworld.backbone import SHIPPED_BACKBONE_A
 from promptloop.miniworld.demo import EDIT_WARM_START, QUICK, SHIPPED_TRAINED_POLICY, train_config

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import huggingface_hub
 import pytest
@@ -12,10 +13,10 @@ from safetensors.torch import load_file
 
 from promptloop.configuration import ConfigError, build
 from promptloop.policy import PromptPolicy
-from promptloop.rl.checkpoint import latest_checkpoint
+from promptloop.rl.checkpoint import latest_checkpoint, read_meta, resume_checkpoint
 from promptloop.rl.config import TrainConfig
 from promptloop.rl.trainer import GRPOTrainer
-from trainer_helpers import tiny_trainer
+from trainer_helpers import adapter_state, tiny_trainer
 
 
 def _hub_trainer(tmp_path, vlm_dir, max_steps=2, **logging):
@@ -73,7 +74,7 @@ def test_every_save_uploads_each_checkpoint_and_survives_a_failed_upload(tmp_pat
     fake_hub.upload_folder = flaky
     trainer = _hub_trainer(tmp_path, vlm_dir, max_steps=6)  # checkpoints at steps 2, 4, 6; every_save by default
     assert trainer.config.logging.hub_strategy == "every_save"
-    with pytest.warns(RuntimeWarning, match="training step 2: the upload of the checkpoint's policy to 'me/tiny-run' "
+    with pytest.warns(RuntimeWarning, match="training step 2: the upload of the checkpoint to 'me/tiny-run' "
                                             "failed .*network down.*training goes on"):
         trainer.train()
     assert trainer.step == 6
@@ -117,3 +118,47 @@ def test_runs_without_push_write_the_policy_and_upload_nothing(tmp_path, vlm_dir
     with pytest.raises(ValueError, match=r"is a training run folder, not a policy: load the trained policy .*/policy"):
         PromptPolicy.from_pretrained(trainer.run_dir, device="cpu")
     assert PromptPolicy.from_pretrained(trainer.policy_dir, device="cpu").has_adapter
+
+
+def test_checkpoint_strategy_lets_a_run_resume_from_the_hub_exactly(tmp_path, vlm_dir, fake_hub, hub_cache,
+                                                                      monkeypatch):
+    """hub_strategy checkpoint: each checkpoint also goes whole to last-checkpoint/ (replacing the previous one);
+    another machine resumes from the repo id as it was after step 2 and ends where an uninterrupted run ends."""
+    from huggingface_hub import constants
+
+    remote, after_step_2 = fake_hub.remote / "me/tiny-run", tmp_path / "repo-after-step-2"
+    real_upload = fake_hub.upload_folder
+
+    def upload_and_keep_step_2(self, **kwargs):
+        result = real_upload(self, **kwargs)
+        if kwargs["commit_message"] == "PromptLoop checkpoint, step 2":
+            shutil.copytree(remote, after_step_2)  # the repo as a job preempted during step 3 left it
+        return result
+
+    fake_hub.upload_folder = upload_and_keep_step_2
+    straight = _hub_trainer(tmp_path, vlm_dir, max_steps=4, hub_strategy="checkpoint")
+    with pytest.warns(UserWarning, match="local path"):
+        straight.train()
+    uploads = [c[2] for c in fake_hub.calls if c[0] == "upload_folder"]
+    assert [(u["commit_message"], u["path_in_repo"]) for u in uploads] == [
+        ("PromptLoop policy, step 2", None), ("PromptLoop checkpoint, step 2", "last-checkpoint"),
+        ("PromptLoop policy, step 4", None), ("PromptLoop checkpoint, step 4", "last-checkpoint")]
+    assert all(u["delete_patterns"] == "*" for u in uploads if u["path_in_repo"])
+    assert json.loads((remote / "last-checkpoint" / "checkpoint.json").read_text())["step"] == 4
+    assert {"optimizer.pt", "scheduler.pt", "rng.pt", "policy"} <= {p.name for p in (remote / "last-checkpoint").iterdir()}
+    assert (remote / "adapter_model.safetensors").is_file(), "the repo root stays a loadable policy"
+
+    hub_cache.add("me/tiny-run", after_step_2, "3" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub_cache.path))  # as HF_HUB_CACHE=... would
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    elsewhere = tiny_trainer(tmp_path / "elsewhere", vlm_dir, max_steps=4)
+    resume = resume_checkpoint(elsewhere.run_dir, "me/tiny-run")
+    assert read_meta(resume)["step"] == 2 and resume.name == "last-checkpoint"
+    elsewhere.train(resume=resume)
+    a, b = adapter_state(straight), adapter_state(elsewhere)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+    assert elsewhere.stream.position == straight.stream.position
+
+    with pytest.raises(FileNotFoundError, match="neither a local checkpoint folder nor a hub repo holding "
+                                                "last-checkpoint/"):
+        resume_checkpoint(elsewhere.run_dir, "me/never-pushed")

@@ -45,10 +45,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
     rows = [prompt for prompt in prompts for _ in range(args.num_images)]
     from .pipeline import PromptLoopPipeline
 
-    revision = {"revision": args.backbone_revision} if args.backbone_revision else {}
+    chosen = {key: value for key, value in (("revision", args.backbone_revision), ("variant", args.backbone_variant))
+              if value}
     pipeline = PromptLoopPipeline.from_pretrained(args.policy, args.backbone, device=args.device,
                                                   policy_backend=args.policy_backend,
-                                                  policy_revision=args.policy_revision, **revision)
+                                                  policy_revision=args.policy_revision, **chosen)
     written = []
     for start in range(0, len(rows), args.batch_size):
         chunk = rows[start:start + args.batch_size]
@@ -229,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--policy-revision", metavar="REV", help="branch, tag or commit of a hub policy")
     sample.add_argument("--backbone", required=True, help="diffusers pipeline folder or hub id")
     sample.add_argument("--backbone-revision", metavar="REV", help="branch, tag or commit of a hub pipeline")
+    sample.add_argument("--backbone-variant", metavar="VARIANT", help="weight files of this variant (e.g. fp16)")
     sample.add_argument("--policy-backend", choices=["transformers", "vllm"], default="transformers",
                         help="what samples the policy's answers: transformers (default) or vLLM (`pip install vllm`, "
                              "CUDA; faster decoding, same prompts)")

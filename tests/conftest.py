@@ -1,10 +1,15 @@
 """Fixtures shared by several test folders."""
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
+
+# No test may reach the hub (the rule: no test downloads weights); a stray download then fails at once, not after
+# network retries. Set before huggingface_hub is imported; subprocesses (accelerate launch tests) inherit it.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from promptloop.backbones import RefinementSchedule, SamplerSettings, rollout
@@ -138,9 +139,11 @@ def test_device_places_what_was_loaded_here_and_to_moves_both(saved, monkeypatch
 
 @pytest.fixture()
 def tagged_on_hub(saved, hub_cache):
-    """The saved policy and pipeline in a hub cache, only under tags (no main): they load only at those revisions."""
+    """The saved policy and pipeline in a hub cache, only under tags (no main): they load only at those revisions;
+    the pipeline's weight files are those of the variant "fp16" only."""
     hub_cache.add("me/loop", saved / "policy", "1" * 40, ("v1",))
-    hub_cache.add("me/tiny-sd", saved / "sd", "2" * 40, ("fp32",))
+    StableDiffusionPipeline.from_pretrained(saved / "sd").save_pretrained(saved / "sd-variant", variant="fp16")
+    hub_cache.add("me/tiny-sd", saved / "sd-variant", "2" * 40, ("fp32",))
     return hub_cache
 
 
@@ -151,11 +154,11 @@ def _images_equal(a, b) -> bool:
 def test_policy_and_pipeline_load_from_the_hub_at_their_revisions(loop, tagged_on_hub):
     call = dict(num_refinements=1, num_inference_steps=4, preview_size=32, seed=3)
     hub = PromptLoopPipeline.from_pretrained("me/loop", "me/tiny-sd", device="cpu", policy_revision="v1",
-                                             revision="fp32", **tagged_on_hub.offline)
+                                             revision="fp32", variant="fp16", **tagged_on_hub.offline)
     assert _images_equal(hub(QUERIES, **call).images, loop(QUERIES, **call).images)
     with pytest.raises(OSError):  # the default branch does not exist: the revision was what found them
         PromptLoopPipeline.from_pretrained("me/loop", "me/tiny-sd", device="cpu", revision="fp32",
-                                           **tagged_on_hub.offline)
+                                           variant="fp16", **tagged_on_hub.offline)
 
 
 def test_sample_command_takes_hub_revisions(loop, tagged_on_hub, tmp_path, monkeypatch):
@@ -164,8 +167,9 @@ def test_sample_command_takes_hub_revisions(loop, tagged_on_hub, tmp_path, monke
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tagged_on_hub.path))  # as HF_HUB_CACHE=... would
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     code = cli_main(["sample", "--policy", "me/loop", "--policy-revision", "v1", "--backbone", "me/tiny-sd",
-                     "--backbone-revision", "fp32", "--prompt", QUERIES[0], "--refinements", "1", "--steps", "4",
-                     "--preview-size", "32", "--seed", "3", "--device", "cpu", "--out", str(tmp_path / "out")])
+                     "--backbone-revision", "fp32", "--backbone-variant", "fp16", "--prompt", QUERIES[0],
+                     "--refinements", "1", "--steps", "4", "--preview-size", "32", "--seed", "3", "--device", "cpu",
+                     "--out", str(tmp_path / "out")])
     assert code == 0
     expected = loop([QUERIES[0]], num_refinements=1, num_inference_steps=4, preview_size=32, seed=3).images
     assert _images_equal([Image.open(tmp_path / "out" / "000.png")], expected)

@@ -68,16 +68,18 @@ def diffusers_dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
     return {"dtype" if Version(version("diffusers")) >= Version("0.40") else "torch_dtype": dtype}
 
 
-def load_backbone(name_or_path: str | os.PathLike, dtype: str = "auto",
-                  device: torch.device | str = "cpu") -> Backbone:
-    """Load a saved pipeline (folder or hub id) with the adapter of its class, in ``dtype`` (a torch dtype name
-    such as "float32"; "auto": bfloat16 on CUDA, float32 elsewhere) and move it to ``device``."""
+def load_backbone(name_or_path: str | os.PathLike, dtype: str = "auto", device: torch.device | str = "cpu", *,
+                  revision: Optional[str] = None, variant: Optional[str] = None) -> Backbone:
+    """Load a saved pipeline (folder or hub id, at ``revision``; weight files of ``variant`` such as "fp16") with the
+    adapter of its class, in ``dtype`` (a torch dtype name such as "float32"; "auto": bfloat16 on CUDA, float32
+    elsewhere) and move it to ``device``."""
     device = torch.device(device)
     if dtype == "auto":
         dtype = "bfloat16" if device.type == "cuda" else "float32"
     if not isinstance(getattr(torch, dtype, None), torch.dtype):
         raise ValueError(f"dtype={dtype!r} is not a torch dtype name; use e.g. 'float32', 'bfloat16' or 'auto'.")
-    backbone = auto_backbone(name_or_path, **diffusers_dtype_kwargs(getattr(torch, dtype)))
+    chosen = {key: value for key, value in dict(revision=revision, variant=variant).items() if value is not None}
+    backbone = auto_backbone(name_or_path, **diffusers_dtype_kwargs(getattr(torch, dtype)), **chosen)
     backbone.pipe.to(device)
     return backbone
 

@@ -15,6 +15,9 @@ import torch
 
 from .types import SamplerSettings
 
+SAFE_WEIGHTS = {"use_safetensors": True}
+"""The diffusers ``from_pretrained`` keywords of every pipeline promptloop loads: safetensors only, never pickle."""
+
 
 @dataclass
 class PromptEmbeds:

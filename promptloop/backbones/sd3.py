@@ -19,7 +19,7 @@ import torch
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
 from diffusers.utils.torch_utils import get_module_execution_device
 
-from .base import Backbone, PromptEmbeds, SamplerState, StepResult
+from .base import SAFE_WEIGHTS, Backbone, PromptEmbeds, SamplerState, StepResult
 from .preview import decode_with_tiny_autoencoder, resize_longest_side
 from .stable_diffusion import absent_components, check_pipeline_folder, saved_model_index
 from .types import SamplerSettings
@@ -92,11 +92,13 @@ class FlowMatchingBackbone(Backbone):
 
         A local folder saved by another pipeline class is rejected before any weights load. Components a local folder
         was saved without (``[null, null]`` in its ``model_index.json``, e.g. an SD3 pipeline without T5) load as
-        ``None`` (diffusers would otherwise ask for them).
+        ``None`` (diffusers would otherwise ask for them). Weights load from safetensors files only
+        (``use_safetensors=False`` lets diffusers fall back to pickled ``.bin`` files).
         """
         check_pipeline_folder(id_or_path, cls.pipeline_class_names)
         absent = absent_components(saved_model_index(id_or_path) or {})
-        pipe = getattr(diffusers, cls.pipeline_class_names[0]).from_pretrained(id_or_path, **{**absent, **kwargs})
+        pipe = getattr(diffusers, cls.pipeline_class_names[0]).from_pretrained(
+            id_or_path, **{**SAFE_WEIGHTS, **absent, **kwargs})
         return cls.from_pipeline(pipe, preview_decoder=preview_decoder, max_sequence_length=max_sequence_length,
                                  lora_scale=lora_scale)
 

@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Optional
 import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg, retrieve_timesteps
 
-from .base import Backbone, PromptEmbeds, SamplerState, StepResult
+from .base import SAFE_WEIGHTS, Backbone, PromptEmbeds, SamplerState, StepResult
 from .preview import decode_with_tiny_autoencoder, resize_longest_side
 from .types import SamplerSettings
 
@@ -75,12 +75,13 @@ class StableDiffusionBackbone(Backbone):
     ) -> "StableDiffusionBackbone":
         """Load the diffusers pipeline (``kwargs`` go to its ``from_pretrained``, e.g. ``dtype``) and wrap it.
 
-        A local folder saved by another pipeline family is rejected before any weights load.
+        A local folder saved by another pipeline family is rejected before any weights load. Weights load from
+        safetensors files only (``use_safetensors=False`` lets diffusers fall back to pickled ``.bin`` files).
         """
         import diffusers
 
         check_pipeline_folder(id_or_path, cls.pipeline_class_names)
-        pipe = getattr(diffusers, cls.pipeline_class_names[0]).from_pretrained(id_or_path, **kwargs)
+        pipe = getattr(diffusers, cls.pipeline_class_names[0]).from_pretrained(id_or_path, **{**SAFE_WEIGHTS, **kwargs})
         return cls.from_pipeline(pipe, preview_decoder=preview_decoder, clip_skip=clip_skip, lora_scale=lora_scale)
 
     # ---- text

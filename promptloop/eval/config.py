@@ -52,6 +52,10 @@ class BackboneEntry:
     negative_prompt: Optional[str] = _help("Negative prompt for every image; null keeps the default.", default=None)
     height: Optional[int] = _help("Image height; null keeps the pipeline's default.", default=None)
     width: Optional[int] = _help("Image width; null keeps the pipeline's default.", default=None)
+    revision: Optional[str] = _help("Branch, tag or commit of a hub pipeline (null: its default branch).",
+                                    default=None)
+    variant: Optional[str] = _help("Weight files of this variant, e.g. 'fp16' (half the download of SDXL; null: the "
+                                   "default files).", default=None)
     preview_size: int = _help("Longest side (px) of the x0 preview shown to the policy.", default=256)
     batch_size: int = _help("Images sampled together in one batched rollout (memory knob; results do not "
                             "depend on it with greedy policy decoding).", default=8)

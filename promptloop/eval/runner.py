@@ -245,7 +245,8 @@ def run_evaluation(config: EvalConfig, queries: Optional[Sequence[str]] = None,
     samples: list[Sample] = []
     for label, entry in config.backbones.items():
         todo = [v for v in variants if evaluator.pending(label, entry, v)]
-        backbone = load_backbone(entry.name_or_path, entry.dtype, device) if todo else None
+        backbone = load_backbone(entry.name_or_path, entry.dtype, device, revision=entry.revision,
+                                 variant=entry.variant) if todo else None
         for variant in variants:
             policy = policies.get(variant.policy) if variant in todo and variant.kind != "base" else None
             samples += evaluator.run(label, backbone, entry, variant, policy)

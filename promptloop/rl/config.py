@@ -22,6 +22,10 @@ class BackboneSection:
     negative_prompt: Optional[str] = _help("Negative prompt for every image; None keeps the default.", default=None)
     height: Optional[int] = _help("Image height; None keeps the pipeline's default.", default=None)
     width: Optional[int] = _help("Image width; None keeps the pipeline's default.", default=None)
+    revision: Optional[str] = _help("Branch, tag or commit of a hub pipeline (None: its default branch).",
+                                    default=None)
+    variant: Optional[str] = _help("Weight files of this variant, e.g. 'fp16' (half the download of SDXL; None: the "
+                                   "default files).", default=None)
     preview_size: int = _help("Longest side (px) of the x0 preview shown to the policy.", default=256)
     rollout_batch_size: int = _help("Trajectories sampled together in one batched rollout (memory knob).",
                                     default=16)

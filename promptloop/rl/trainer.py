@@ -233,7 +233,8 @@ class GRPOTrainer:
             check_hub_token()
         accelerator = accelerator or make_accelerator(config)
         device = accelerator.device
-        backbone = load_backbone(config.backbone.name_or_path, config.backbone.dtype, device)
+        b = config.backbone
+        backbone = load_backbone(b.name_or_path, b.dtype, device, revision=b.revision, variant=b.variant)
         torch.manual_seed(config.grpo.seed)  # a fresh LoRA adapter's init is part of the run's reproducibility
         policy = PromptPolicy.from_pretrained(config.policy.model_name_or_path, config.policy, device=device)
         reward = load_reward(config.reward.spec, device=config.reward.device or device, **config.reward.kwargs)

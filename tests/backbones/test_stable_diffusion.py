@@ -127,3 +127,22 @@ def test_load_backbone_resolves_dtype_without_deprecation_warnings(tmp_path):
     assert backbone.pipe.unet.dtype == torch.float32 and half.pipe.unet.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="dtype='fp32' is not a torch dtype name"):
         load_backbone(tmp_path, "fp32")
+
+
+def test_load_backbone_picks_the_revision_and_the_weight_variant(tmp_path, hub_cache, monkeypatch):
+    """A hub pipeline whose tag v1 holds only fp16-variant weight files: it loads with both chosen, not without."""
+    from huggingface_hub import constants
+
+    pipe = tiny_sd_pipeline(seed=0)
+    pipe.save_pretrained(tmp_path / "saved", variant="fp16")
+    assert not list((tmp_path / "saved" / "unet").glob("diffusion_pytorch_model.safetensors"))
+    hub_cache.add("me/tiny-sd", tmp_path / "saved", "4" * 40, ("v1",))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub_cache.path))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    backbone = load_backbone("me/tiny-sd", "float32", "cpu", revision="v1", variant="fp16")
+    for name, param in backbone.pipe.unet.named_parameters():
+        torch.testing.assert_close(param, dict(pipe.unet.named_parameters())[name], atol=0, rtol=0)
+    with pytest.raises(OSError, match="model_index.json"):  # no main branch
+        load_backbone("me/tiny-sd", "float32", "cpu", variant="fp16")
+    with pytest.raises(OSError, match="no file named"):  # no default weight files, and no fall-back to pickle
+        load_backbone("me/tiny-sd", "float32", "cpu", revision="v1")

@@ -145,7 +145,8 @@ def test_checkpoint_strategy_lets_a_run_resume_from_the_hub_exactly(tmp_path, vl
         ("PromptLoop policy, step 4", None), ("PromptLoop checkpoint, step 4", "last-checkpoint")]
     assert all(u["delete_patterns"] == "*" for u in uploads if u["path_in_repo"])
     assert json.loads((remote / "last-checkpoint" / "checkpoint.json").read_text())["step"] == 4
-    assert {"optimizer.pt", "scheduler.pt", "rng.pt", "policy"} <= {p.name for p in (remote / "last-checkpoint").iterdir()}
+    pushed = {p.name for p in (remote / "last-checkpoint").iterdir()}
+    assert {"optimizer.pt", "scheduler.pt", "rng.pt", "policy"} <= pushed
     assert (remote / "adapter_model.safetensors").is_file(), "the repo root stays a loadable policy"
 
     hub_cache.add("me/tiny-run", after_step_2, "3" * 40)

@@ -78,6 +78,8 @@ class MethodEntry:
         "prompts written up front in one policy call.", default="base")
     policy: str = _help("Saved policy folder / hub id, or a base VLM (no adapter); 'none' for kind 'base'.",
                         default="none")
+    policy_revision: Optional[str] = _help("Branch, tag or commit of a hub policy (null: its default branch).",
+                                           default=None)
     num_refinements: Optional[list[int]] = _help(
         "N_R values for closed / closed-noimage / apriori (one result per value, labelled LABEL@N_R when more "
         "than one); null: [1, 3, 5] for closed, [5] otherwise. Must be < the backbone's num_inference_steps; 0 "
@@ -102,8 +104,10 @@ class MethodEntry:
         if self.feedback_delay and self.kind not in ("closed", "closed-noimage"):
             raise ValueError(f"feedback_delay applies to kinds 'closed' and 'closed-noimage' (a policy call during "
                              f"sampling), not {self.kind!r}; remove it")
-        if self.kind == "base" and self.policy != "none":
-            raise ValueError(f"kind 'base' samples without a policy; remove policy={self.policy!r} (or use kind "
+        if self.kind == "base" and (self.policy != "none" or self.policy_revision is not None):
+            given = [f"{k}={v!r}" for k, v in (("policy", self.policy), ("policy_revision", self.policy_revision))
+                     if v not in ("none", None)]
+            raise ValueError(f"kind 'base' samples without a policy; remove {' and '.join(given)} (or use kind "
                              "'oneshot'/'closed' to rewrite)")
         if self.kind != "base" and (not self.policy or self.policy == "none"):
             raise ValueError(f"kind {self.kind!r} needs a policy: a saved policy folder, a hub id or a base VLM")
@@ -227,7 +231,7 @@ class EvalConfig:
             for n in counts:
                 variants.append(MethodVariant(
                     label=f"{label}@{n}" if len(counts) > 1 else label, method=label, kind=entry.kind,
-                    policy=entry.policy, num_refinements=n,
+                    policy=entry.policy, policy_revision=entry.policy_revision, num_refinements=n,
                     adapter=entry.adapter and entry.kind != "untrained", feedback_delay=entry.feedback_delay,
                     initial_rewrite=entry.initial_rewrite,
                 ))
@@ -245,6 +249,7 @@ class MethodVariant:
     policy: str
     num_refinements: int
     adapter: bool
+    policy_revision: Optional[str] = None
     feedback_delay: int = 0
     initial_rewrite: bool = False
 

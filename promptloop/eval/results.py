@@ -13,8 +13,8 @@
     confidence      float: level of every interval (e.g. 0.95)
     metrics         [str]: metric names, e.g. "reward/imagereward", "prompt_words", "drift", "seconds_per_image"
     backbones       [str]: backbone labels
-    methods         [{label, method, kind, policy, num_refinements, adapter, feedback_delay, initial_rewrite}]: the
-                      evaluated method variants
+    methods         [{label, method, kind, policy, num_refinements, adapter, feedback_delay, initial_rewrite,
+                      policy_revision}]: the evaluated method variants
     samples         [{backbone, method, prompt_index, seed, query, final_prompt, prompts, decision_steps,
                       image, strip, metrics: {metric: float | null}}]: one per image; ``image`` / ``strip`` are
                       paths relative to the output folder (``strip`` null when none was saved); ``prompts`` the
@@ -177,9 +177,11 @@ _SAMPLE_KEYS = {"backbone", "method", "prompt_index", "seed", "query", "final_pr
                 "image", "strip", "metrics"}
 _STAT_KEYS = {"backbone", "method", "metric", "mean", "ci_low", "ci_high", "std", "n"}
 _METHOD_KEYS = {"label", "method", "kind", "policy", "num_refinements", "adapter", "feedback_delay",
-                "initial_rewrite"}
-# results written before initial rewrites, and before pipelined feedback, existed
-_OLDER_METHOD_KEYS = (_METHOD_KEYS - {"initial_rewrite"}, _METHOD_KEYS - {"initial_rewrite", "feedback_delay"})
+                "initial_rewrite", "policy_revision"}
+# results written before policy revisions, before initial rewrites, and before pipelined feedback, existed
+_OLDER_METHOD_KEYS = tuple(_METHOD_KEYS - set(added) for added in (
+    ["policy_revision"], ["policy_revision", "initial_rewrite"],
+    ["policy_revision", "initial_rewrite", "feedback_delay"]))
 
 
 def validate_results_json(data: dict[str, Any]) -> None:

@@ -69,37 +69,41 @@ def sampler_settings(entry: BackboneEntry) -> SamplerSettings:
 
 
 class PolicyCache:
-    """Each policy path loaded once (adapter included; methods switch it off where asked), decoding settings
-    replaced by the evaluation's. With the vLLM backend, policies on the same base model and preview sizes share
-    one engine, started with LoRA enabled up to the largest rank among ``paths`` (the evaluation's policies)."""
+    """Each policy (path and revision) loaded once (adapter included; methods switch it off where asked), decoding
+    settings replaced by the evaluation's. With the vLLM backend, policies on the same base model and preview sizes
+    share one engine, started with LoRA enabled up to the largest rank among ``sources`` (the evaluation's
+    ``(path, revision)`` pairs)."""
 
-    def __init__(self, sampling: PolicySamplingSection, device: torch.device, paths: Sequence[str] = ()):
+    def __init__(self, sampling: PolicySamplingSection, device: torch.device,
+                 sources: Sequence[tuple[str, Optional[str]]] = ()):
         self.sampling, self.device = sampling, device
-        self.policies: dict[str, PromptWriter] = {}
+        self.policies: dict[tuple[str, Optional[str]], PromptWriter] = {}
         self.engines: dict[tuple, Any] = {}
         self.max_lora_rank = None
         if sampling.backend == "vllm":
-            saved = [resolve_policy_config(path, None, None) for path in sorted(set(paths))]
-            self.max_lora_rank = max((config.lora_r for config, is_saved in saved if is_saved), default=None)
+            saved = [resolve_policy_config(path, revision=revision) for path, revision in sorted(set(sources),
+                                                                                                 key=str)]
+            self.max_lora_rank = max((config.lora_r for config, folder in saved if folder), default=None)
 
-    def get(self, path: str) -> PromptWriter:
-        if path not in self.policies:
-            policy = self._load(path)
+    def get(self, path: str, revision: Optional[str] = None) -> PromptWriter:
+        if (path, revision) not in self.policies:
+            policy = self._load(path, revision)
             overrides: dict[str, Any] = dict(do_sample=self.sampling.do_sample, temperature=self.sampling.temperature,
                                              top_p=self.sampling.top_p)
             if self.sampling.max_new_tokens is not None:
                 overrides["max_new_tokens"] = self.sampling.max_new_tokens
             policy.config = dataclasses.replace(policy.config, **overrides)
-            self.policies[path] = policy
-        return self.policies[path]
+            self.policies[(path, revision)] = policy
+        return self.policies[(path, revision)]
 
-    def _load(self, path: str) -> PromptWriter:
+    def _load(self, path: str, revision: Optional[str]) -> PromptWriter:
         if self.sampling.backend != "vllm":
-            return PromptPolicy.from_pretrained(path, device=self.device, add_adapter=False, is_trainable=False)
-        config, _ = resolve_policy_config(path, None, None)
-        key = (config.model_name_or_path, config.dtype, config.min_pixels, config.max_pixels)
+            return PromptPolicy.from_pretrained(path, device=self.device, add_adapter=False, is_trainable=False,
+                                                revision=revision)
+        config, _ = resolve_policy_config(path, revision=revision)
+        key = (config.model_name_or_path, config.model_revision, config.dtype, config.min_pixels, config.max_pixels)
         policy = VLLMPromptPolicy.from_pretrained(
-            path, llm=self.engines.get(key), max_lora_rank=self.max_lora_rank,
+            path, revision=revision, llm=self.engines.get(key), max_lora_rank=self.max_lora_rank,
             gpu_memory_utilization=self.sampling.vllm_gpu_memory_utilization)
         self.engines[key] = policy.llm
         return policy
@@ -235,7 +239,8 @@ def run_evaluation(config: EvalConfig, queries: Optional[Sequence[str]] = None,
     rewards = {label: load_reward(entry.spec, device=entry.device or device, **entry.kwargs)
                for label, entry in config.rewards.items()}
     embedder = load_text_embedder(config.text_embedder, device=device)
-    policies = PolicyCache(config.policy_sampling, device, [v.policy for v in variants if v.kind != "base"])
+    policies = PolicyCache(config.policy_sampling, device,
+                           [(v.policy, v.policy_revision) for v in variants if v.kind != "base"])
     evaluator = _Evaluator(config, queries, rewards, embedder, out_dir, log, journal, done, state.process_index,
                            state.num_processes)
     from tqdm.auto import tqdm
@@ -248,7 +253,8 @@ def run_evaluation(config: EvalConfig, queries: Optional[Sequence[str]] = None,
         backbone = load_backbone(entry.name_or_path, entry.dtype, device, revision=entry.revision,
                                  variant=entry.variant) if todo else None
         for variant in variants:
-            policy = policies.get(variant.policy) if variant in todo and variant.kind != "base" else None
+            policy = policies.get(variant.policy, variant.policy_revision) if variant in todo and \
+                variant.kind != "base" else None
             samples += evaluator.run(label, backbone, entry, variant, policy)
         del backbone
         gc.collect()

@@ -57,6 +57,7 @@ def test_initial_rewrite_alone_is_a_closed_variant_with_no_refinement(tmp_path):
 
 @pytest.mark.parametrize("change,message", [
     ({"methods": {"base": {"kind": "base", "policy": "x/y"}}}, "samples without a policy"),
+    ({"methods": {"base": {"kind": "base", "policy_revision": "v1"}}}, "without a policy; remove policy_revision='v1'"),
     ({"methods": {"loop": {"kind": "closed"}}}, "needs a policy"),
     ({"methods": {"loop": {"kind": "oneshot", "policy": "a/b", "num_refinements": [3]}}}, "does not refine"),
     ({"methods": {"loop": {"kind": "closed", "policy": "a/b"}}}, "baseline='base' is not a method label"),

@@ -54,7 +54,12 @@ def auto_backbone(pipe_or_path: Any, preview_decoder: Optional[torch.nn.Module] 
         from diffusers import DiffusionPipeline
 
         hub = {key: kwargs[key] for key in HUB_DOWNLOAD_KWARGS if key in kwargs}
-        class_name = DiffusionPipeline.load_config(path, **hub).get("_class_name")
+        try:
+            class_name = DiffusionPipeline.load_config(path, **hub).get("_class_name")
+        except OSError as e:
+            raise OSError(f"{path!r} is not a local diffusers pipeline folder, and its model_index.json could not be "
+                          f"read from the hub ({e}). Without network, download it first where there is one (`hf "
+                          f"download {path}`, then HF_HUB_OFFLINE=1 reads the cache) or give a local folder.") from e
     return adapter_for(class_name).from_pretrained(path, preview_decoder=preview_decoder, **kwargs)
 
 

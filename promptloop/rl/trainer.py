@@ -32,6 +32,7 @@ from ..processes import launched_without_cuda
 from ..rewards.async_worker import AsyncRewardWorker
 from ..visualize import stack_rows, trajectory_strip
 from .advantages import group_advantages
+from .callbacks import TrainerCallback
 from .checkpoint import (
     load_tensors,
     push_checkpoint,
@@ -175,12 +176,17 @@ class GRPOTrainer:
     """GRPO for a :class:`PromptPolicy` over a frozen :class:`Backbone` and a reward.
 
     ``accelerator`` defaults to a fresh ``accelerate.Accelerator`` with the configured tracker. The policy's LoRA
-    parameters are the only trainable ones.
+    parameters are the only trainable ones. ``callbacks``: :class:`~promptloop.rl.callbacks.TrainerCallback`
+    instances, called at the start, after each step and checkpoint, and at the end; they may stop training.
     """
 
     def __init__(self, config: TrainConfig, policy: PromptPolicy, backbone: Backbone, reward: RewardFn,
-                 queries: Sequence[str], eval_queries: Optional[Sequence[str]] = None, accelerator=None):
+                 queries: Sequence[str], eval_queries: Optional[Sequence[str]] = None, accelerator=None,
+                 callbacks: Sequence[TrainerCallback] = ()):
         self.config = config
+        self.callbacks = list(callbacks)
+        self.should_stop = False
+        """Set by a callback to end training after the current step (see :mod:`promptloop.rl.callbacks`)."""
         self.accelerator = accelerator or make_accelerator(config)
         self.sizes: DerivedSizes = derive_sizes(config.grpo, self.accelerator.num_processes)
         self.policy = policy
@@ -218,7 +224,8 @@ class GRPOTrainer:
         """The step whose policy was last uploaded to the hub by this process (-1: none)."""
 
     @classmethod
-    def from_config(cls, config: TrainConfig, accelerator=None) -> "GRPOTrainer":
+    def from_config(cls, config: TrainConfig, accelerator=None,
+                    callbacks: Sequence[TrainerCallback] = ()) -> "GRPOTrainer":
         """Load the queries (first: cheap errors), then the backbone, the policy and the reward."""
         from ..backbones import load_backbone
         from ..rewards import load_reward
@@ -238,7 +245,8 @@ class GRPOTrainer:
         torch.manual_seed(config.grpo.seed)  # a fresh LoRA adapter's init is part of the run's reproducibility
         policy = PromptPolicy.from_pretrained(config.policy.model_name_or_path, config.policy, device=device)
         reward = load_reward(config.reward.spec, device=config.reward.device or device, **config.reward.kwargs)
-        return cls(config, policy, backbone, reward, queries, eval_queries, accelerator=accelerator)
+        return cls(config, policy, backbone, reward, queries, eval_queries, accelerator=accelerator,
+                   callbacks=callbacks)
 
     # ------------------------------------------------------------------------------------------------ rollout
     def answer_engine(self) -> Optional[VLLMPromptPolicy]:
@@ -533,6 +541,7 @@ class GRPOTrainer:
                 except Exception as e:  # the checkpoint is on disk; the next save or the end tries again
                     warnings.warn(f"training step {self.step}: the upload of the checkpoint to {log.hub_model_id!r} "
                                   f"failed ({type(e).__name__}: {e}); training goes on.", RuntimeWarning)
+            self._callback("on_save", path)
         self.accelerator.wait_for_everyone()
         return path
 
@@ -703,8 +712,10 @@ class GRPOTrainer:
             run_name = cfg.logging.run_name or Path(cfg.logging.output_dir).resolve().name
             self.accelerator.init_trackers(cfg.logging.project, config=flat,
                                            init_kwargs={"wandb": {"name": run_name}})
-        history = []
+        history: list[dict[str, float]] = []
         last_saved = self.step
+        self.should_stop = False
+        self._callback("on_train_begin")
         bar = tqdm(total=cfg.grpo.max_steps, initial=self.step, disable=not (main and cfg.logging.progress),
                    desc="GRPO", unit="step")
         try:
@@ -712,6 +723,7 @@ class GRPOTrainer:
             if self.step != last_saved:
                 self.save_checkpoint()
             self.save_policy()
+            self._callback("on_train_end", history)
         finally:  # also when training stops with an error: the trackers keep what was logged
             bar.close()
             self.accelerator.end_training()
@@ -770,13 +782,22 @@ class GRPOTrainer:
             history.append(metrics)
             if main:  # before the checkpoint, whose model card reads it; a resume drops rows past its checkpoint
                 self._append_step_log(METRICS_LOG, [{"step": self.step, **_json_safe(metrics)}])
+            self._callback("on_step_end", metrics)
             if self.step % cfg.logging.checkpoint_every == 0:
                 self.save_checkpoint()
                 last_saved = self.step
             bar.update(1)
             if batch is not None:
                 bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}")
+            if self._any_process(self.should_stop):
+                if main:
+                    bar.write(f"training stopped by a callback after step {self.step} of {cfg.grpo.max_steps}")
+                break
         return last_saved
+
+    def _callback(self, hook: str, *args: Any) -> None:
+        for callback in self.callbacks:
+            getattr(callback, hook)(self, *args)
 
 
 def _json_safe(metrics: dict[str, float]) -> dict[str, Optional[float]]:

@@ -7,11 +7,22 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).parent))
+from promptloop.rl.callbacks import TrainerCallback  # noqa: E402
 from trainer_helpers import adapter_state, tiny_trainer  # noqa: E402
 
+
+class StopOnRankOne(TrainerCallback):
+    """Asks to stop after step 2 on the second process only: both must stop there together."""
+
+    def on_step_end(self, trainer, metrics):
+        if trainer.step == 2 and trainer.accelerator.process_index == 1:
+            trainer.should_stop = True
+
+
 out, vlm_dir = Path(sys.argv[1]), Path(sys.argv[2])
-trainer = tiny_trainer(out / "run", vlm_dir, max_steps=2, prompts_per_step=2, group_size=4, micro_batch_size=4,
+trainer = tiny_trainer(out / "run", vlm_dir, max_steps=3, prompts_per_step=2, group_size=4, micro_batch_size=4,
                        warmup_steps=4)
+trainer.callbacks.append(StopOnRankOne())
 seeds = []
 collect = trainer.collect
 
@@ -27,6 +38,7 @@ history = trainer.train()
 rank = trainer.accelerator.process_index
 save_file({k: v.contiguous() for k, v in adapter_state(trainer).items()}, str(out / f"adapter_rank{rank}.safetensors"))
 (out / f"rank{rank}.json").write_text(json.dumps({"seeds": seeds, "world": trainer.accelerator.num_processes,
+                                                  "steps": trainer.step,
                                                   "learning_rates": [h["train/lr"] for h in history],
                                                   "torch_threads": torch.get_num_threads(),
                                                   "distributed_type": str(trainer.accelerator.distributed_type),

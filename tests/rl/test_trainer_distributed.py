@@ -29,6 +29,7 @@ def test_two_processes_end_with_identical_adapters_and_distinct_seeds(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["world"] == 2 for r in ranks)
+    assert [r["steps"] for r in ranks] == [2, 2], "a stop asked on one process ends training on all at that step"
     # gloo DDP really wrapped the policy (accelerate falls back to MULTI_CPU on machines without GPUs)
     assert all(r["distributed_type"] == "DistributedType.MULTI_CPU" and r["prepared_class"] == "DistributedDataParallel"
                for r in ranks)

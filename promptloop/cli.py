@@ -112,6 +112,11 @@ def cmd_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 
     trainer = GRPOTrainer.from_config(config)
     trainer.train(resume=resume or False)
+    if trainer.terminated:  # preempted: schedulers read a non-zero status as "not finished"
+        if PartialState().is_main_process:
+            print(f"stopped by SIGTERM at step {trainer.step}; continue with `promptloop train {args.config} "
+                  f"--resume` (same output_dir)", flush=True)
+        return 128 + 15
     if PartialState().is_main_process:
         print(f"done: step {trainer.step}; trained policy in {trainer.policy_dir} (load it with "
               f"PromptLoopPipeline.from_pretrained or `promptloop sample --policy`); checkpoints in "

@@ -33,7 +33,8 @@ class TrainerCallback:
         """After a checkpoint is complete on disk (and uploaded, with ``logging.push_to_hub``)."""
 
     def on_train_end(self, trainer: "GRPOTrainer", history: list[dict[str, float]]) -> None:
-        """After the final policy is written, before the trackers close; ``history`` holds every step's metrics."""
+        """After the final policy is written, before the trackers close; ``history`` holds every step's metrics.
+        Not called when a SIGTERM stopped training (``trainer.terminated``)."""
 
 
 class EarlyStoppingCallback(TrainerCallback):

@@ -13,7 +13,9 @@ import json
 import math
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -187,6 +189,8 @@ class GRPOTrainer:
         self.callbacks = list(callbacks)
         self.should_stop = False
         """Set by a callback to end training after the current step (see :mod:`promptloop.rl.callbacks`)."""
+        self.terminated = False
+        """A SIGTERM arrived during :meth:`train`: it stopped after that step with a checkpoint, no final policy."""
         self.accelerator = accelerator or make_accelerator(config)
         self.sizes: DerivedSizes = derive_sizes(config.grpo, self.accelerator.num_processes)
         self.policy = policy
@@ -719,15 +723,38 @@ class GRPOTrainer:
         bar = tqdm(total=cfg.grpo.max_steps, initial=self.step, disable=not (main and cfg.logging.progress),
                    desc="GRPO", unit="step")
         try:
-            last_saved = self._train_loop(history, bar, last_saved)
-            if self.step != last_saved:
-                self.save_checkpoint()
-            self.save_policy()
-            self._callback("on_train_end", history)
+            with self._stopping_on_sigterm():
+                last_saved = self._train_loop(history, bar, last_saved)
+                if self.step != last_saved:
+                    self.save_checkpoint()
+            if not self.terminated:
+                self.save_policy()
+                self._callback("on_train_end", history)
         finally:  # also when training stops with an error: the trackers keep what was logged
             bar.close()
             self.accelerator.end_training()
         return history
+
+    @contextlib.contextmanager
+    def _stopping_on_sigterm(self) -> Iterator[None]:
+        """A SIGTERM (preemption, ``scancel``, ``docker stop``) lets the current step finish, then training stops
+        with a checkpoint on every process at the same step; a second SIGTERM acts at once (the previous handler)."""
+        self.terminated = False
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            yield
+            return
+        previous = signal.getsignal(signal.SIGTERM)
+        restore = previous if previous is not None else signal.SIG_DFL
+
+        def on_sigterm(signum, frame) -> None:
+            self.terminated = True
+            signal.signal(signal.SIGTERM, restore)
+
+        signal.signal(signal.SIGTERM, on_sigterm)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, restore)
 
     def _collect_finite(self, queries: Sequence[str]) -> Optional[RolloutBatch]:
         """:meth:`collect`, or None (warned, counted) when a rollout of any process produced NaN/inf latents;
@@ -789,6 +816,12 @@ class GRPOTrainer:
             bar.update(1)
             if batch is not None:
                 bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}")
+            if self._any_process(self.terminated):
+                self.terminated = True
+                if main:
+                    bar.write(f"SIGTERM: training stopped after step {self.step} of {cfg.grpo.max_steps}; the "
+                              "checkpoint is written next, continue with --resume")
+                break
             if self._any_process(self.should_stop):
                 if main:
                     bar.write(f"training stopped by a callback after step {self.step} of {cfg.grpo.max_steps}")

@@ -1,7 +1,10 @@
-"""Trainer callbacks: the hooks' order and arguments, stopping from a hook, and early stopping on a metric."""
+"""Trainer callbacks: the hooks' order and arguments, stopping from a hook, early stopping on a metric, and
+stopping on SIGTERM (preemption)."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 from types import SimpleNamespace
 
 import pytest
@@ -82,3 +85,36 @@ def test_early_stopping_counts_only_the_steps_that_report_the_metric():
 def test_early_stopping_settings_are_checked(kwargs, match):
     with pytest.raises(ValueError, match=match):
         EarlyStoppingCallback(**kwargs)
+
+
+class SigtermAt(TrainerCallback):
+    """Sends this process a real SIGTERM at the end of step ``step`` (as a preemption would, at any moment)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, trainer, metrics):
+        if trainer.step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint_and_the_run_resumes_exactly(tmp_path, vlm_dir):
+    straight = tiny_trainer(tmp_path / "straight", vlm_dir, max_steps=4)
+    straight.train()
+    before = signal.getsignal(signal.SIGTERM)
+    preempted = tiny_trainer(tmp_path / "run", vlm_dir, max_steps=4)
+    preempted.config.logging.checkpoint_every = 10  # only the SIGTERM's checkpoint
+    ended = Recorder()
+    preempted.callbacks += [SigtermAt(step=1), ended]
+    history = preempted.train()
+    assert preempted.terminated and preempted.step == 1 and len(history) == 1
+    assert [read_meta(c)["step"] for c in list_checkpoints(preempted.run_dir)] == [1]
+    assert not preempted.policy_dir.exists(), "a preempted run is not finished: no final policy"
+    assert ended.events[-1][0] == "save", "on_train_end is not called after a SIGTERM"
+    assert signal.getsignal(signal.SIGTERM) is before, "the previous handler is back after training"
+
+    resumed = tiny_trainer(tmp_path / "run", vlm_dir, max_steps=4)
+    resumed.train(resume=True)
+    assert not resumed.terminated and resumed.step == 4 and resumed.policy_dir.is_dir()
+    a, b = adapter_state(straight), adapter_state(resumed)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6

@@ -99,11 +99,16 @@ def cmd_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         from accelerate import PartialState
 
         sizes = derive_sizes(config.grpo, PartialState().num_processes)
-        from .rl.checkpoint import resume_checkpoint
+        from .rl.checkpoint import latest_checkpoint, resume_checkpoint
 
-        if args.resume and args.resume_from:
-            raise ValueError("give --resume (the latest checkpoint) or --resume-from CHECKPOINT, not both")
-        resume = resume_checkpoint(Path(config.logging.output_dir), args.resume_from or args.resume)
+        if sum(map(bool, (args.resume, args.resume_from, args.auto_resume))) > 1:
+            raise ValueError("give one of --resume (the latest checkpoint), --resume-from CHECKPOINT or "
+                             "--auto-resume, not several")
+        run_dir = Path(config.logging.output_dir)
+        if args.auto_resume:
+            resume = latest_checkpoint(run_dir)
+        else:
+            resume = resume_checkpoint(run_dir, args.resume_from or args.resume)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
     if PartialState().is_main_process:
@@ -115,7 +120,7 @@ def cmd_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
     if trainer.terminated:  # preempted: schedulers read a non-zero status as "not finished"
         if PartialState().is_main_process:
             print(f"stopped by SIGTERM at step {trainer.step}; continue with `promptloop train {args.config} "
-                  f"--resume` (same output_dir)", flush=True)
+                  f"--resume` (same output_dir; --auto-resume in a job that restarts itself)", flush=True)
         return 128 + 15
     if PartialState().is_main_process:
         print(f"done: step {trainer.step}; trained policy in {trainer.policy_dir} (load it with "
@@ -217,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(works under `accelerate launch`)", description="Train with CONFIG.yaml; override any key with "
         "--section.key VALUE, e.g. --grpo.group_size 8.")
     train.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of the run")
+    train.add_argument("--auto-resume", action="store_true",
+                       help="continue from the latest checkpoint if the run has one, else start: the same command "
+                            "for a job's first start and its restarts after preemption")
     train.add_argument("--resume-from", metavar="CHECKPOINT",
                        help="continue from this checkpoint instead: an <output_dir>/checkpoints/step-N folder, or "
                             "the hub repo of a run pushed with --logging.hub_strategy checkpoint (its "

@@ -270,8 +270,9 @@ def test_train_command_checks_resume_before_loading_models(tmp_path, monkeypatch
         cli_main(["train", str(config), "--resume"])
     with pytest.raises(SystemExit, match="not a complete checkpoint"):
         cli_main(["train", str(config), "--resume-from", str(tmp_path)])
-    with pytest.raises(SystemExit, match="not both"):
-        cli_main(["train", str(config), "--resume", "--resume-from", str(tmp_path)])
+    for both in (["--resume", "--resume-from", str(tmp_path)], ["--auto-resume", "--resume"]):
+        with pytest.raises(SystemExit, match="not several"):
+            cli_main(["train", str(config), *both])
 
     older, newer = run / "checkpoints" / "step-00000002", run / "checkpoints" / "step-00000004"
     for folder, step in ((older, 2), (newer, 4)):
@@ -280,16 +281,23 @@ def test_train_command_checks_resume_before_loading_models(tmp_path, monkeypatch
     resumed = []
 
     class StubTrainer:
-        step, policy_dir, run_dir = 4, run / "policy", run
+        step, policy_dir, run_dir, terminated = 4, run / "policy", run, False
 
         def train(self, resume):
             resumed.append(resume)
 
     monkeypatch.setattr(GRPOTrainer, "from_config", classmethod(lambda cls, config: StubTrainer()))
+    fresh = tmp_path / "fresh.yaml"
+    fresh.write_text(config.read_text().replace(str(run), str(tmp_path / "new-run")))
     assert cli_main(["train", str(config), "--resume-from", str(older)]) == 0
     assert cli_main(["train", str(config), "--resume"]) == 0
     assert cli_main(["train", str(config)]) == 0
-    assert resumed == [older, newer, False]
+    assert cli_main(["train", str(config), "--auto-resume"]) == 0
+    assert cli_main(["train", str(fresh), "--auto-resume"]) == 0  # no checkpoint yet: a fresh start
+    assert resumed == [older, newer, False, newer, False]
+
+    StubTrainer.terminated = True  # a SIGTERM stopped it: status 143, as schedulers expect
+    assert cli_main(["train", str(config), "--auto-resume"]) == 143
 
 
 @pytest.fixture(scope="module")

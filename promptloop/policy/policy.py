@@ -8,7 +8,14 @@ from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForImageTextToText, AutoProcessor, GenerationConfig, PreTrainedModel, ProcessorMixin
+from transformers import (
+    AutoConfig,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    GenerationConfig,
+    PreTrainedModel,
+    ProcessorMixin,
+)
 
 from promptloop.backbones.types import Observation
 from promptloop.policy.batch import PolicySample, collate_samples
@@ -25,7 +32,21 @@ from promptloop.policy.writer import (
     suppressed_token_ids,
 )
 
-__all__ = ["ADAPTER_CONFIG_NAME", "POLICY_CONFIG_NAME", "PolicyActions", "PromptPolicy", "TokenLogProbs"]
+__all__ = ["ADAPTER_CONFIG_NAME", "POLICY_CONFIG_NAME", "SUPPORTED_MODEL_TYPES", "PolicyActions", "PromptPolicy",
+           "TokenLogProbs"]
+
+SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+"""The chat VLM families the policy runs (and is tested on): their processors give the per-image patch grid and the
+multimodal token types that batched sampling and exact log-probs rely on."""
+
+
+def check_model_type(model_type: str, name: str) -> None:
+    """A clear error when ``name`` (a ``model_type`` model) is not of :data:`SUPPORTED_MODEL_TYPES`."""
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"{name} is a {model_type!r} model; the policy runs the Qwen-VL chat families "
+                         f"{SUPPORTED_MODEL_TYPES} (their processors give the per-image patch grid and token types "
+                         "that batching and exact log-probs rely on). Use a Qwen2-VL, Qwen2.5-VL or Qwen3-VL "
+                         "instruct model, e.g. Qwen/Qwen2.5-VL-3B-Instruct.")
 
 
 @dataclass
@@ -74,6 +95,7 @@ class PromptPolicy(PromptWriter):
         tokenizer = processor.tokenizer
         tokenizer.padding_side = "left"
         base = self.base_model
+        check_model_type(base.config.model_type, type(base).__name__)
         base_generation = base.generation_config
         self.eos_token_ids = end_token_ids(base_generation.eos_token_id, tokenizer)
         pad = base_generation.pad_token_id if base_generation.pad_token_id is not None else tokenizer.pad_token_id
@@ -122,6 +144,8 @@ class PromptPolicy(PromptWriter):
         config, folder = resolved
         device = _resolve_device(device)
         base = dict(revision=config.model_revision, trust_remote_code=config.trust_remote_code, **download)
+        check_model_type(AutoConfig.from_pretrained(config.model_name_or_path, **base).model_type,
+                         config.model_name_or_path)  # before any weights load
         model = AutoModelForImageTextToText.from_pretrained(
             config.model_name_or_path, dtype=config.torch_dtype(device), device_map={"": device}, **base,
             # transformers' check for an adapter in the base repo does not get these by itself (5.24)

@@ -308,3 +308,19 @@ def test_keep_query_words_rejects_rewrites_that_drop_a_query_word(tiny_vlm_dirs,
     unguarded = load(tiny_vlm_dirs, mode=mode, max_new_tokens=4)
     monkeypatch.setattr(unguarded.processor.tokenizer, "batch_decode", lambda *a, **k: list(answers))
     assert unguarded.act(observations, seed=0).prompts[1] == ("circle big" if mode == "apriori" else "circle big top")
+
+
+def test_other_vlm_families_are_refused_before_any_weights_load(tmp_path, tiny_vlm_dirs):
+    """A LLaVA chat model (only its config.json on disk: nothing else could load) is named as unsupported."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    LlavaConfig(vision_config=CLIPVisionConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                               num_attention_heads=2),
+                text_config=LlamaConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                        num_attention_heads=2)).save_pretrained(tmp_path / "llava")
+    with pytest.raises(ValueError, match=r"is a 'llava' model; the policy runs the Qwen-VL chat families"):
+        PromptPolicy.from_pretrained(tmp_path / "llava", device="cpu")
+    qwen = PromptPolicy.from_pretrained(tiny_vlm_dirs["qwen2_5_vl"], device="cpu", add_adapter=False)
+    qwen.model.config.model_type = "llava"  # a model object built elsewhere is checked too
+    with pytest.raises(ValueError, match="is a 'llava' model"):
+        PromptPolicy(qwen.model, qwen.processor, qwen.config)

@@ -43,11 +43,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
     prompts = [args.prompt] if args.prompt else _read_prompts(args.prompts)
     rows = [prompt for prompt in prompts for _ in range(args.num_images)]
+    import torch
+
     from .pipeline import PromptLoopPipeline
 
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")  # the policy and the pipeline alike
     chosen = {key: value for key, value in (("revision", args.backbone_revision), ("variant", args.backbone_variant))
               if value}
-    pipeline = PromptLoopPipeline.from_pretrained(args.policy, args.backbone, device=args.device,
+    pipeline = PromptLoopPipeline.from_pretrained(args.policy, args.backbone, device=device,
                                                   policy_backend=args.policy_backend,
                                                   policy_revision=args.policy_revision, **chosen)
     written = []
@@ -250,10 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--prompt", help="one prompt")
     sample.add_argument("--prompts", help="text file, one prompt per line")
     sample.add_argument("--refinements", type=int, default=5, help="number of refinement steps N_R")
-    sample.add_argument("--mode", choices=["closed", "apriori", "oneshot", "none"], default="closed")
+    sample.add_argument("--mode", choices=["closed", "apriori", "oneshot", "none"], default="closed",
+                        help="closed: rewrites from the x0 preview (PromptLoop); apriori: all prompts written up "
+                             "front; oneshot: one rewrite before sampling; none: plain sampling (default: closed)")
     sample.add_argument("--steps", type=int, default=50, help="sampler steps")
-    sample.add_argument("--guidance-scale", type=float, default=None)
-    sample.add_argument("--preview-size", type=int, default=256)
+    sample.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (default: the pipeline's)")
+    sample.add_argument("--preview-size", type=int, default=256,
+                        help="longest side (px) of the x0 preview shown to the policy (default: 256)")
     sample.add_argument("--feedback-delay", type=int, default=0,
                         help="closed mode: pipelined feedback, the policy's call overlaps this many sampler steps "
                              "(0: synchronous)")
@@ -263,9 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--num-images", type=int, default=1, help="images per prompt")
     sample.add_argument("--batch-size", type=int, default=8,
                         help="images sampled together (memory knob); image i always uses seed --seed + i")
-    sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--device", default=None)
-    sample.add_argument("--out", default="outputs/sample")
+    sample.add_argument("--seed", type=int, default=0, help="seed of image 0; image i uses seed + i (default: 0)")
+    sample.add_argument("--device", default=None,
+                        help="device of the policy and the pipeline (cuda, cuda:1, cpu; default: cuda when present)")
+    sample.add_argument("--out", default="outputs/sample",
+                        help="folder for the images, trajectory JSONs and strips (default: outputs/sample)")
     sample.set_defaults(func=cmd_sample)
     return parser
 

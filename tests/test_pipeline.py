@@ -360,3 +360,19 @@ def test_a_run_is_evaluated_with_an_initial_rewrite_on_other_seeds(quick_demo, t
     steps = {s["method"]: s["decision_steps"] for s in results["samples"]}
     assert steps["base"] == [] and steps["untrained"] == steps["step-2"] == [0, 5]
     assert (tmp_path / "initial" / "report.html").read_text().count("N_R = 1 + initial rewrite") == 2
+
+
+def test_sample_command_puts_policy_and_pipeline_on_the_gpu_by_default(saved, tmp_path, monkeypatch):
+    placed = []
+
+    def record(cls, policy, backbone, device=None, **kwargs):
+        placed.append(device)
+        raise SystemExit("stop before loading")
+
+    monkeypatch.setattr(PromptLoopPipeline, "from_pretrained", classmethod(record))
+    for cuda, args, expected in ((True, [], "cuda"), (False, [], "cpu"), (True, ["--device", "cuda:1"], "cuda:1")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        with pytest.raises(SystemExit, match="stop before loading"):
+            cli_main(["sample", "--policy", str(saved / "policy"), "--backbone", str(saved / "sd"), "--prompt", "a",
+                      *args])
+        assert placed[-1] == expected

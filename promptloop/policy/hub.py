@@ -138,7 +138,7 @@ def policy_model_card(config: PolicyConfig, *, has_adapter: bool, repo_id: Optio
         "```", "",
         "## Policy settings", "",
         "| setting | value |", "|---|---|",
-        f"| base model | `{base}` |",
+        f"| base model | `{base}`{f' at revision `{config.model_revision}`' if config.model_revision else ''} |",
         f"| mode | {config.mode} |",
         f"| sampling | {f'temperature {config.temperature}, top-p {config.top_p}' if config.do_sample else 'greedy'} |",
         f"| max new tokens | {config.max_new_tokens} |",

@@ -176,6 +176,7 @@ def test_base_model_revision_is_used_and_recorded(tiny_vlm_dirs, tmp_path, hub_c
     torch.testing.assert_close(head(from_config), head(at_v2), atol=0, rtol=0)
 
     at_v2.save_pretrained(tmp_path / "policy")
+    assert "| base model | `me/base` at revision `v2` |" in (tmp_path / "policy" / "README.md").read_text()
     reloaded = PromptPolicy.from_pretrained(tmp_path / "policy", device="cpu", **hub)
     assert reloaded.config.model_name_or_path == "me/base" and reloaded.config.model_revision == "v2"
     torch.testing.assert_close(head(reloaded), head(at_v2), atol=0, rtol=0)

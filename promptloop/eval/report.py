@@ -101,9 +101,9 @@ def render_report(results: EvalResults, root: str | Path, embed_images: bool = F
             if not samples:
                 continue
             method = kinds[label]
+            first = " + initial rewrite" if method.get("initial_rewrite", False) else ""
             parts.append(f"<h3>{_esc(label)} <span class=note>(kind {_esc(method['kind'])}, "
-                         f"N_R = {method['num_refinements']}{' + initial rewrite' * method.get('initial_rewrite', False)}"
-                         f", policy {_esc(method['policy'])})</span></h3>")
+                         f"N_R = {method['num_refinements']}{first}, policy {_esc(method['policy'])})</span></h3>")
             if grid_prompts:
                 parts.append(_grid(samples, results.seeds, grid_prompts, images))
             strips = [s for s in samples if s.strip]

@@ -331,5 +331,5 @@ def write_results(results: EvalResults, out_dir: str | Path) -> dict[str, Path]:
     return paths
 
 
-__all__ = ["EvalResults", "PROMPT_METRICS", "SCHEMA_VERSION", "Sample", "Statistic", "markdown_table", "paired_markdown",
-           "summarise", "table_rows", "validate_results_json", "write_results"]
+__all__ = ["EvalResults", "PROMPT_METRICS", "SCHEMA_VERSION", "Sample", "Statistic", "markdown_table",
+           "paired_markdown", "summarise", "table_rows", "validate_results_json", "write_results"]

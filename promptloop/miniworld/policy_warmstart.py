@@ -409,8 +409,8 @@ def main(argv=None) -> None:
     print(json.dumps(metrics, indent=2))
 
 
-__all__ = ["DEFAULT_POLICY_DIR", "METRICS_NAME", "MINIWORLD_SYSTEM_PROMPTS", "MODES", "PREVIEW_PIXELS", "WarmStartConfig",
-           "build_policy_model", "caption_check", "make_policy_tokenizer", "measure_prompts", "miniworld_policy_config",
+__all__ = ["DEFAULT_POLICY_DIR", "METRICS_NAME", "MINIWORLD_SYSTEM_PROMPTS", "MODES", "PREVIEW_PIXELS",
+           "WarmStartConfig", "build_policy_model", "caption_check", "make_policy_tokenizer", "measure_prompts", "miniworld_policy_config",
            "edited_prompt", "evaluation_examples", "rewrite_chain", "sample_example", "save_policy", "target_prompt",
            "warm_start"]
 

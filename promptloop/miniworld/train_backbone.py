@@ -486,7 +486,8 @@ def sample_token_ids(config, caption_tokenizer: CaptionTokenizer, values: torch.
     named = torch.rand(batch, n_attr, device=device) < p_name_at(config, step)
     named &= ~(torch.rand(batch, 1, device=device) < config.p_uncond)
     budget = caption_tokenizer.length - 2
-    score = torch.where(named, torch.rand(batch, n_attr, device=device), torch.full_like(named, -1.0, dtype=torch.float))
+    score = torch.where(named, torch.rand(batch, n_attr, device=device),
+                        torch.full_like(named, -1.0, dtype=torch.float))
     rank = score.argsort(dim=1, descending=True).argsort(dim=1)
     named &= rank < budget  # a random subset within the budget, not always the canonically first words
     canonical = torch.arange(n_attr, device=device, dtype=torch.float).expand(batch, n_attr)

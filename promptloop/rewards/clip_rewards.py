@@ -58,8 +58,8 @@ def load_clip_tokenizer(folder: Path) -> CLIPTokenizer:
         return _open_clip_bpe_tokenizer()
     except ImportError as exc:
         raise FileNotFoundError(
-            f"No CLIP tokenizer: put tokenizer.json (or vocab.json and merges.txt) in {folder}/ or install open-clip-torch "
-            "(pip install 'promptloop[rewards]'), whose wheel ships the CLIP vocabulary."
+            f"No CLIP tokenizer: put tokenizer.json (or vocab.json and merges.txt) in {folder}/ or install "
+            "open-clip-torch (pip install 'promptloop[rewards]'), whose wheel ships the CLIP vocabulary."
         ) from exc
 
 

@@ -1,4 +1,5 @@
-"""Reward fine-tuning of the UNet (``weight_tune``) on a tiny backbone, its evaluation, and the shipped tuned backbone."""
+"""Reward fine-tuning of the UNet (``weight_tune``) on a tiny backbone, its evaluation, and the shipped tuned
+backbone."""
 import json
 
 import pytest

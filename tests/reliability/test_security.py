@@ -45,7 +45,8 @@ def test_every_torch_load_is_weights_only():
     for path in SOURCES:
         tree = ast.parse(path.read_text(encoding="utf-8"))
         for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.module == "torch" and any(a.name == "load" for a in node.names):
+            if isinstance(node, ast.ImportFrom) and node.module == "torch" and \
+                    any(a.name == "load" for a in node.names):
                 offenders.append(f"{path}:{node.lineno}: 'from torch import load' hides torch.load from this check")
         for call in _calls(tree):
             if _name(call.func) in ("torch.load", "torch.serialization.load"):

@@ -252,7 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "CUDA; faster decoding, same prompts)")
     sample.add_argument("--prompt", help="one prompt")
     sample.add_argument("--prompts", help="text file, one prompt per line")
-    sample.add_argument("--refinements", type=int, default=5, help="number of refinement steps N_R")
+    sample.add_argument("--refinements", type=int, default=None,
+                        help="number of refinement steps N_R (default: as the policy was trained, else 5)")
     sample.add_argument("--mode", choices=["closed", "apriori", "oneshot", "none"], default="closed",
                         help="closed: rewrites from the x0 preview (PromptLoop); apriori: all prompts written up "
                              "front; oneshot: one rewrite before sampling; none: plain sampling (default: closed)")
@@ -263,9 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--feedback-delay", type=int, default=0,
                         help="closed mode: pipelined feedback, the policy's call overlaps this many sampler steps "
                              "(0: synchronous)")
-    sample.add_argument("--initial-rewrite", action="store_true",
+    sample.add_argument("--initial-rewrite", action=argparse.BooleanOptionalAction, default=None,
                         help="closed mode: the policy also writes the prompt for step 0 (no preview yet), on top of "
-                             "--refinements (for policies trained with grpo.initial_rewrite)")
+                             "--refinements (default: as the policy was trained, with grpo.initial_rewrite)")
     sample.add_argument("--num-images", type=int, default=1, help="images per prompt")
     sample.add_argument("--batch-size", type=int, default=8,
                         help="images sampled together (memory knob); image i always uses seed --seed + i")

@@ -124,7 +124,7 @@ class PromptLoopPipeline:
         self,
         prompt: Union[str, Sequence[str]],
         *,
-        num_refinements: int = 5,
+        num_refinements: Optional[int] = None,
         mode: RefinementMode = "closed",
         seed: Union[int, Sequence[int], None] = None,
         policy_seed: Optional[int] = None,
@@ -136,7 +136,7 @@ class PromptLoopPipeline:
         width: Optional[int] = None,
         preview_size: Optional[int] = 256,
         feedback_delay: int = 0,
-        initial_rewrite: bool = False,
+        initial_rewrite: Optional[bool] = None,
         num_images_per_prompt: int = 1,
         output_type: Literal["pil", "pt"] = "pil",
         progress: bool = False,
@@ -154,6 +154,8 @@ class PromptLoopPipeline:
         preview of step k - 1 - d while the sampler goes on (see :func:`~promptloop.backbones.rollout`).
         ``initial_rewrite`` (closed mode): the policy also writes the prompt for step 0, before any preview exists,
         on top of the ``num_refinements`` (for policies trained with ``grpo.initial_rewrite``).
+        Unset ``num_refinements`` and ``initial_rewrite`` take the values the policy was trained with (its
+        ``loop_config.json``, written by the trainer), else 5 and False.
         """
         if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) \
                 or num_images_per_prompt < 1:
@@ -162,6 +164,11 @@ class PromptLoopPipeline:
                    for _ in range(num_images_per_prompt)]
         if mode not in REFINEMENT_MODES:
             raise ValueError(f"mode={mode!r} is not one of {REFINEMENT_MODES}.")
+        trained = self.policy.loop_defaults
+        if num_refinements is None:
+            num_refinements = trained.num_refinements if trained is not None else 5
+        if initial_rewrite is None:
+            initial_rewrite = mode == "closed" and trained is not None and trained.initial_rewrite
         if not isinstance(num_refinements, int) or num_refinements < 0:
             raise ValueError(f"num_refinements must be an int >= 0, got {num_refinements!r}.")
         if mode in ("oneshot", "none"):

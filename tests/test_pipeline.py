@@ -376,3 +376,35 @@ def test_sample_command_puts_policy_and_pipeline_on_the_gpu_by_default(saved, tm
             cli_main(["sample", "--policy", str(saved / "policy"), "--backbone", str(saved / "sd"), "--prompt", "a",
                       *args])
         assert placed[-1] == expected
+
+
+def test_unset_loop_settings_follow_how_the_policy_was_trained(saved, loop, tmp_path):
+    """A policy saved with loop_config.json (the trainer writes it) runs as trained when the caller does not say;
+    explicit arguments win; a policy without the file keeps 5 refinements and no initial rewrite."""
+    from promptloop.policy.config import LoopDefaults
+
+    call = dict(num_inference_steps=6, preview_size=32, seed=1)
+    plain = loop(QUERIES[:1], **call)
+    assert len(plain.trajectories[0].decision_steps) == 5
+
+    policy = PromptPolicy.from_pretrained(saved / "policy", device="cpu")
+    policy.loop_defaults = LoopDefaults(num_refinements=2, initial_rewrite=True)
+    policy.save_pretrained(tmp_path / "trained")
+    assert json.loads((tmp_path / "trained" / "loop_config.json").read_text()) == {
+        "num_refinements": 2, "initial_rewrite": True}
+    trained = PromptLoopPipeline.from_pretrained(str(tmp_path / "trained"), str(saved / "sd"), device="cpu")
+    assert trained.policy.loop_defaults == LoopDefaults(2, True)
+    out = trained(QUERIES[:1], **call)
+    assert out.trajectories[0].decision_steps[0] == 0 and len(out.trajectories[0].decision_steps) == 3
+    explicit = trained(QUERIES[:1], num_refinements=1, initial_rewrite=False, **call)
+    assert len(explicit.trajectories[0].decision_steps) == 1
+    apriori = trained(QUERIES[:1], mode="apriori", **call)  # no initial rewrite outside closed mode
+    assert len(apriori.trajectories[0].decision_steps) == 2
+
+    code = cli_main(["sample", "--policy", str(tmp_path / "trained"), "--backbone", str(saved / "sd"), "--prompt",
+                     QUERIES[0], "--steps", "6", "--preview-size", "32", "--seed", "1", "--out", str(tmp_path / "o")])
+    assert code == 0
+    assert json.loads((tmp_path / "o" / "000.json").read_text())["decision_steps"] == out.trajectories[0].decision_steps
+    (tmp_path / "trained" / "loop_config.json").write_text('{"num_refinements": -1, "initial_rewrite": true}')
+    with pytest.raises(ValueError, match="num_refinements must be an int >= 0"):
+        PromptLoopPipeline.from_pretrained(str(tmp_path / "trained"), str(saved / "sd"), device="cpu")

@@ -189,3 +189,31 @@ class PolicyConfig:
     @classmethod
     def load(cls, path: str | Path) -> "PolicyConfig":
         return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+LOOP_CONFIG_NAME = "loop_config.json"
+"""The file of a saved policy's :class:`LoopDefaults` (written for policies that were trained by promptloop)."""
+
+
+@dataclass(frozen=True)
+class LoopDefaults:
+    """How a policy was trained to be called: the inference API and ``promptloop sample`` use these when the caller
+    does not say (as transformers' ``generate`` uses a model's ``generation_config.json``)."""
+
+    num_refinements: int
+    initial_rewrite: bool
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "LoopDefaults":
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        try:
+            defaults = cls(num_refinements=data["num_refinements"], initial_rewrite=data["initial_rewrite"])
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{path} is not a loop config (num_refinements, initial_rewrite): {e}") from e
+        if isinstance(defaults.num_refinements, bool) or not isinstance(defaults.num_refinements, int) \
+                or defaults.num_refinements < 0 or not isinstance(defaults.initial_rewrite, bool):
+            raise ValueError(f"{path}: num_refinements must be an int >= 0 and initial_rewrite a bool, got {data}")
+        return defaults

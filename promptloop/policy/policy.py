@@ -19,7 +19,7 @@ from transformers import (
 
 from promptloop.backbones.types import Observation
 from promptloop.policy.batch import PolicySample, collate_samples
-from promptloop.policy.config import PolicyConfig
+from promptloop.policy.config import LOOP_CONFIG_NAME, PolicyConfig
 from promptloop.policy.hub import MODEL_CARD_NAME, policy_model_card, push_policy_folder
 from promptloop.policy.writer import (
     ADAPTER_CONFIG_NAME,
@@ -162,6 +162,7 @@ class PromptPolicy(PromptWriter):
         elif folder is None and add_adapter:
             policy.model = get_peft_model(model, policy.lora_config())
         policy.model.eval()
+        policy.loop_defaults = resolved.loop_defaults
         return policy
 
     def lora_config(self) -> LoraConfig:
@@ -172,8 +173,8 @@ class PromptPolicy(PromptWriter):
         )
 
     def save_pretrained(self, save_directory: Union[str, Path], *, model_card: Optional[str] = None) -> None:
-        """Write the adapter (safetensors), ``policy_config.json``, the processor (tokenizer, chat template) and a
-        model card ``README.md`` (``model_card``, default :func:`~promptloop.policy.hub.policy_model_card`).
+        """Write the adapter (safetensors), ``policy_config.json``, ``loop_config.json`` (when the policy has
+        :attr:`loop_defaults`), the processor (tokenizer, chat template) and a model card ``README.md`` (``model_card``, default :func:`~promptloop.policy.hub.policy_model_card`).
 
         The folder is self-contained apart from the base model it names, and can be pushed to the hub as is.
         """
@@ -183,6 +184,8 @@ class PromptPolicy(PromptWriter):
             self.model.save_pretrained(save_directory, safe_serialization=True)
         self.processor.save_pretrained(save_directory)
         self.config.save(save_directory / POLICY_CONFIG_NAME)
+        if self.loop_defaults is not None:
+            self.loop_defaults.save(save_directory / LOOP_CONFIG_NAME)
         if model_card is None:
             model_card = policy_model_card(self.config, has_adapter=self.has_adapter)
         (save_directory / MODEL_CARD_NAME).write_text(model_card, encoding="utf-8")  # replaces peft's

@@ -200,8 +200,10 @@ class VLLMPromptPolicy(PromptWriter):
             if max_lora_rank is None and resolved.adapter_folder is not None:
                 max_lora_rank = config.lora_r
             llm = start_engine(config, folder, max_lora_rank, gpu_memory_utilization, **llm_kwargs)
-        return cls(llm, processor, config, eos_token_ids=eos, suppressed_token_ids=suppressed,
-                   adapter_path=resolved.adapter_folder)
+        policy = cls(llm, processor, config, eos_token_ids=eos, suppressed_token_ids=suppressed,
+                     adapter_path=resolved.adapter_folder)
+        policy.loop_defaults = resolved.loop_defaults
+        return policy
 
     def sampling_params(self, seed: Optional[int]) -> Any:
         """The ``vllm.SamplingParams`` of one row: the policy config's sampling settings and ``seed``."""

@@ -16,7 +16,7 @@ from transformers import ProcessorMixin
 
 from promptloop.backbones.types import Observation, RefineFn
 from promptloop.policy.chat import Chat, build_chat
-from promptloop.policy.config import POLICY_CONFIG_NAME, PolicyConfig
+from promptloop.policy.config import LOOP_CONFIG_NAME, POLICY_CONFIG_NAME, LoopDefaults, PolicyConfig
 from promptloop.policy.hub import download_saved_policy, is_hub_id
 from promptloop.policy.sanitize import PromptSchedule, missing_query_words, parse_prompt_schedule, sanitize_prompt
 
@@ -52,6 +52,12 @@ class ResolvedPolicy(NamedTuple):
         """The saved folder when it holds a LoRA adapter (a saved policy can also be a bare base model)."""
         has_adapter = self.folder is not None and (Path(self.folder) / ADAPTER_CONFIG_NAME).is_file()
         return self.folder if has_adapter else None
+
+    @property
+    def loop_defaults(self) -> Optional[LoopDefaults]:
+        """The saved folder's :class:`LoopDefaults` (how it was trained to be called), if it records them."""
+        path = Path(self.folder) / LOOP_CONFIG_NAME if self.folder is not None else None
+        return LoopDefaults.load(path) if path is not None and path.is_file() else None
 
 
 def resolve_policy_config(
@@ -141,6 +147,8 @@ class PromptWriter(abc.ABC):
     def __init__(self, processor: ProcessorMixin, config: PolicyConfig) -> None:
         self.processor = processor
         self.config = config
+        self.loop_defaults: Optional[LoopDefaults] = None
+        """How the policy was trained to be called (saved as ``loop_config.json``; the trainer sets it)."""
         self.system_prompt = config.resolved_system_prompt()
 
     @abc.abstractmethod

@@ -28,6 +28,7 @@ from ..backbones import Backbone, RefinementSchedule, SamplerSettings, blind_obs
 from ..backbones.types import Observation, RefineFn, RolloutOutput, Trajectory
 from ..configuration import to_dict
 from ..policy import PolicySample, PromptPolicy
+from ..policy.config import LoopDefaults
 from ..policy.hub import TrainingSummary, check_hub_token, policy_model_card, push_policy_folder
 from ..policy.vllm_backend import VLLMPromptPolicy, import_vllm
 from ..processes import launched_without_cuda
@@ -194,6 +195,8 @@ class GRPOTrainer:
         self.accelerator = accelerator or make_accelerator(config)
         self.sizes: DerivedSizes = derive_sizes(config.grpo, self.accelerator.num_processes)
         self.policy = policy
+        # saved with every checkpoint's and the final policy: inference then runs as trained unless told otherwise
+        policy.loop_defaults = LoopDefaults(config.grpo.num_refinements, config.grpo.initial_rewrite)
         self.backbone = backbone
         self.reward = reward
         self.stream = QueryStream(list(queries), seed=config.grpo.seed, shuffle=config.data.shuffle)

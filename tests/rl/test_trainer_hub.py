@@ -114,6 +114,9 @@ def test_runs_without_push_write_the_policy_and_upload_nothing(tmp_path, vlm_dir
     card = (trainer.policy_dir / "README.md").read_text()
     assert "PATH_TO_THIS_FOLDER" in card and "| steps | 1 |" in card
     assert json.loads((trainer.policy_dir / "policy_config.json").read_text())["model_name_or_path"] == str(vlm_dir)
+    assert json.loads((trainer.policy_dir / "loop_config.json").read_text()) == {  # how it was trained to run
+        "num_refinements": 1, "initial_rewrite": False}
+    assert (latest_checkpoint(trainer.run_dir) / "policy" / "loop_config.json").is_file()
     assert fake_hub.calls == []
     with pytest.raises(ValueError, match=r"is a training run folder, not a policy: load the trained policy .*/policy"):
         PromptPolicy.from_pretrained(trainer.run_dir, device="cpu")

@@ -131,6 +131,8 @@ def policy_model_card(config: PolicyConfig, *, has_adapter: bool, repo_id: Optio
         "out.images[0].save(\"cat.png\")",
         "print(out.trajectories[0].prompts)  # the prompt in force after each refinement",
         "```", "",
+        *(["Left unset, the number of refinements and the initial rewrite take the values it was trained with "
+           "(`loop_config.json`).", ""] if training is not None else []),
         "Command line (`pip install promptloop`):", "",
         "```bash",
         f'promptloop sample --policy {name} --backbone {backbone} --prompt "a cat wearing a tiny hat" '

@@ -44,6 +44,7 @@ def test_model_card_has_hub_metadata_usage_and_training():
     assert 'DiffusionPipeline.from_pretrained("stabilityai/stable-diffusion-xl-base-1.0"' in text
     assert "num_refinements=5" in text and "--policy me/sdxl-loop" in text
     assert "initial_rewrite" not in text and "--initial-rewrite" not in text
+    assert "take the values it was trained with (`loop_config.json`)" in text
     assert "| reward | `imagereward` |" in text and "| steps | 300 |" in text
     assert "| 0.1234 | 0.5678 | not logged |" in text
     assert f"r = {config.lora_r}" in text

@@ -254,9 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--prompts", help="text file, one prompt per line")
     sample.add_argument("--refinements", type=int, default=None,
                         help="number of refinement steps N_R (default: as the policy was trained, else 5)")
-    sample.add_argument("--mode", choices=["closed", "apriori", "oneshot", "none"], default="closed",
+    sample.add_argument("--mode", choices=["closed", "apriori", "oneshot", "none"], default=None,
                         help="closed: rewrites from the x0 preview (PromptLoop); apriori: all prompts written up "
-                             "front; oneshot: one rewrite before sampling; none: plain sampling (default: closed)")
+                             "front; oneshot: one rewrite before sampling; none: plain sampling (default: the "
+                             "policy's mode, closed unless it was trained otherwise)")
     sample.add_argument("--steps", type=int, default=50, help="sampler steps")
     sample.add_argument("--guidance-scale", type=float, default=None, help="CFG scale (default: the pipeline's)")
     sample.add_argument("--preview-size", type=int, default=256,

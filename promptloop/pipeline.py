@@ -125,7 +125,7 @@ class PromptLoopPipeline:
         prompt: Union[str, Sequence[str]],
         *,
         num_refinements: Optional[int] = None,
-        mode: RefinementMode = "closed",
+        mode: Optional[RefinementMode] = None,
         seed: Union[int, Sequence[int], None] = None,
         policy_seed: Optional[int] = None,
         generator: Union[torch.Generator, Sequence[torch.Generator], None] = None,
@@ -154,14 +154,16 @@ class PromptLoopPipeline:
         preview of step k - 1 - d while the sampler goes on (see :func:`~promptloop.backbones.rollout`).
         ``initial_rewrite`` (closed mode): the policy also writes the prompt for step 0, before any preview exists,
         on top of the ``num_refinements`` (for policies trained with ``grpo.initial_rewrite``).
-        Unset ``num_refinements`` and ``initial_rewrite`` take the values the policy was trained with (its
-        ``loop_config.json``, written by the trainer), else 5 and False.
+        Unset, ``mode`` is the policy's own (``policy.config.mode``: "closed" unless it was trained as a one-shot
+        or a-priori writer), and ``num_refinements`` and ``initial_rewrite`` take the values the policy was trained
+        with (its ``loop_config.json``, written by the trainer), else 5 and False.
         """
         if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) \
                 or num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be an int >= 1, got {num_images_per_prompt!r}.")
         queries = [query for query in ([prompt] if isinstance(prompt, str) else prompt)
                    for _ in range(num_images_per_prompt)]
+        mode = self.policy.config.mode if mode is None else mode
         if mode not in REFINEMENT_MODES:
             raise ValueError(f"mode={mode!r} is not one of {REFINEMENT_MODES}.")
         trained = self.policy.loop_defaults

@@ -408,3 +408,22 @@ def test_unset_loop_settings_follow_how_the_policy_was_trained(saved, loop, tmp_
     (tmp_path / "trained" / "loop_config.json").write_text('{"num_refinements": -1, "initial_rewrite": true}')
     with pytest.raises(ValueError, match="num_refinements must be an int >= 0"):
         PromptLoopPipeline.from_pretrained(str(tmp_path / "trained"), str(saved / "sd"), device="cpu")
+
+
+def test_unset_mode_is_the_policys_own(saved, loop, tmp_path):
+    """A one-shot writer (policy.mode oneshot) runs one-shot unless told otherwise; the default policy runs closed."""
+    import dataclasses
+
+    call = dict(num_inference_steps=6, preview_size=32, seed=2)
+    assert loop.policy.config.mode == "closed"
+    assert _images_equal(loop(QUERIES, **call).images, loop(QUERIES, mode="closed", **call).images)
+
+    oneshot = PromptPolicy.from_pretrained(saved / "policy", device="cpu")
+    oneshot.config = dataclasses.replace(oneshot.config, mode="oneshot")
+    oneshot.save_pretrained(tmp_path / "oneshot")
+    writer = PromptLoopPipeline.from_pretrained(str(tmp_path / "oneshot"), str(saved / "sd"), device="cpu")
+    unset, explicit = writer(QUERIES, **call), writer(QUERIES, mode="oneshot", **call)
+    assert _images_equal(unset.images, explicit.images)
+    assert [t.decision_steps for t in unset.trajectories] == [t.decision_steps for t in explicit.trajectories]
+    closed = writer(QUERIES, mode="closed", **call)
+    assert [t.decision_steps for t in closed.trajectories] != [t.decision_steps for t in unset.trajectories]

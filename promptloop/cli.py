@@ -63,7 +63,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
                           guidance_scale=args.guidance_scale, preview_size=args.preview_size,
                           feedback_delay=args.feedback_delay, initial_rewrite=args.initial_rewrite, progress=True)
         written += write_outputs(Path(args.out), output, start=start)
-    print(f"wrote {len(written)} files to {args.out}")
+    from .environment import environment
+
+    record = {"arguments": {k: v for k, v in vars(args).items() if k != "func"}, "environment": environment()}
+    (Path(args.out) / "sample.json").write_text(json.dumps(record, indent=2))  # what made these files
+    print(f"wrote {len(written)} files and sample.json (arguments, versions) to {args.out}")
     return 0
 
 

@@ -207,10 +207,13 @@ def test_sample_command_writes_images_trajectories_and_strips(saved, tmp_path, c
                      "--out", str(tmp_path / "out")])
     assert code == 0
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert names == ["000.json", "000.png", "000_strip.png", "001.json", "001.png", "001_strip.png"]
+    assert names == ["000.json", "000.png", "000_strip.png", "001.json", "001.png", "001_strip.png", "sample.json"]
     record = json.loads((tmp_path / "out" / "001.json").read_text())
     assert record["query"] == "a green tree" and len(record["decision_steps"]) == 2
-    assert "wrote 6 files" in capsys.readouterr().out
+    assert "wrote 6 files and sample.json" in capsys.readouterr().out
+    made_by = json.loads((tmp_path / "out" / "sample.json").read_text())
+    assert made_by["arguments"]["policy"] == str(saved / "policy") and made_by["arguments"]["refinements"] == 2
+    assert made_by["environment"]["promptloop"] and made_by["environment"]["torch"]
 
 
 def test_sample_command_batches_images_with_global_seeds(saved, loop, tmp_path):
@@ -232,7 +235,7 @@ def test_sample_command_runs_the_vllm_backend(saved, tmp_path, monkeypatch):
     code = cli_main(["sample", "--policy", str(saved / "policy"), "--backbone", str(saved / "sd"), "--prompt",
                      "a red cat", "--refinements", "1", "--steps", "3", "--preview-size", "32",
                      "--policy-backend", "vllm", "--out", str(tmp_path / "out")])
-    assert code == 0 and len(list((tmp_path / "out").iterdir())) == 3
+    assert code == 0 and len(list((tmp_path / "out").glob("000*"))) == 3
     assert len(vllm_standin.LLM.instances[-1].requests) == 1
 
 

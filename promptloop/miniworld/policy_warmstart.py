@@ -410,8 +410,8 @@ def main(argv=None) -> None:
 
 
 __all__ = ["DEFAULT_POLICY_DIR", "METRICS_NAME", "MINIWORLD_SYSTEM_PROMPTS", "MODES", "PREVIEW_PIXELS",
-           "WarmStartConfig", "build_policy_model", "caption_check", "make_policy_tokenizer", "measure_prompts", "miniworld_policy_config",
-           "edited_prompt", "evaluation_examples", "rewrite_chain", "sample_example", "save_policy", "target_prompt",
+           "WarmStartConfig", "build_policy_model", "caption_check", "make_policy_tokenizer", "measure_prompts",
+           "miniworld_policy_config", "edited_prompt", "evaluation_examples", "rewrite_chain", "sample_example", "save_policy", "target_prompt",
            "warm_start"]
 
 if __name__ == "__main__":

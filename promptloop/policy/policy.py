@@ -11,7 +11,6 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import (
     AutoConfig,
     AutoModelForImageTextToText,
-    AutoProcessor,
     GenerationConfig,
     PreTrainedModel,
     ProcessorMixin,
@@ -143,7 +142,7 @@ class PromptPolicy(PromptWriter):
         resolved = resolve_policy_config(path_or_id, config, base_model_name_or_path, revision=revision, **download)
         config, folder = resolved
         device = _resolve_device(device)
-        base = dict(revision=config.model_revision, trust_remote_code=config.trust_remote_code, **download)
+        base = resolved.base_model_kwargs(**download)
         check_model_type(AutoConfig.from_pretrained(config.model_name_or_path, **base).model_type,
                          config.model_name_or_path)  # before any weights load
         model = AutoModelForImageTextToText.from_pretrained(
@@ -151,8 +150,7 @@ class PromptPolicy(PromptWriter):
             # transformers' check for an adapter in the base repo does not get these by itself (5.24)
             adapter_kwargs=dict(cache_dir=cache_dir, local_files_only=local_files_only),
         )
-        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=config.trust_remote_code) if folder \
-            else AutoProcessor.from_pretrained(config.model_name_or_path, **base)
+        processor = resolved.load_processor(**download)
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.eval()
@@ -174,7 +172,8 @@ class PromptPolicy(PromptWriter):
 
     def save_pretrained(self, save_directory: Union[str, Path], *, model_card: Optional[str] = None) -> None:
         """Write the adapter (safetensors), ``policy_config.json``, ``loop_config.json`` (when the policy has
-        :attr:`loop_defaults`), the processor (tokenizer, chat template) and a model card ``README.md`` (``model_card``, default :func:`~promptloop.policy.hub.policy_model_card`).
+        :attr:`loop_defaults`), the processor (tokenizer, chat template) and a model card ``README.md``
+        (``model_card``, default :func:`~promptloop.policy.hub.policy_model_card`).
 
         The folder is self-contained apart from the base model it names, and can be pushed to the hub as is.
         """

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
-from transformers import AutoConfig, AutoProcessor, GenerationConfig, ProcessorMixin
+from transformers import AutoConfig, GenerationConfig, ProcessorMixin
 
 from promptloop.backbones.types import Observation
 from promptloop.policy.config import PolicyConfig
@@ -165,9 +165,8 @@ class VLLMPromptPolicy(PromptWriter):
 
         ``path_or_id``, ``config`` and the hub arguments (``revision``, ``token``, ``cache_dir``,
         ``local_files_only``) resolve as in :meth:`PromptPolicy.from_pretrained`; the engine loads the base model at
-        its ``model_revision``. ``gpu_memory_utilization``
-        is the share of the GPU a new engine reserves (weights + KV cache); the default leaves the rest to the
-        diffusion pipeline in the same process. ``llm_kwargs`` go to ``vllm.LLM`` as they are (``enforce_eager``,
+        its ``model_revision``. ``gpu_memory_utilization`` is the share of the GPU a new engine reserves (weights +
+        KV cache); the default leaves the rest to the diffusion pipeline in the same process. ``llm_kwargs`` go to ``vllm.LLM`` as they are (``enforce_eager``,
         ``max_model_len``, ``tensor_parallel_size``, ...) and override the ones set here.
 
         ``llm``: an engine already serving this policy's base model with the same preview sizes and LoRA enabled
@@ -183,10 +182,9 @@ class VLLMPromptPolicy(PromptWriter):
         resolved = resolve_policy_config(path_or_id, config, base_model_name_or_path, revision=revision,
                                          token=token, cache_dir=cache_dir, local_files_only=local_files_only)
         config, folder = resolved
-        base = dict(revision=config.model_revision, token=token, cache_dir=cache_dir,
-                    local_files_only=local_files_only, trust_remote_code=config.trust_remote_code)
-        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=config.trust_remote_code) if folder \
-            else AutoProcessor.from_pretrained(config.model_name_or_path, **base)
+        download = dict(token=token, cache_dir=cache_dir, local_files_only=local_files_only)
+        base = resolved.base_model_kwargs(**download)
+        processor = resolved.load_processor(**download)
         model_config = AutoConfig.from_pretrained(config.model_name_or_path, **base)
         try:
             generation_eos = GenerationConfig.from_pretrained(config.model_name_or_path, **base).eos_token_id

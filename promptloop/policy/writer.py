@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, ContextManager, NamedTuple, Optional, Sequence, Union
 
 import torch
-from transformers import ProcessorMixin
+from transformers import AutoProcessor, ProcessorMixin
 
 from promptloop.backbones.types import Observation, RefineFn
 from promptloop.policy.chat import Chat, build_chat
@@ -52,6 +52,17 @@ class ResolvedPolicy(NamedTuple):
         """The saved folder when it holds a LoRA adapter (a saved policy can also be a bare base model)."""
         has_adapter = self.folder is not None and (Path(self.folder) / ADAPTER_CONFIG_NAME).is_file()
         return self.folder if has_adapter else None
+
+    def base_model_kwargs(self, **download: Any) -> dict[str, Any]:
+        """The ``from_pretrained`` keywords of the base model: its revision, ``trust_remote_code`` and ``download``
+        (``token``, ``cache_dir``, ``local_files_only``)."""
+        return dict(revision=self.config.model_revision, trust_remote_code=self.config.trust_remote_code, **download)
+
+    def load_processor(self, **download: Any) -> ProcessorMixin:
+        """The saved policy's processor (its tokenizer and chat template), else the base model's."""
+        if self.folder is not None:
+            return AutoProcessor.from_pretrained(self.folder, trust_remote_code=self.config.trust_remote_code)
+        return AutoProcessor.from_pretrained(self.config.model_name_or_path, **self.base_model_kwargs(**download))
 
     @property
     def loop_defaults(self) -> Optional[LoopDefaults]:

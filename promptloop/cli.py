@@ -106,7 +106,7 @@ def cmd_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         from accelerate import PartialState
 
         sizes = derive_sizes(config.grpo, PartialState().num_processes)
-        from .rl.checkpoint import latest_checkpoint, resume_checkpoint
+        from .rl.checkpoint import checkpoints_after, latest_checkpoint, read_meta, resume_checkpoint
 
         if sum(map(bool, (args.resume, args.resume_from, args.auto_resume))) > 1:
             raise ValueError("give one of --resume (the latest checkpoint), --resume-from CHECKPOINT or "
@@ -116,6 +116,7 @@ def cmd_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
             resume = latest_checkpoint(run_dir)
         else:
             resume = resume_checkpoint(run_dir, args.resume_from or args.resume)
+        checkpoints_after(run_dir, read_meta(resume)["step"] if resume else 0, config.logging.overwrite_output_dir)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
     if PartialState().is_main_process:

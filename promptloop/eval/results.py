@@ -19,10 +19,11 @@
                       image, strip, metrics: {metric: float | null}}]: one per image; ``image`` / ``strip`` are
                       paths relative to the output folder (``strip`` null when none was saved); ``prompts`` the
                       prompts in force, in order (``final_prompt`` = ``prompts[-1]``)
-    summary         [{backbone, method, metric, mean, ci_low, ci_high, std, n}]: mean over prompts x seeds with
-                      its Student-t interval; ``n`` counts the finite values used
-    paired          [{backbone, method, baseline, metric, mean, ci_low, ci_high, std, n}]: mean of
-                      ``method - baseline`` on the same backbone, prompt and seed, with its t-interval
+    summary         [{backbone, method, metric, mean, ci_low, ci_high, std, n}]: mean over prompts of each
+                      prompt's mean over its seeds, with the Student-t interval over prompts (the independent
+                      units; ``std`` is that of the prompt means); ``n`` counts the prompts with a finite value
+    paired          [{backbone, method, baseline, metric, mean, ci_low, ci_high, std, n}]: the same for
+                      ``method - baseline`` on the same backbone, prompt and seed
 
 Metrics: ``reward/LABEL`` (scored against the ORIGINAL query), ``prompt_words`` (words of the final prompt),
 ``drift`` (1 - text-embedding cosine of query and final prompt), ``seconds_per_image`` (wall time of the batch,
@@ -38,7 +39,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
-from .stats import mean_ci, paired_ci
+from .stats import clustered_ci, paired_ci
 
 SCHEMA_VERSION = 1
 PROMPT_METRICS = ("prompt_words", "drift", "seconds_per_image")
@@ -152,16 +153,12 @@ def summarise(results: EvalResults) -> None:
             base = by_cell.get((backbone, results.baseline), {}) if results.baseline else {}
             for metric in results.metrics:
                 values = {k: s.metrics.get(metric) for k, s in cell.items()}
-                results.summary.append(_statistic(backbone, method, metric, mean_ci(
-                    _floats(values.values()), results.confidence)))
+                results.summary.append(_statistic(backbone, method, metric, clustered_ci(
+                    values, results.confidence)))
                 if results.baseline and method != results.baseline and base:
                     reference = {k: s.metrics.get(metric) for k, s in base.items()}
                     results.paired.append(_statistic(backbone, method, metric, paired_ci(
                         values, reference, results.confidence), baseline=results.baseline))
-
-
-def _floats(values) -> list[float]:
-    return [math.nan if v is None else float(v) for v in values]
 
 
 def _statistic(backbone, method, metric, interval, baseline=None) -> Statistic:
@@ -268,7 +265,8 @@ def markdown_table(results: EvalResults) -> str:
     """One table of means and one of paired differences per backbone (GitHub markdown)."""
     level = f"{results.confidence:.0%}"
     parts = [f"Prompt set `{results.prompt_set['source']}` ({results.prompt_set['num_prompts']} prompts) x seeds "
-             f"{results.seeds}; mean ± half-width of the {level} t-interval over prompts x seeds."]
+             f"{results.seeds}; mean ± half-width of the {level} t-interval over prompts (each prompt's mean over "
+             "its seeds: the prompts are the independent units)."]
     for backbone in results.backbones:
         parts.append(f"\n### {backbone}\n")
         parts.append(_markdown(table_rows(results, backbone)))

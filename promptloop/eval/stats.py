@@ -1,7 +1,10 @@
 """Means with Student-t confidence intervals, and paired differences on matched (prompt, seed) samples.
 
-Samples are treated as independent draws (one per prompt x seed). Non-finite values (a reward that returned NaN)
-are left out and the count ``n`` says how many values were used. With ``n < 2`` the interval is undefined (NaN).
+Images of one prompt under different seeds are correlated, so an evaluation's intervals take the prompts as the
+independent units (:func:`clustered_ci`, :func:`paired_ci`): each prompt's value is its mean over its seeds, and
+the t-interval is over prompts (treating every image as independent would make it 15-30% too narrow on the mini
+world's 4 seeds). Non-finite values (a reward that returned NaN) are left out and the count ``n`` says how many
+values (prompts, for the clustered intervals) were used. With ``n < 2`` the interval is undefined (NaN).
 The t quantile is exact for the integer degrees of freedom used here (Abramowitz & Stegun 26.7.3-4, inverted by
 bisection); above ``_EXPANSION_DF`` degrees of freedom the Cornish-Fisher expansion (A&S 26.7.5) is used, which
 agrees to better than 1e-9 there.
@@ -111,23 +114,34 @@ def mean_ci(values: Iterable[float], confidence: float = 0.95) -> Interval:
     return Interval(mean, mean - half, mean + half, std, n, confidence)
 
 
-def paired_differences(values: Mapping[Hashable, float], baseline: Mapping[Hashable, float]) -> list[float]:
+def clustered_ci(values: Mapping[tuple[Hashable, Hashable], float], confidence: float = 0.95) -> Interval:
+    """Mean and t-interval over prompts of the values keyed ``(prompt, seed)``: each prompt counts once, with the
+    mean of its finite values over its seeds (prompts without any are left out; ``n`` counts the prompts)."""
+    by_prompt: dict[Hashable, list[float]] = {}
+    for (prompt, _), value in values.items():
+        if value is not None and math.isfinite(float(value)):
+            by_prompt.setdefault(prompt, []).append(float(value))
+    return mean_ci([math.fsum(v) / len(v) for v in by_prompt.values()], confidence)
+
+
+def paired_differences(values: Mapping[Hashable, float], baseline: Mapping[Hashable, float]) -> dict[Hashable, float]:
     """``values[k] - baseline[k]`` for every key present in both (e.g. keys ``(prompt_index, seed)``), in the
     order of ``values``; pairs where either side is not finite are left out."""
-    out = []
+    out = {}
     for key, value in values.items():
         if key not in baseline or value is None or baseline[key] is None:
             continue
         difference = float(value) - float(baseline[key])
         if math.isfinite(difference):
-            out.append(difference)
+            out[key] = difference
     return out
 
 
-def paired_ci(values: Mapping[Hashable, float], baseline: Mapping[Hashable, float],
+def paired_ci(values: Mapping[tuple[Hashable, Hashable], float], baseline: Mapping[tuple[Hashable, Hashable], float],
               confidence: float = 0.95) -> Interval:
-    """Mean paired difference ``values - baseline`` over matched keys with its t-interval."""
-    return mean_ci(paired_differences(values, baseline), confidence)
+    """Mean paired difference ``values - baseline`` over matched ``(prompt, seed)`` keys with its t-interval over
+    prompts (:func:`clustered_ci` of the differences)."""
+    return clustered_ci(paired_differences(values, baseline), confidence)
 
 
-__all__ = ["Interval", "mean_ci", "paired_ci", "paired_differences", "student_t_cdf", "t_quantile"]
+__all__ = ["Interval", "clustered_ci", "mean_ci", "paired_ci", "paired_differences", "student_t_cdf", "t_quantile"]

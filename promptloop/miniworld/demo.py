@@ -171,6 +171,7 @@ def run_demo(out_dir: str | Path, quick: bool = False, log=print) -> dict:
     prompts_file.write_text("\n".join(training_queries()) + "\n", encoding="utf-8")
 
     config = train_config(out, prompts_file, size)
+    config.logging.overwrite_output_dir = True  # the demo writes its report folder anew, training included
     log(f"[1/2] GRPO training: {size.steps} steps x {size.prompts_per_step} queries x G={size.group_size}, "
         f"N_R={size.num_refinements}, on backbone A ({SHIPPED_BACKBONE_A})")
     trainer = GRPOTrainer.from_config(config)

@@ -120,7 +120,8 @@ def save_checkpoint(run_dir: Path, step: int, write: Callable[[Path], None], met
         error.errno = getattr(e, "errno", None)
         raise error from e
     for old in list_checkpoints(run_dir)[:-keep_last]:
-        _remove(old)
+        if old != final:
+            _remove(old)
     return final
 
 
@@ -136,6 +137,25 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     done = [p for p in root.iterdir() if _NAME.fullmatch(p.name) and not p.is_symlink() and p.is_dir()
             and (p / COMPLETE_MARKER).is_file()]
     return sorted(done, key=lambda p: int(p.name[len(_PREFIX):]))
+
+
+def checkpoints_after(run_dir: Path, step: int, overwrite: bool = False) -> list[Path]:
+    """The run's complete checkpoints past ``step``, the step a run starts from (0, or its resume checkpoint's):
+    left by an earlier run, they would be taken for this run's by ``--resume`` and by ``keep_last``. An error naming
+    the fix unless ``overwrite`` (then the caller deletes them: :func:`remove_checkpoints`)."""
+    later = [p for p in list_checkpoints(run_dir) if int(p.name[len(_PREFIX):]) > step]
+    if later and not overwrite:
+        names = ", ".join(p.name for p in later)
+        raise ValueError(f"{checkpoint_dir(run_dir)} holds checkpoints after step {step}, where this run starts "
+                         f"({names}), left by an earlier run: --resume would continue them. Resume the latest with "
+                         "--resume, choose another logging.output_dir, or set logging.overwrite_output_dir true to "
+                         "delete them.")
+    return later
+
+
+def remove_checkpoints(checkpoints: list[Path]) -> None:
+    for path in checkpoints:
+        _remove(path)
 
 
 def latest_checkpoint(run_dir: Path) -> Optional[Path]:

@@ -177,6 +177,10 @@ class LoggingSection:
         "the rows of steps after its checkpoint, which run again.", default=False)
     checkpoint_every: int = _help("Write a checkpoint every N steps (and at exit).", default=10)
     keep_last: int = _help("Checkpoints kept (oldest removed first).", default=3)
+    overwrite_output_dir: bool = _help(
+        "Delete checkpoints of an earlier run in output_dir that lie past the step this run starts from (all of "
+        "them on a fresh start) instead of stopping with an error: they would be taken for this run's.",
+        default=False)
     progress: bool = _help("Show a progress bar with ETA.", default=True)
     push_to_hub: bool = _help(
         "At the end of training, upload the trained policy (<output_dir>/policy: adapter, processor, config, model "
@@ -238,6 +242,10 @@ class TrainConfig:
         if mode == "oneshot" and self.grpo.initial_rewrite:
             raise ValueError("grpo.initial_rewrite is a closed-loop option; policy.mode='oneshot' already writes "
                              "the prompt before sampling. Set grpo.initial_rewrite=false.")
+        if mode == "closed" and self.grpo.num_refinements >= self.backbone.num_inference_steps:
+            raise ValueError(f"grpo.num_refinements={self.grpo.num_refinements} needs backbone.num_inference_steps > "
+                             f"{self.grpo.num_refinements} (got {self.backbone.num_inference_steps}): refinements "
+                             "take effect at sampler steps 1 .. T-1. Raise the steps or lower the refinements.")
 
 
 @dataclass
@@ -258,6 +266,9 @@ class DerivedSizes:
 
 def derive_sizes(grpo: GRPOSection, num_processes: int = 1) -> DerivedSizes:
     """Check divisibility and compute the batch arithmetic; errors name the keys to change."""
+    if grpo.rollout_backend == "vllm" and num_processes > 1:
+        raise ValueError(f"grpo.rollout_backend='vllm' runs in one process; this run has {num_processes}. Use "
+                         "rollout_backend='transformers' under accelerate launch with several processes.")
     if grpo.prompts_per_step % num_processes:
         raise ValueError(f"grpo.prompts_per_step={grpo.prompts_per_step} must be divisible by the number of "
                          f"processes ({num_processes})")

@@ -28,6 +28,7 @@ def grpo_loss(
     ref_logps: Optional[torch.Tensor] = None,
     normalisation: LossNormalisation = "token",
     num_tokens: Optional[float] = None,
+    num_sequences: Optional[float] = None,
     kl_importance_weighting: bool = True,
 ) -> GRPOLossOutput:
     """Clipped surrogate ``-min(rho * A, clip(rho, 1 - clip_low, 1 + clip_high) * A) + beta * KL`` per token.
@@ -38,7 +39,9 @@ def grpo_loss(
     ``kl_importance_weighting`` it is weighted by ``rho`` to estimate the KL under the current policy (as TRL does
     by default). ``normalisation="token"`` averages over all masked tokens of the
     batch (divided by ``num_tokens`` when given, e.g. the token count of a whole gradient-accumulation window);
-    ``"sequence"`` averages per action first, then over actions.
+    ``"sequence"`` averages per action first, then over the B actions (divided by ``num_sequences`` when given, e.g.
+    the actions with valid tokens in a whole window). The metrics are means over the masked tokens; with no masked
+    token they are empty (nothing to describe).
     """
     if logps.shape != old_logps.shape or logps.shape != mask.shape:
         raise ValueError(f"logps, old_logps and mask must share a shape, got {logps.shape}, {old_logps.shape}, "
@@ -64,24 +67,26 @@ def grpo_loss(
         denom = mask.sum().clamp(min=1.0) if num_tokens is None else torch.as_tensor(float(num_tokens))
         loss = (per_token * mask).sum() / denom
     elif normalisation == "sequence":
-        loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+        per_action = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+        loss = per_action.mean() if num_sequences is None else per_action.sum() / float(num_sequences)
     else:
         raise ValueError(f"normalisation must be 'token' or 'sequence', got {normalisation!r}")
 
+    if not mask.any():
+        return GRPOLossOutput(loss=loss, metrics={})
     with torch.no_grad():
-        n = mask.sum().clamp(min=1.0)
+        n = mask.sum()
 
         def masked_mean(x: torch.Tensor) -> float:
             return float((x * mask).sum() / n)
 
-        big = torch.finfo(ratio.dtype).max
         metrics = {
             "losses/clipfrac_low": masked_mean(((ratio < 1 - clip_low) & (adv < 0)).to(mask.dtype)),
             "losses/clipfrac_high": masked_mean(((ratio > 1 + clip_high) & (adv > 0)).to(mask.dtype)),
             "losses/approx_kl": masked_mean((ratio - 1) - log_ratio),
             "losses/ratio_mean": masked_mean(ratio),
-            "losses/ratio_max": float(torch.where(mask > 0, ratio, torch.full_like(ratio, -big)).max()),
-            "losses/ratio_min": float(torch.where(mask > 0, ratio, torch.full_like(ratio, big)).min()),
+            "losses/ratio_max": float(ratio[mask > 0].max()),
+            "losses/ratio_min": float(ratio[mask > 0].min()),
         }
         if kl is not None:
             metrics["losses/kl"] = masked_mean(kl)

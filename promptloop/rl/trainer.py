@@ -37,9 +37,11 @@ from ..visualize import stack_rows, trajectory_strip
 from .advantages import group_advantages
 from .callbacks import TrainerCallback
 from .checkpoint import (
+    checkpoints_after,
     load_tensors,
     push_checkpoint,
     read_meta,
+    remove_checkpoints,
     resume_checkpoint,
     rng_state,
     save_checkpoint,
@@ -157,6 +159,17 @@ def reward_metadata(trajectories: Sequence[Trajectory]) -> list[dict[str, Any]]:
     return [{"prompt": t.prompts[-1], "prompts": list(t.prompts)} for t in trajectories]
 
 
+def held_out_queries(config: TrainConfig, eval_queries: Optional[Sequence[str]]) -> list[str]:
+    """The first ``data.num_eval_prompts`` held-out queries; none while ``logging.eval_every`` asks for evaluations
+    is an error naming the keys."""
+    queries = list(eval_queries or [])[: config.data.num_eval_prompts]
+    if config.logging.eval_every and not queries:
+        raise ValueError(f"logging.eval_every={config.logging.eval_every} evaluates on held-out queries, but there "
+                         "are none: give data.eval_prompts (and data.num_eval_prompts > 0), or set "
+                         "logging.eval_every 0.")
+    return queries
+
+
 def _step_seed(*parts: int) -> int:
     seed = 0
     for p in parts:
@@ -173,6 +186,48 @@ def _forward_through(policy: PromptPolicy, module: torch.nn.Module) -> Iterator[
         yield
     finally:
         policy.model = original
+
+
+class _LossStats:
+    """The update's loss metrics over one training step: token-weighted means over the micro-batches that hold valid
+    tokens (one without any describes nothing), true extremes of the ratio, and per optimizer step the loss (the
+    sum of its micro-batches' losses) and the gradient norm."""
+
+    _EXTREMES = {"losses/ratio_max": max, "losses/ratio_min": min}
+
+    def __init__(self) -> None:
+        self.weighted: dict[str, float] = {}
+        self.extremes: dict[str, float] = {}
+        self.tokens = 0
+        self.losses: list[float] = []
+        self.grad_norms: list[float] = []
+
+    def add(self, metrics: dict[str, float], mask: torch.Tensor, entropy: Optional[torch.Tensor]) -> None:
+        tokens = int(mask.sum())
+        if not tokens:
+            return
+        self.tokens += tokens
+        for key, value in metrics.items():
+            if key in self._EXTREMES:
+                self.extremes[key] = self._EXTREMES[key](self.extremes.get(key, value), value)
+            else:
+                self.weighted[key] = self.weighted.get(key, 0.0) + value * tokens
+        if entropy is not None:
+            self.weighted["policy/entropy"] = self.weighted.get("policy/entropy", 0.0) + float(entropy[mask].sum())
+
+    def optimizer_step(self, loss: float, grad_norm: Optional[torch.Tensor]) -> None:
+        self.losses.append(loss)
+        if grad_norm is not None:
+            self.grad_norms.append(float(grad_norm))
+
+    def metrics(self) -> dict[str, float]:
+        out = {key: value / self.tokens for key, value in self.weighted.items()}
+        out.update(self.extremes)
+        if self.losses:
+            out["losses/loss"] = sum(self.losses) / len(self.losses)
+        if self.grad_norms:
+            out["train/grad_norm"] = sum(self.grad_norms) / len(self.grad_norms)
+        return out
 
 
 class GRPOTrainer:
@@ -200,7 +255,7 @@ class GRPOTrainer:
         self.backbone = backbone
         self.reward = reward
         self.stream = QueryStream(list(queries), seed=config.grpo.seed, shuffle=config.data.shuffle)
-        self.eval_queries = list(eval_queries or [])[: config.data.num_eval_prompts]
+        self.eval_queries = held_out_queries(config, eval_queries)
         self.run_dir = Path(config.logging.output_dir)
         self.step = 0
         params = policy.trainable_parameters()
@@ -219,10 +274,6 @@ class GRPOTrainer:
         self._ratio_checked = False
         self._nonfinite_rollouts = 0
         """Consecutive steps skipped because a rollout produced NaN/inf latents."""
-        if config.grpo.rollout_backend == "vllm" and self.accelerator.num_processes > 1:
-            raise ValueError(f"grpo.rollout_backend='vllm' runs in one process; this run has "
-                             f"{self.accelerator.num_processes}. Use rollout_backend='transformers' under accelerate "
-                             "launch with several processes.")
         self._engine: Optional[VLLMPromptPolicy] = None
         self._engine_step = -1
         """The step whose adapter weights the vLLM engine serves (-1: not started)."""
@@ -239,8 +290,8 @@ class GRPOTrainer:
         from .data import load_queries
 
         queries = load_queries(config.data.prompts, config.data.column)
-        eval_queries = load_queries(config.data.eval_prompts, config.data.column) if config.data.eval_prompts \
-            else None
+        eval_queries = held_out_queries(config, load_queries(config.data.eval_prompts, config.data.column)
+                                        if config.data.eval_prompts else None)
         if config.grpo.rollout_backend == "vllm":
             import_vllm()  # before any model loads
         if config.logging.push_to_hub:
@@ -401,8 +452,7 @@ class GRPOTrainer:
             "reward/dropped": float(adv.num_dropped),
             "reward/failures": float(batch.reward_failures),
         }
-        sums: dict[str, float] = {}
-        counts = 0
+        stats = _LossStats()
         skipped = 0
         order_gen = torch.Generator().manual_seed(_step_seed(g.seed, self.step, 13))
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -420,17 +470,16 @@ class GRPOTrainer:
                 batch.actions, [mb for mini in partitions[0] for mb in mini])
         for epoch_partition in partitions:
             for micro in epoch_partition:
-                idx = [i for mb in micro for i in mb]
-                tokens = sum(len(batch.actions[i].sampling_logps) for i in idx if valid[i])
+                counted = [i for mb in micro for i in mb if valid[i] and len(batch.actions[i].sampling_logps)]
+                tokens = sum(len(batch.actions[i].sampling_logps) for i in counted)
                 finite = True
+                step_loss = 0.0
                 for k, mb in enumerate(micro):
                     actions = [batch.actions[i] for i in mb]
                     sync = contextlib.nullcontext() if k == len(micro) - 1 else self.accelerator.no_sync(self.model)
                     with sync:
                         logps, old, mask, entropy = self._micro_batch_logps(actions)
                         mask = mask & torch.tensor([valid[i] for i in mb], device=mask.device).unsqueeze(1)
-                        if entropy is not None and mask.any():
-                            sums["policy/entropy"] = sums.get("policy/entropy", 0.0) + float(entropy[mask].mean())
                         if not self._ratio_checked and mask.any():
                             self._check_on_policy(logps, old, mask)
                             metrics["losses/on_policy_ratio_deviation"] = self.on_policy_ratio_deviation
@@ -439,19 +488,20 @@ class GRPOTrainer:
                             with torch.no_grad(), self.policy.reference():
                                 ref = self.policy.log_probs([a.sample for a in actions]).log_probs
                         advantages = torch.tensor([a.advantage for a in actions], device=logps.device)
+                        # Both normalisations divide by the whole optimizer step's count (tokens or actions with
+                        # a valid reward), so the gradient does not depend on the micro-batching.
                         out = grpo_loss(logps, old, advantages, mask, clip_low=g.clip_low, clip_high=g.clip_high,
                                         beta=g.beta, ref_logps=ref, normalisation=g.loss_normalisation,
-                                        num_tokens=max(tokens, 1) if g.loss_normalisation == "token" else None)
+                                        num_tokens=max(tokens, 1), num_sequences=max(len(counted), 1))
                         if not torch.isfinite(out.loss) or not torch.isfinite(logps[mask]).all():
                             finite = False
                         # Backward even when non-finite: every process must join the gradient all-reduce; the
                         # NaN/inf gradients are then discarded below, never applied.
-                        loss = out.loss if g.loss_normalisation == "token" else out.loss / len(micro)
-                        self.accelerator.backward(loss)
-                    for key, value in out.metrics.items():
-                        sums[key] = sums.get(key, 0.0) + value
-                    sums["losses/loss"] = sums.get("losses/loss", 0.0) + float(out.loss.detach())
-                    counts += 1
+                        self.accelerator.backward(out.loss)
+                    stats.add(out.metrics, mask, entropy)
+                    step_loss += float(out.loss.detach())
+                # Decided together before clipping: under FSDP/ZeRO clipping is a collective every process joins.
+                finite = not self._any_process(not finite)
                 grad_norm = None
                 if finite and g.max_grad_norm > 0:
                     grad_norm = self.accelerator.clip_grad_norm_(params, g.max_grad_norm)
@@ -464,19 +514,36 @@ class GRPOTrainer:
                 if finite:
                     self.optimizer.step()
                     self.lr_scheduler.step()
+                    stats.optimizer_step(step_loss, grad_norm)
                 else:  # never apply a NaN/inf update: report and skip this optimizer step
                     skipped += 1
+                    self._skip_optimizer_step()
                 self.optimizer.zero_grad(set_to_none=True)
-                if grad_norm is not None:
-                    metrics["train/grad_norm"] = float(grad_norm)
         self.model.eval()
-        metrics.update({k: v / max(counts, 1) for k, v in sums.items()})
+        metrics.update(stats.metrics())
         metrics["train/nonfinite_skips"] = float(skipped)
         if skipped:
             warnings.warn(f"training step {self.step + 1}: {skipped} optimizer step(s) skipped because log-probs, "
                           "the loss or the gradients were NaN/inf; nothing of them was applied.", RuntimeWarning)
         metrics["train/lr"] = float(self.lr_scheduler.get_last_lr()[0])
         return metrics
+
+    def _skip_optimizer_step(self) -> None:
+        """Nothing is applied; with fp16 loss scaling the scale backs off and the scaler forgets this step's
+        unscaling (else the next step's clipping fails: "unscale_() has already been called")."""
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            scaler.update(new_scale=scaler.get_scale() * scaler.get_backoff_factor())
+
+    def _across_processes(self, metrics: dict[str, float], batch: Optional[RolloutBatch]) -> dict[str, float]:
+        """The step's metrics over every process's queries (the same dict on every process)."""
+        if self.accelerator.num_processes == 1:
+            return metrics
+        from accelerate.utils import gather_object
+
+        rewards = [] if batch is None else [r for r in batch.rewards.tolist() if math.isfinite(r)]
+        gathered = gather_object([(metrics, rewards)])
+        return combine_process_metrics([m for m, _ in gathered], [r for _, r in gathered])
 
     def _any_process(self, flag: bool) -> bool:
         """True when ``flag`` is set on any process (so that all processes take the same branch)."""
@@ -687,16 +754,27 @@ class GRPOTrainer:
                 tracker.log({"trajectories": wandb.Image(grid)}, step=self.step)
 
     def evaluate(self) -> dict[str, float]:
-        """Held-out queries, fixed noise seeds and policy seed, evenly spaced refinements."""
+        """Held-out queries, fixed noise seeds and policy seed, evenly spaced refinements; each process samples its
+        share in batches of ``backbone.rollout_batch_size`` and every process gets the mean over all of them."""
         if not self.eval_queries:
             return {}
         g = self.config.grpo
         refine = (self.answer_engine() or self.policy).as_refine_fn(seed=g.seed)
-        out = self._rollout_chunk(self.eval_queries, list(range(len(self.eval_queries))), self._settings(),
-                                  RefinementSchedule.uniform(g.num_refinements, g.initial_rewrite), refine)
-        scores = self.reward(out.pil(), self.eval_queries, reward_metadata(out.trajectories)).scores
-        finite = scores[torch.isfinite(scores)]
-        return {"eval/reward_mean": float(finite.mean()) if len(finite) else float("nan")}
+        schedule = RefinementSchedule.uniform(g.num_refinements, g.initial_rewrite)
+        mine = list(range(self.accelerator.process_index, len(self.eval_queries), self.accelerator.num_processes))
+        chunk = self.config.backbone.rollout_batch_size
+        scores: list[float] = []
+        for start in range(0, len(mine), chunk):
+            seeds = mine[start:start + chunk]
+            queries = [self.eval_queries[i] for i in seeds]
+            out = self._rollout_chunk(queries, seeds, self._settings(), schedule, refine)
+            scores += self.reward(out.pil(), queries, reward_metadata(out.trajectories)).scores.tolist()
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            scores = gather_object(scores)
+        finite = [s for s in scores if math.isfinite(s)]
+        return {"eval/reward_mean": sum(finite) / len(finite) if finite else float("nan")}
 
     def train(self, resume: bool | str | Path = False) -> list[dict[str, float]]:
         """Run until ``grpo.max_steps``; returns the per-step metrics (also logged to the trackers and, by the main
@@ -707,7 +785,10 @@ class GRPOTrainer:
         if resume:
             self.load_checkpoint(None if resume is True else Path(resume))
         main = self.accelerator.is_main_process
+        later = checkpoints_after(self.run_dir, self.step, cfg.logging.overwrite_output_dir)
+        self.accelerator.wait_for_everyone()  # every process has looked before the main one deletes
         if main:
+            remove_checkpoints(later)
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=2, default=str))
             self._restart_step_log(METRICS_LOG)
@@ -800,6 +881,7 @@ class GRPOTrainer:
                 metrics["train/nonfinite_rollout_skips"] = 0.0
                 metrics["time/update"] = time.perf_counter() - t1
             metrics["time/step"] = time.perf_counter() - t0
+            metrics = self._across_processes(metrics, batch)
             self.step += 1
             if self.step % cfg.logging.log_every == 0:
                 self.accelerator.log(metrics, step=self.step)
@@ -834,6 +916,34 @@ class GRPOTrainer:
     def _callback(self, hook: str, *args: Any) -> None:
         for callback in self.callbacks:
             getattr(callback, hook)(self, *args)
+
+
+_SUMMED_METRICS = frozenset({"reward/dropped", "reward/failures", "prompt/truncated", "prompt/kept_previous"})
+_LARGEST_METRICS = frozenset({"losses/ratio_max", "losses/on_policy_ratio_deviation", "policy/sampling_logprob_gap"})
+_SMALLEST_METRICS = frozenset({"losses/ratio_min"})
+
+
+def combine_process_metrics(per_process: Sequence[dict[str, float]],
+                            rewards: Sequence[Sequence[float]]) -> dict[str, float]:
+    """One step's metrics over all processes, from each process's metrics over its share of the queries: counts
+    add up, extremes stay extremes, the rest is averaged over the processes that report it; ``reward/mean`` and
+    ``reward/std`` are recomputed from every process's finite rewards (``rewards``, one list per process)."""
+    combined: dict[str, float] = {}
+    for key in dict.fromkeys(k for metrics in per_process for k in metrics):
+        values = [metrics[key] for metrics in per_process if key in metrics]
+        if key in _SUMMED_METRICS:
+            combined[key] = sum(values)
+        elif key in _LARGEST_METRICS:
+            combined[key] = max(values)
+        elif key in _SMALLEST_METRICS:
+            combined[key] = min(values)
+        else:
+            combined[key] = sum(values) / len(values)
+    if "reward/mean" in combined:
+        pooled = torch.tensor([r for process in rewards for r in process], dtype=torch.float64)
+        combined["reward/mean"] = float(pooled.mean()) if len(pooled) else float("nan")
+        combined["reward/std"] = float(pooled.std()) if len(pooled) > 1 else 0.0
+    return combined
 
 
 def _json_safe(metrics: dict[str, float]) -> dict[str, Optional[float]]:

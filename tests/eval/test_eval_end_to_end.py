@@ -18,7 +18,7 @@ from promptloop.eval import EvalResults, render_report, validate_results_json
 
 QUERIES = ["a red circle", "two green squares on grass", "a blue triangle at night"]
 SEEDS = [0, 1]
-T_975_DF5 = 2.5705818366147395  # Student t quantile, 6 samples (3 prompts x 2 seeds), from a printed t-table
+T_975_DF2 = 4.302652729911275  # Student t quantile, 3 prompts (x 2 seeds each), from a printed t-table
 
 
 def _write_config(tmp_path, backbone_dir, policy_dir, out_dir) -> str:
@@ -102,14 +102,16 @@ def test_summary_and_paired_ci_match_a_hand_computation(eval_run):
     values = {(s["prompt_index"], s["seed"]): s["metrics"][metric] for s in data["samples"]
               if s["method"] == "closed@2"}
     base = {(s["prompt_index"], s["seed"]): s["metrics"][metric] for s in data["samples"] if s["method"] == "base"}
-    for rows, numbers in (("summary", list(values.values())),
-                          ("paired", [values[k] - base[k] for k in values])):
+    for rows, per_image in (("summary", values), ("paired", {k: values[k] - base[k] for k in values})):
+        prompts = sorted({p for p, _ in per_image})  # each prompt's mean over its seeds: the independent units
+        numbers = [sum(v for (p, _), v in per_image.items() if p == prompt) / len(data["seeds"])
+                   for prompt in prompts]
         n = len(numbers)
         mean = sum(numbers) / n
         std = math.sqrt(sum((x - mean) ** 2 for x in numbers) / (n - 1))
-        half = T_975_DF5 * std / math.sqrt(n)
+        half = T_975_DF2 * std / math.sqrt(n)
         row = next(r for r in data[rows] if r["method"] == "closed@2" and r["metric"] == metric)
-        assert row["n"] == n == 6
+        assert row["n"] == n == 3 and len(per_image) == 6
         assert row["mean"] == pytest.approx(mean, abs=1e-12)
         assert row["std"] == pytest.approx(std, rel=1e-9)
         assert row["ci_low"] == pytest.approx(mean - half, rel=1e-9, abs=1e-12)

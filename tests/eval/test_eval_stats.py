@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from promptloop.eval.stats import mean_ci, paired_ci, paired_differences, student_t_cdf, t_quantile
+from promptloop.eval.stats import clustered_ci, mean_ci, paired_ci, paired_differences, student_t_cdf, t_quantile
 
 # Two-sided 95% critical values t_{0.975, df} from a printed Student t-table.
 T_TABLE_975 = {1: 12.7062, 2: 4.3027, 3: 3.1824, 4: 2.7764, 5: 2.5706, 10: 2.2281, 30: 2.0423, 120: 1.9799}
@@ -51,10 +51,21 @@ def test_non_finite_values_are_left_out_and_tiny_samples_have_no_interval():
 def test_paired_difference_matches_keys_not_positions():
     method = {("p0", 0): 2.0, ("p1", 0): 5.0, ("p2", 0): 4.0, ("p3", 0): float("nan")}
     base = {("p2", 0): 1.0, ("p0", 0): 1.5, ("p1", 0): 3.0, ("p3", 0): 0.0, ("p9", 0): 9.0}
-    assert paired_differences(method, base) == [0.5, 2.0, 3.0]
+    assert paired_differences(method, base) == {("p0", 0): 0.5, ("p1", 0): 2.0, ("p2", 0): 3.0}
     # differences 0.5, 2, 3: mean 11/6, sample sd sqrt(((−4/3)² + (1/6)² + (7/6)²) / 2) = 1.258306
     interval = paired_ci(method, base)
     assert interval.n == 3
     assert interval.mean == pytest.approx(11 / 6)
     assert interval.std == pytest.approx(1.2583057, abs=1e-6)
     assert interval.half_width == pytest.approx(4.302653 * 1.2583057 / math.sqrt(3), abs=1e-5)
+
+
+def test_intervals_take_prompts_as_the_units_not_images():
+    # two prompts x three seeds; the seeds of a prompt agree closely, the prompts differ
+    values = {("a", 0): 1.0, ("a", 1): 1.1, ("a", 2): 0.9, ("b", 0): 3.0, ("b", 1): float("nan"), ("b", 2): 3.2}
+    interval = clustered_ci(values)
+    assert interval.n == 2 and interval.mean == pytest.approx((1.0 + 3.1) / 2)
+    assert interval == mean_ci([1.0, 3.1])  # per-prompt means, t with 1 degree of freedom
+    assert interval.half_width > mean_ci([v for v in values.values()]).half_width  # images are not independent
+    base = {key: 0.5 for key in values}
+    assert paired_ci(values, base) == mean_ci([0.5, 2.6])

@@ -30,3 +30,20 @@ def test_miniworld_config_matches_the_demo(tmp_path):
     for key in ("num_inference_steps", "guidance_scale", "preview_size", "dtype"):
         assert getattr(config.backbone, key) == getattr(demo.backbone, key), key
     assert (CONFIGS.parent / config.data.prompts).is_file()
+
+
+def test_settings_that_cannot_work_together_fail_before_any_model_loads():
+    from promptloop.configuration import ConfigError
+    from promptloop.rl.trainer import held_out_queries
+
+    base = ["--backbone.name_or_path", "x", "--backbone.num_inference_steps", "4", "--data.prompts", "p.txt"]
+    with pytest.raises((ConfigError, ValueError), match=r"grpo.num_refinements=5 needs "
+                       r"backbone.num_inference_steps > 5 \(got 4\)"):
+        load_config(TrainConfig, None, [*base, "--grpo.num_refinements", "5"])
+    config = load_config(TrainConfig, None, [*base, "--grpo.num_refinements", "3", "--logging.eval_every", "5"])
+    with pytest.raises(ValueError, match="logging.eval_every=5 .* give data.eval_prompts"):
+        held_out_queries(config, None)
+    assert held_out_queries(config, ["a", "b"]) == ["a", "b"]
+    vllm = load_config(TrainConfig, None, [*base, "--grpo.num_refinements", "3", "--grpo.rollout_backend", "vllm"])
+    with pytest.raises(ValueError, match="rollout_backend='vllm' runs in one process; this run has 2"):
+        derive_sizes(vllm.grpo, 2)

@@ -37,6 +37,24 @@ def test_group_advantages_errors():
         group_advantages(torch.zeros(2), torch.zeros(2), scale="rank")
 
 
+def test_rows_without_valid_tokens_change_neither_loss_nor_metrics():
+    torch.manual_seed(0)
+    logps, old = torch.randn(2, 5), torch.randn(2, 5)
+    adv = torch.tensor([1.0, -2.0])
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 0, 0, 0]], dtype=torch.bool)  # row 1: a failed reward
+    for normalisation in ("token", "sequence"):
+        alone_in = logps[:1].clone().requires_grad_()
+        alone = grpo_loss(alone_in, old[:1], adv[:1], mask[:1], normalisation=normalisation)
+        both_in = logps.clone().requires_grad_()
+        both = grpo_loss(both_in, old, adv, mask, normalisation=normalisation, num_tokens=3, num_sequences=1)
+        alone.loss.backward()
+        both.loss.backward()
+        assert torch.allclose(both.loss, alone.loss) and both.metrics == alone.metrics
+        assert torch.allclose(both_in.grad[:1], alone_in.grad) and not both_in.grad[1].any()
+    empty = grpo_loss(logps, old, adv, torch.zeros(2, 5, dtype=torch.bool))
+    assert empty.metrics == {} and empty.loss == 0  # nothing to describe (no +-finfo.max ratio extremes)
+
+
 def test_on_policy_ratio_is_one_and_gradient_is_policy_gradient():
     torch.manual_seed(0)
     logps = torch.randn(4, 6, requires_grad=True)

@@ -131,3 +131,22 @@ def test_recomputed_old_logprobs_match_sampling_in_fp32_and_logs_are_written(tmp
     assert trainer.on_policy_ratio_deviation == 0.0  # identical forward shapes: the ratio is exactly 1
     assert sorted(p.name for p in (tmp_path / "run" / "images").iterdir()) == ["step-000001.png", "step-000002.png"]
     assert list((tmp_path / "run").rglob("events.out.tfevents.*")), "no TensorBoard event file"
+
+
+def test_checkpoints_of_an_earlier_run_are_never_taken_for_this_ones(tmp_path, vlm_dir):
+    from promptloop.rl.checkpoint import save_checkpoint
+
+    run = tmp_path / "run"
+    for step in (80, 90, 100):  # an earlier, longer run in the same output_dir
+        save_checkpoint(run, step, lambda tmp: None, {}, keep_last=3)
+    trainer = tiny_trainer(run, vlm_dir, max_steps=2)
+    with pytest.raises(ValueError, match=r"after step 0, .*step-00000100\).*overwrite_output_dir"):
+        trainer.train()
+    assert [read_meta(p)["step"] for p in list_checkpoints(run)] == [80, 90, 100]
+    trainer.config.logging.overwrite_output_dir = True
+    trainer.train()
+    assert [read_meta(p)["step"] for p in list_checkpoints(run)] == [2]
+
+    # keep_last never removes the checkpoint just written, whatever else the folder holds
+    save_checkpoint(run, 100, lambda tmp: None, {}, keep_last=1)
+    assert save_checkpoint(run, 4, lambda tmp: None, {}, keep_last=1).is_dir()

@@ -6,23 +6,26 @@ import os
 from dataclasses import dataclass
 from typing import Any, Iterator, Literal, Optional, Sequence, Union
 
+import numpy as np
 import torch
 from PIL import Image
 
 from .backbones import Backbone, RefinementSchedule, SamplerSettings, auto_backbone, rollout
-from .backbones.types import RolloutOutput, Trajectory, blind_observations
+from .backbones.types import RolloutOutput, Trajectory, blind_observations, negative_prompt_rows
 from .policy import PromptPolicy, PromptWriter, VLLMPromptPolicy
 
 RefinementMode = Literal["closed", "apriori", "oneshot", "none"]
 REFINEMENT_MODES = ("closed", "apriori", "oneshot", "none")
 POLICY_BACKENDS = ("transformers", "vllm")
+OUTPUT_TYPES = ("pil", "np", "pt")
 
 
 @dataclass
 class PromptLoopOutput:
     """Final images and one trajectory per image (prompts in force, previews, timings)."""
 
-    images: Union[list[Image.Image], torch.Tensor]
+    images: Union[list[Image.Image], np.ndarray, torch.Tensor]
+    """As ``output_type`` asks: PIL images, a ``(B, H, W, 3)`` float32 array or a ``(B, 3, H, W)`` tensor in [0, 1]."""
     trajectories: list[Trajectory]
     rollout: RolloutOutput
 
@@ -131,14 +134,14 @@ class PromptLoopPipeline:
         generator: Union[torch.Generator, Sequence[torch.Generator], None] = None,
         num_inference_steps: int = 50,
         guidance_scale: Optional[float] = None,
-        negative_prompt: Optional[str] = None,
+        negative_prompt: Union[str, Sequence[str], None] = None,
         height: Optional[int] = None,
         width: Optional[int] = None,
         preview_size: Optional[int] = 256,
         feedback_delay: int = 0,
         initial_rewrite: Optional[bool] = None,
         num_images_per_prompt: int = 1,
-        output_type: Literal["pil", "pt"] = "pil",
+        output_type: Literal["pil", "np", "pt"] = "pil",
         progress: bool = False,
         **extra: Any,
     ) -> PromptLoopOutput:
@@ -149,7 +152,9 @@ class PromptLoopPipeline:
         sampling), "none" (plain sampling). ``seed``: one int for the batch (image i uses seed + i) or one per image;
         the same seeds give the same images (default 0). ``generator`` (as in diffusers; instead of ``seed``): one
         ``torch.Generator`` for the batch or one per image, from which the images' seeds are drawn. ``policy_seed``
-        (default: the first image's seed) seeds the policy's sampling.
+        (default: the first image's seed) seeds the policy's sampling. ``negative_prompt``: one str for all images, or
+        one per prompt (each prompt's images share it), as in diffusers. ``output_type``: "pil" (a list of PIL
+        images), "np" (a ``(B, H, W, 3)`` float32 array in [0, 1]) or "pt" (a ``(B, 3, H, W)`` tensor in [0, 1]).
         ``feedback_delay`` (closed mode): pipelined feedback, the prompt taking effect at step k is written from the
         preview of step k - 1 - d while the sampler goes on (see :func:`~promptloop.backbones.rollout`).
         ``initial_rewrite`` (closed mode): the policy also writes the prompt for step 0, before any preview exists,
@@ -158,11 +163,16 @@ class PromptLoopPipeline:
         or a-priori writer), and ``num_refinements`` and ``initial_rewrite`` take the values the policy was trained
         with (its ``loop_config.json``, written by the trainer), else 5 and False.
         """
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type={output_type!r} is not one of {OUTPUT_TYPES}.")
         if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) \
                 or num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be an int >= 1, got {num_images_per_prompt!r}.")
-        queries = [query for query in ([prompt] if isinstance(prompt, str) else prompt)
-                   for _ in range(num_images_per_prompt)]
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        queries = [query for query in prompts for _ in range(num_images_per_prompt)]
+        if negative_prompt is not None and not isinstance(negative_prompt, str):
+            negative_prompt = [negative for negative in negative_prompt_rows(negative_prompt, len(prompts))
+                               for _ in range(num_images_per_prompt)]
         mode = self.policy.config.mode if mode is None else mode
         if mode not in REFINEMENT_MODES:
             raise ValueError(f"mode={mode!r} is not one of {REFINEMENT_MODES}.")
@@ -213,5 +223,10 @@ class PromptLoopPipeline:
             out = rollout(self.backbone, queries, seeds, initial_prompts=initial, **kwargs)
         else:
             out = rollout(self.backbone, queries, seeds, **kwargs)
-        images = out.pil() if output_type == "pil" else out.images
+        if output_type == "pil":
+            images = out.pil()
+        elif output_type == "np":
+            images = out.images.permute(0, 2, 3, 1).float().cpu().numpy()
+        else:
+            images = out.images
         return PromptLoopOutput(images=images, trajectories=out.trajectories, rollout=out)

@@ -114,10 +114,37 @@ def test_a_generator_draws_the_seeds_as_in_diffusers(loop):
     (dict(mode="apriori", feedback_delay=1), "applies to mode 'closed' only"),
     (dict(mode="oneshot", initial_rewrite=True), "initial_rewrite=True applies to mode 'closed' only"),
     (dict(num_refinements=3, num_inference_steps=6, feedback_delay=1), "more than 1 apart"),
+    (dict(negative_prompt=["blurry"]), "negative_prompt holds 1 prompts for 2 prompts; give one per prompt"),
+    (dict(output_type="latent"), r"output_type='latent' is not one of \('pil', 'np', 'pt'\)"),
 ])
 def test_bad_arguments_are_clear_errors(loop, kwargs, match):
     with pytest.raises(ValueError, match=match):
         loop(QUERIES, **kwargs)
+
+
+def test_output_types_as_in_diffusers(loop, monkeypatch):
+    kwargs = dict(mode="none", num_inference_steps=3, seed=0)
+    pt = loop(QUERIES, output_type="pt", **kwargs).images
+    as_np = loop(QUERIES, output_type="np", **kwargs).images
+    assert isinstance(as_np, np.ndarray) and as_np.dtype == np.float32 and as_np.shape == (2, 64, 64, 3)
+    np.testing.assert_array_equal(as_np, pt.permute(0, 2, 3, 1).numpy())
+    pil = loop(QUERIES, **kwargs).images
+    assert all(isinstance(image, Image.Image) for image in pil) and len(pil) == 2
+    monkeypatch.setattr("promptloop.pipeline.rollout", lambda *a, **k: pytest.fail("sampled before checking"))
+    with pytest.raises(ValueError, match="output_type='PIL' is not one of"):
+        loop(QUERIES, output_type="PIL", **kwargs)
+
+
+def test_a_negative_prompt_per_prompt_is_shared_by_its_images_as_in_diffusers(loop):
+    negatives = ["blurry", "dark, low quality"]
+    out = loop(QUERIES, mode="none", negative_prompt=negatives, num_images_per_prompt=2, guidance_scale=5.0,
+               num_inference_steps=3, seed=0, output_type="pt")
+    expected = loop.backbone.pipe(QUERIES, negative_prompt=negatives, num_images_per_prompt=2, guidance_scale=5.0,
+                                  num_inference_steps=3, output_type="pt",
+                                  generator=[torch.Generator().manual_seed(s) for s in range(4)]).images
+    torch.testing.assert_close(out.images, expected, atol=1e-6, rtol=0)
+    with pytest.raises(TypeError, match="a list of str \\(one per prompt\\)"):
+        loop(QUERIES, mode="none", negative_prompt=[1, 2])
 
 
 def test_device_places_what_was_loaded_here_and_to_moves_both(saved, monkeypatch):
@@ -292,12 +319,16 @@ def test_train_command_checks_resume_before_loading_models(tmp_path, monkeypatch
     monkeypatch.setattr(GRPOTrainer, "from_config", classmethod(lambda cls, config: StubTrainer()))
     fresh = tmp_path / "fresh.yaml"
     fresh.write_text(config.read_text().replace(str(run), str(tmp_path / "new-run")))
-    assert cli_main(["train", str(config), "--resume-from", str(older)]) == 0
+    # checkpoints past the start would be taken for the new run's: an error, unless they may be deleted
+    with pytest.raises(SystemExit, match=r"checkpoints after step 2, .*\(step-00000004\).*overwrite_output_dir"):
+        cli_main(["train", str(config), "--resume-from", str(older)])
+    with pytest.raises(SystemExit, match=r"after step 0, .*\(step-00000002, step-00000004\)"):
+        cli_main(["train", str(config)])
+    assert cli_main(["train", str(config), "--resume-from", str(older), "--logging.overwrite_output_dir", "true"]) == 0
     assert cli_main(["train", str(config), "--resume"]) == 0
-    assert cli_main(["train", str(config)]) == 0
     assert cli_main(["train", str(config), "--auto-resume"]) == 0
     assert cli_main(["train", str(fresh), "--auto-resume"]) == 0  # no checkpoint yet: a fresh start
-    assert resumed == [older, newer, False, newer, False]
+    assert resumed == [older, newer, newer, False]
 
     StubTrainer.terminated = True  # a SIGTERM stopped it: status 143, as schedulers expect
     assert cli_main(["train", str(config), "--auto-resume"]) == 143

@@ -17,7 +17,7 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_tim
 
 from .base import PromptEmbeds, SamplerState, StepResult
 from .sd3 import FlowMatchingBackbone
-from .types import SamplerSettings
+from .types import SamplerSettings, negative_prompt_rows
 
 
 class FluxBackbone(FlowMatchingBackbone):
@@ -98,9 +98,8 @@ class FluxBackbone(FlowMatchingBackbone):
         guidance = None
         if self.has_guidance_embedding:
             guidance = torch.full([1], guidance_scale, device=device, dtype=torch.float32).expand(batch)
-        negative = None
-        if true_cfg_scale > 1 and settings.negative_prompt is not None:
-            negative = self.encode_prompts([settings.negative_prompt] * batch)
+        negatives = negative_prompt_rows(settings.negative_prompt, batch)
+        negative = self.encode_prompts(negatives) if true_cfg_scale > 1 and negatives is not None else None
         text_ids_dtype = pipe.text_encoder.dtype
         extras = {
             "image_ids": image_ids,

@@ -9,6 +9,9 @@ estimate of step ``i - 1``, so refinements cost no extra denoiser evaluation. Wi
 them in a worker thread. A schedule's initial rewrite (step 0) is written before any x0 estimate exists: its
 observation has no preview.
 
+Steps are solver steps (``num_inference_steps`` of them): a second-order scheduler's step (Heun: predictor and
+corrector) runs with one prompt, and its x0 estimate is that of its last denoiser evaluation.
+
 Text budget convention: a prompt fits when ``backbone.count_tokens(prompt) <= backbone.text_budget``; longer
 prompts are cut at the last word boundary that fits and flagged in ``Trajectory.truncated``.
 """
@@ -26,7 +29,7 @@ import torch
 from .base import Backbone, PromptEmbeds, SamplerState
 from .preview import to_pil
 from .schedule import RefinementSchedule
-from .types import Observation, PhaseTimes, RefineFn, RolloutOutput, SamplerSettings, Trajectory
+from .types import Observation, PhaseTimes, RefineFn, RolloutOutput, SamplerSettings, Trajectory, negative_prompt_rows
 
 
 def rollout(
@@ -115,6 +118,7 @@ def _plan(queries, seeds, settings, schedule, refine, prompts, initial_prompts, 
         raise TypeError(f"seeds must be ints, got {bad!r}.")
     if not isinstance(settings, SamplerSettings):
         raise TypeError(f"settings must be a SamplerSettings, got {type(settings).__name__}.")
+    negative_prompt_rows(settings.negative_prompt, batch)  # raises on a bad negative prompt before any model work
 
     if schedule is None:
         schedule = RefinementSchedule.none()
@@ -302,10 +306,10 @@ def _run(backbone: Backbone, plan: _Plan, settings: SamplerSettings, refine, cal
     generators = [torch.Generator("cpu").manual_seed(s) for s in plan.seeds]
     with timer.phase("denoise", rows):
         state = backbone.prepare(settings, generators)
-    num_steps = state.num_steps
+    num_steps = state.num_solver_steps
     for row, s in zip(rows, plan.schedules):
         row.decision_steps = s.steps(num_steps)
-        row.timesteps = [float(state.timesteps[k]) for k in row.decision_steps]
+        row.timesteps = [float(state.timesteps[state.step_starts[k]]) for k in row.decision_steps]
     deciding_at: dict[int, list[int]] = {}
     for i, row in enumerate(rows):
         for k in row.decision_steps:
@@ -349,19 +353,20 @@ def _run(backbone: Backbone, plan: _Plan, settings: SamplerSettings, refine, cal
             for row in rows:
                 row.step_prompt_index.append(len(row.prompts) - 1)
             with timer.phase("denoise", rows):
-                result = backbone.step(state, step, embeds)
+                for evaluation in state.evaluations(step):
+                    result = backbone.step(state, evaluation, embeds)
             state.latents = result.latents
             if not torch.isfinite(result.latents).all():
                 bad_rows = [i for i in range(batch) if not torch.isfinite(result.latents[i]).all()]
                 raise FloatingPointError(
                     f"Non-finite latents (NaN/inf) after sampler step {step} of {num_steps} "
-                    f"(timestep {float(state.timesteps[step])}) in rows {bad_rows}; check the model dtype "
-                    "(e.g. an fp16 VAE/UNet overflow), the scheduler and the guidance scale."
+                    f"(timestep {float(state.timesteps[state.step_starts[step]])}) in rows {bad_rows}; check the "
+                    "model dtype (e.g. an fp16 VAE/UNet overflow), the scheduler and the guidance scale."
                 )
             x0 = result.x0
 
     with timer.phase("decode", rows):
-        images = backbone.decode(state.latents)
+        images = backbone.decode(state.latents, generators=generators)  # the pipeline decodes with its generators
     trajectories = [
         Trajectory(
             query=plan.queries[i], seed=plan.seeds[i], num_steps=num_steps, decision_steps=r.decision_steps,
@@ -374,15 +379,20 @@ def _run(backbone: Backbone, plan: _Plan, settings: SamplerSettings, refine, cal
 
 
 def _observe(backbone, plan, rows, deciding, state: SamplerState, step, effective_step, x0, settings, timer):
-    """Decode the previews of the deciding rows (x0 of the latest completed step) into their observations, for
-    prompts that take effect at ``effective_step``. Before the first step (``x0`` None) there is no preview."""
+    """Decode the previews of the deciding rows (x0 of the latest completed step, before ``step``) into their
+    observations, for prompts that take effect at ``effective_step`` (its timestep and noise level). Before the first
+    step (``x0`` None) there is no preview. A sampling decoder draws from a fresh generator seeded with the row's
+    seed, so previews are reproducible and leave the rows' generators to the final decode."""
     deciding_rows = [rows[i] for i in deciding]
     if x0 is None:
         previews = [None] * len(deciding)
     else:
+        generators = [torch.Generator("cpu").manual_seed(plan.seeds[i]) for i in deciding]
         with timer.phase("preview", deciding_rows):
-            previews = to_pil(backbone.decode(x0[deciding], size=settings.preview_size, preview=True))
-    noise = backbone.noise_level(state, step)
+            previews = to_pil(backbone.decode(x0[deciding], size=settings.preview_size, preview=True,
+                                              generators=generators))
+    start = state.step_starts[effective_step]
+    noise = backbone.noise_level(state, start)
     observations = []
     for i, preview in zip(deciding, previews):
         row = rows[i]
@@ -390,9 +400,9 @@ def _observe(backbone, plan, rows, deciding, state: SamplerState, step, effectiv
         k = len(row.prompts) - 1
         observations.append(Observation(
             row=i, query=plan.queries[i], prompt=row.prompts[-1], history=list(row.prompts), preview=preview,
-            step=effective_step, num_steps=state.num_steps, refinement_index=k, num_refinements=len(row.decision_steps),
-            noise_level=noise, metadata={"seed": plan.seeds[i], "timestep": float(state.timesteps[effective_step]),
-                                         "preview_step": step - 1},
+            step=effective_step, num_steps=state.num_solver_steps, refinement_index=k,
+            num_refinements=len(row.decision_steps), noise_level=noise,
+            metadata={"seed": plan.seeds[i], "timestep": float(state.timesteps[start]), "preview_step": step - 1},
         ))
     return observations
 

@@ -19,10 +19,10 @@ import torch
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
 from diffusers.utils.torch_utils import get_module_execution_device
 
-from .base import SAFE_WEIGHTS, Backbone, PromptEmbeds, SamplerState, StepResult
+from .base import SAFE_WEIGHTS, Backbone, PromptEmbeds, SamplerState, StepResult, vae_decode_kwargs
 from .preview import decode_with_tiny_autoencoder, resize_longest_side
 from .stable_diffusion import absent_components, check_pipeline_folder, saved_model_index
-from .types import SamplerSettings
+from .types import SamplerSettings, negative_prompt_rows
 
 MAX_T5_SEQUENCE_LENGTH = 512
 """The longest ``max_sequence_length`` the SD3 and FLUX pipelines accept."""
@@ -34,8 +34,9 @@ class FlowMatchingBackbone(Backbone):
 
     Args:
         pipe: the user's pipeline (transformer, LoRA, scheduler, dtype, device and offload stay in effect).
-        preview_decoder: optional cheap decoder for previews (e.g. ``AutoencoderTiny``, applied with its own
-            ``scaling_factor``/``shift_factor`` as the pipeline would apply them); final images use the VAE.
+        preview_decoder: optional cheap decoder for previews (e.g. ``AutoencoderTiny``; the latents are unscaled
+            once with its own ``scaling_factor``/``shift_factor``, as a pipeline whose ``vae`` it is does); final
+            images use the VAE.
         max_sequence_length: the T5 budget, as the pipeline's argument (default: the family's, see
             :meth:`default_max_sequence_length`).
         lora_scale: LoRA scale for the text encoders and the transformer, as the pipeline's
@@ -143,17 +144,16 @@ class FlowMatchingBackbone(Backbone):
         return latents
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor, size: Optional[int] = None, preview: bool = False) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, size: Optional[int] = None, preview: bool = False,
+               generators: Optional[list[torch.Generator]] = None) -> torch.Tensor:
         latents = self.unpack(latents)
         if preview and self.preview_decoder is not None:
-            config = self.preview_decoder.config
-            scaled = latents / getattr(config, "scaling_factor", 1.0) + (getattr(config, "shift_factor", 0.0) or 0.0)
-            images = decode_with_tiny_autoencoder(self.preview_decoder, scaled)
+            images = decode_with_tiny_autoencoder(self.preview_decoder, latents)
         else:
             vae = self.pipe.vae
             scaled = latents / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
             scaled = scaled.to(device=get_module_execution_device(vae), dtype=vae.dtype)
-            decoded = vae.decode(scaled, return_dict=False)[0]
+            decoded = vae.decode(scaled, return_dict=False, **vae_decode_kwargs(vae, generators))[0]
             images = self.pipe.image_processor.postprocess(decoded, output_type="pt")
         if preview:
             return resize_longest_side(images, size)
@@ -267,7 +267,8 @@ class SD3Backbone(FlowMatchingBackbone):
                                           sigmas=settings.extra.get("sigmas"), **scheduler_kwargs)
         negative = None
         if guidance_scale > 1:
-            negative = self.encode_prompts([settings.negative_prompt or ""] * len(generators))
+            batch = len(generators)
+            negative = self.encode_prompts(negative_prompt_rows(settings.negative_prompt, batch) or [""] * batch)
         return SamplerState(latents=latents, timesteps=timesteps, scheduler=scheduler, settings=settings,
                             guidance_scale=guidance_scale, negative=negative)
 

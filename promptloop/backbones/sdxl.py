@@ -13,7 +13,7 @@ from typing import ClassVar, Optional
 import torch
 from diffusers.utils.torch_utils import get_module_execution_device
 
-from .base import PromptEmbeds, SamplerState
+from .base import PromptEmbeds, SamplerState, vae_decode_kwargs
 from .stable_diffusion import COMMON_EXTRA_KEYS, StableDiffusionBackbone
 
 
@@ -53,11 +53,10 @@ class StableDiffusionXLBackbone(StableDiffusionBackbone):
         )
         return PromptEmbeds({"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled})
 
-    def _negative_embeds(self, negative_prompt: Optional[str]) -> PromptEmbeds:
+    def _negative_embeds(self, negatives: Optional[list[str]], batch: int) -> PromptEmbeds:
         _, negative, _, negative_pooled = self.pipe.encode_prompt(
-            [""], device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=True,
-            negative_prompt=None if negative_prompt is None else [negative_prompt],
-            lora_scale=self.lora_scale, clip_skip=self.clip_skip,
+            [""] * batch, device=self.device, num_images_per_prompt=1, do_classifier_free_guidance=True,
+            negative_prompt=negatives, lora_scale=self.lora_scale, clip_skip=self.clip_skip,
         )
         return PromptEmbeds({"prompt_embeds": negative, "pooled_prompt_embeds": negative_pooled})
 
@@ -93,12 +92,12 @@ class StableDiffusionXLBackbone(StableDiffusionBackbone):
         time_ids = state.extras["add_time_ids"].repeat(batch, 1)
         if state.extras["do_cfg"]:
             negative = state.negative.tensors
-            cond = torch.cat([negative["prompt_embeds"].expand(batch, -1, -1), cond])
-            pooled = torch.cat([negative["pooled_prompt_embeds"].expand(batch, -1), pooled])
+            cond = torch.cat([negative["prompt_embeds"], cond])
+            pooled = torch.cat([negative["pooled_prompt_embeds"], pooled])
             time_ids = torch.cat([time_ids, time_ids])
         return cond, {"text_embeds": pooled, "time_ids": time_ids}
 
-    def _vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def _vae_decode(self, latents: torch.Tensor, generators: Optional[list[torch.Generator]]) -> torch.Tensor:
         vae = self.pipe.vae
         needs_upcasting = vae.dtype == torch.float16 and vae.config.force_upcast
         if needs_upcasting:
@@ -112,7 +111,8 @@ class StableDiffusionXLBackbone(StableDiffusionBackbone):
         else:
             latents = latents / vae.config.scaling_factor
         try:
-            return vae.decode(latents.to(self._vae_device(), vae.dtype), return_dict=False)[0]
+            return vae.decode(latents.to(self._vae_device(), vae.dtype), return_dict=False,
+                              **vae_decode_kwargs(vae, generators))[0]
         finally:
             if needs_upcasting:
                 vae.to(dtype=torch.float16)

@@ -15,9 +15,9 @@ from typing import Any, ClassVar, Optional
 import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg, retrieve_timesteps
 
-from .base import SAFE_WEIGHTS, Backbone, PromptEmbeds, SamplerState, StepResult
+from .base import SAFE_WEIGHTS, Backbone, PromptEmbeds, SamplerState, StepResult, vae_decode_kwargs
 from .preview import decode_with_tiny_autoencoder, resize_longest_side
-from .types import SamplerSettings
+from .types import SamplerSettings, negative_prompt_rows
 
 COMMON_EXTRA_KEYS = ("guidance_rescale", "eta", "timesteps", "sigmas")
 
@@ -102,11 +102,12 @@ class StableDiffusionBackbone(Backbone):
         )
         return PromptEmbeds({"prompt_embeds": prompt_embeds})
 
-    def _negative_embeds(self, negative_prompt: Optional[str]) -> PromptEmbeds:
-        """One row of CFG negative embeddings, computed by ``encode_prompt`` exactly as the pipeline does."""
+    def _negative_embeds(self, negatives: Optional[list[str]], batch: int) -> PromptEmbeds:
+        """``batch`` rows of CFG negative embeddings (``negatives``: one per row, or ``None`` for the pipeline's
+        default), computed by ``encode_prompt`` exactly as the pipeline does."""
         _, negative = self.pipe.encode_prompt(
-            [""], self.device, 1, True, negative_prompt=None if negative_prompt is None else [negative_prompt],
-            lora_scale=self.lora_scale, clip_skip=self.clip_skip,
+            [""] * batch, self.device, 1, True, negative_prompt=negatives, lora_scale=self.lora_scale,
+            clip_skip=self.clip_skip,
         )
         return PromptEmbeds({"prompt_embeds": negative})
 
@@ -138,7 +139,8 @@ class StableDiffusionBackbone(Backbone):
         pipe, extra, batch = self.pipe, settings.extra, len(generators)
         guidance = self.default_guidance_scale if settings.guidance_scale is None else float(settings.guidance_scale)
         do_cfg = guidance > 1 and pipe.unet.config.time_cond_proj_dim is None
-        negative = self._negative_embeds(settings.negative_prompt) if do_cfg else None
+        negatives = negative_prompt_rows(settings.negative_prompt, batch)
+        negative = self._negative_embeds(negatives, batch) if do_cfg else None
         timesteps, _ = retrieve_timesteps(
             pipe.scheduler, settings.num_inference_steps, self.device, extra.get("timesteps"), extra.get("sigmas")
         )
@@ -175,8 +177,7 @@ class StableDiffusionBackbone(Backbone):
         cond = embeds.tensors["prompt_embeds"]
         if not state.extras["do_cfg"]:
             return cond, None
-        negative = state.negative.tensors["prompt_embeds"].expand(len(embeds), -1, -1)
-        return torch.cat([negative, cond]), None
+        return torch.cat([state.negative.tensors["prompt_embeds"], cond]), None
 
     def step(self, state: SamplerState, i: int, embeds: PromptEmbeds) -> StepResult:
         if len(embeds) != state.latents.shape[0]:
@@ -198,19 +199,24 @@ class StableDiffusionBackbone(Backbone):
                 prediction = rescale_noise_cfg(prediction, text, guidance_rescale=state.extras["guidance_rescale"])
         out = scheduler.step(prediction, t, latents, **state.extras["step_kwargs"], return_dict=True)
         state.latents = out.prev_sample
-        return StepResult(latents=out.prev_sample, x0=self._x0(out, scheduler, latents, prediction, t))
+        return StepResult(latents=out.prev_sample, x0=self._x0(out, scheduler, latents, prediction, t, i))
 
     @staticmethod
-    def _x0(out: Any, scheduler: Any, sample: torch.Tensor, prediction: torch.Tensor, t: torch.Tensor):
-        """The scheduler's own x0 (``pred_original_sample``, LCM's ``denoised``), else the epsilon/v formula.
+    def _x0(out: Any, scheduler: Any, sample: torch.Tensor, prediction: torch.Tensor, t: torch.Tensor, i: int):
+        """The scheduler's own x0 (``pred_original_sample``, LCM's ``denoised``), else the EDM preconditioning at
+        ``scheduler.sigmas[i]`` for EDM schedulers (``precondition_outputs``), else the epsilon/v formula.
 
-        Every sigma-space diffusers scheduler (Euler, Heun, LMS, KDPM2, ...) returns ``pred_original_sample``;
-        the others (DPM-Solver, UniPC, DEIS, PNDM, TCD) work on VP samples, where the formula below holds.
+        Every sigma-space diffusers scheduler (Euler, Heun, LMS, KDPM2, EDM-Euler, ...) returns
+        ``pred_original_sample``; EDM-DPM-Solver does not; the others (DPM-Solver, UniPC, DEIS, PNDM, TCD) work on
+        VP samples, where the formula below holds.
         """
         for name in ("pred_original_sample", "denoised"):
             x0 = getattr(out, name, None)
             if x0 is not None:
                 return x0
+        if hasattr(scheduler, "precondition_outputs"):
+            sigma = scheduler.sigmas[i].to(sample.device)
+            return scheduler.precondition_outputs(sample.float(), prediction.float(), sigma).to(sample.dtype)
         alpha_bar = scheduler.alphas_cumprod.to(sample.device)[int(t)].to(torch.float32)
         alpha, sigma = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
         kind = scheduler.config.prediction_type
@@ -225,27 +231,36 @@ class StableDiffusionBackbone(Backbone):
         return x0.to(sample.dtype)
 
     def noise_level(self, state: SamplerState, i: int) -> float:
-        """``sqrt(1 - alpha_bar_t)`` at the timestep of step ``i`` (1 = pure noise)."""
-        alphas_cumprod = state.scheduler.alphas_cumprod
+        """``sigma / sqrt(1 + sigma^2)`` at ``scheduler.sigmas[i]`` for sigma-space schedulers (Euler, DPM-Solver,
+        EDM, continuous timesteps, ...; equal to ``sqrt(1 - alpha_bar_t)`` for VP sigmas), else
+        ``sqrt(1 - alpha_bar_t)`` at the timestep of evaluation ``i`` (DDIM, PNDM, LCM, ...). 1 = pure noise."""
+        scheduler = state.scheduler
+        sigmas = getattr(scheduler, "sigmas", None)
+        if sigmas is not None:
+            sigma = float(sigmas[i])
+            return sigma / (1 + sigma * sigma) ** 0.5
+        alphas_cumprod = scheduler.alphas_cumprod
         index = min(max(int(round(float(state.timesteps[i]))), 0), len(alphas_cumprod) - 1)
         return float((1 - alphas_cumprod[index]).clamp(0, 1).sqrt())
 
     # ---- decoding
-    def decode(self, latents: torch.Tensor, size: Optional[int] = None, preview: bool = False) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, size: Optional[int] = None, preview: bool = False,
+               generators: Optional[list[torch.Generator]] = None) -> torch.Tensor:
         if preview:
             if self.preview_decoder is not None:
                 images = decode_with_tiny_autoencoder(self.preview_decoder, latents)
             else:
-                images = self._postprocess(self._vae_decode(latents))
+                images = self._postprocess(self._vae_decode(latents, generators))
             return resize_longest_side(images, size)
-        images = self._postprocess(self._vae_decode(latents))
+        images = self._postprocess(self._vae_decode(latents, generators))
         self.pipe.maybe_free_model_hooks()
         return images
 
-    def _vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+    def _vae_decode(self, latents: torch.Tensor, generators: Optional[list[torch.Generator]]) -> torch.Tensor:
         vae = self.pipe.vae
         # x0 from a scheduler that upcasts (e.g. Euler) may be float32 under an fp16 VAE
-        return vae.decode((latents / vae.config.scaling_factor).to(vae.dtype), return_dict=False)[0]
+        return vae.decode((latents / vae.config.scaling_factor).to(vae.dtype), return_dict=False,
+                          **vae_decode_kwargs(vae, generators))[0]
 
     def _postprocess(self, images: torch.Tensor) -> torch.Tensor:
         return self.pipe.image_processor.postprocess(

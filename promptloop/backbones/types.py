@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 from PIL import Image
@@ -23,13 +23,32 @@ class SamplerSettings:
 
     num_inference_steps: int = 50
     guidance_scale: Optional[float] = None
-    negative_prompt: Optional[str] = None
+    negative_prompt: Optional[Union[str, list[str]]] = None
+    """One negative prompt for every row, or a list with one per row (as diffusers takes one per prompt); ``None``
+    keeps the pipeline's default."""
     height: Optional[int] = None
     width: Optional[int] = None
     preview_size: Optional[int] = 256
     """Longest side, in pixels, of the x0 preview shown to ``refine``; ``None`` keeps the decoder's size."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Family-specific options (e.g. ``guidance_rescale`` for SD/SDXL, ``true_cfg_scale`` for FLUX)."""
+
+
+def negative_prompt_rows(negative_prompt: Optional[Union[str, list[str]]], batch: int) -> Optional[list[str]]:
+    """``SamplerSettings.negative_prompt`` as one str per row of a ``batch``-row run (``None`` stays ``None``).
+
+    Raises TypeError/ValueError unless it is ``None``, a str, or a list/tuple of ``batch`` strs.
+    """
+    if negative_prompt is None:
+        return None
+    if isinstance(negative_prompt, str):
+        return [negative_prompt] * batch
+    if not isinstance(negative_prompt, (list, tuple)) or not all(isinstance(n, str) for n in negative_prompt):
+        raise TypeError(f"negative_prompt must be a str or a list of str (one per prompt), got {negative_prompt!r}.")
+    if len(negative_prompt) != batch:
+        raise ValueError(f"negative_prompt holds {len(negative_prompt)} prompts for {batch} prompts; give one per "
+                         "prompt, or one str for all.")
+    return list(negative_prompt)
 
 
 @dataclass
@@ -52,6 +71,7 @@ class Observation:
     step: int
     """Sampler step index (0-based) from which the new prompt applies."""
     num_steps: int
+    """Sampler steps of the run: solver steps (``num_inference_steps``), not denoiser evaluations."""
     refinement_index: int
     """0-based index k of this refinement among the row's ``num_refinements``."""
     num_refinements: int
@@ -107,6 +127,7 @@ class Trajectory:
     query: str
     seed: int
     num_steps: int
+    """Solver steps (``num_inference_steps``), as in :class:`Observation`."""
     decision_steps: list[int]
     """Sampler steps at which a new prompt took effect (sorted)."""
     timesteps: list[float]

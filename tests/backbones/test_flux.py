@@ -64,6 +64,7 @@ def test_reloaded_pipeline_is_the_saved_one(backbones):
         ("dev", {"guidance_scale": 5.0, "height": 64, "width": 128}),
         ("schnell", {}),
         ("dev", {"negative_prompt": "ugly", "extra": {"true_cfg_scale": 4.0}}),
+        ("dev", {"negative_prompt": ["ugly", "dark"], "extra": {"true_cfg_scale": 4.0}}),  # one per prompt
     ],
 )
 def test_step_loop_reproduces_stock_pipeline(backbones, name, settings_kwargs):

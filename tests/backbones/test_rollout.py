@@ -88,8 +88,8 @@ def test_apriori_mode_equals_feedback_with_same_prompts_and_skips_previews(sd_ba
 
     decodes = []
     original_decode = type(sd_backbone).decode
-    monkeypatch.setattr(sd_backbone, "decode", lambda latents, size=None, preview=False: (
-        decodes.append(preview), original_decode(sd_backbone, latents, size, preview))[1])
+    monkeypatch.setattr(sd_backbone, "decode", lambda latents, size=None, preview=False, generators=None: (
+        decodes.append(preview), original_decode(sd_backbone, latents, size, preview, generators))[1])
     apriori = rollout(sd_backbone, ["a red cat"], [3], SETTINGS, schedule, prompts=prompts)
     assert decodes == [False]  # only the final decode
     assert apriori.trajectories[0].previews == [None, None]
@@ -285,3 +285,88 @@ def test_initial_rewrite_with_pipelined_feedback_matches_synchronous(sd_backbone
     piped = rollout(sd_backbone, ["a red cat"], [5], SETTINGS, schedule, refine=refine, feedback_delay=1)
     assert torch.equal(sync.images, piped.images)
     assert [o[0].step for o in calls] == [0, 3] and calls[1][0].metadata["preview_step"] == 1
+
+
+def test_pipelined_observation_reports_the_step_its_prompt_takes_effect_at(sd_backbone):
+    """With feedback_delay, the observation's step, timestep and noise level are all those of the step the prompt
+    takes effect at (as without delay); only the preview is older."""
+    settings = SamplerSettings(num_inference_steps=10, guidance_scale=3.0, preview_size=16)
+    seen = {}
+    for delay in (0, 3):
+        refine, calls = append_refine()
+        rollout(sd_backbone, ["a cat"], [0], settings, RefinementSchedule.explicit([6]), refine=refine,
+                feedback_delay=delay)
+        seen[delay] = calls[0][0]
+    state = sd_backbone.prepare(settings, [torch.Generator().manual_seed(0)])
+    for o in seen.values():
+        assert o.step == 6 and o.noise_level == sd_backbone.noise_level(state, 6)
+        assert o.metadata["timestep"] == float(state.timesteps[6])
+    assert seen[0].metadata["preview_step"] == 5 and seen[3].metadata["preview_step"] == 2
+
+
+def _scheduler(name, **config):
+    import diffusers
+
+    from promptloop.testing.tiny_pipelines import SD_SCHEDULER_CONFIG
+
+    scheduler = getattr(diffusers, name)(**{**SD_SCHEDULER_CONFIG, **config})
+    scheduler.set_timesteps(4)
+    return scheduler
+
+
+@pytest.mark.parametrize("name, config, starts", [
+    ("DDIMScheduler", {}, [0, 1, 2, 3]),
+    ("HeunDiscreteScheduler", {}, [0, 2, 4, 6]),  # predictor + corrector, the last step Euler
+    ("KDPM2DiscreteScheduler", {}, [0, 2, 4, 6]),
+    ("PNDMScheduler", {"skip_prk_steps": True}, [0, 2, 3, 4]),  # the first PLMS step evaluates twice
+    ("PNDMScheduler", {}, [0, 4, 8, 12]),  # three Runge-Kutta warm-up steps of four evaluations
+])
+def test_solver_step_starts(name, config, starts):
+    from promptloop.backbones.base import solver_step_starts
+
+    scheduler = _scheduler(name, **config)
+    assert solver_step_starts(scheduler, len(scheduler.timesteps)) == starts
+    if len(starts) < len(scheduler.timesteps):  # one evaluation more fits no multi-evaluation pattern
+        with pytest.raises(ValueError, match=f"{name} .* cannot split into solver steps.*EulerDiscreteScheduler"):
+            solver_step_starts(scheduler, len(scheduler.timesteps) + 1)
+
+
+@pytest.mark.parametrize("name, config", [
+    ("HeunDiscreteScheduler", {}), ("KDPM2AncestralDiscreteScheduler", {}), ("PNDMScheduler", {"skip_prk_steps": True}),
+    ("PNDMScheduler", {}),
+])
+def test_multi_evaluation_schedulers_refine_at_solver_steps(sd_backbone, record_steps, name, config):
+    """Plain sampling equals the stock pipeline; a prompt switch at solver step 2 changes the prompt for every
+    denoiser evaluation of that step and later, none before; the policy sees solver steps only."""
+    from .conftest import stock_images
+
+    pipe = sd_backbone.pipe
+    original = pipe.scheduler
+    pipe.scheduler = _scheduler(name, **config)
+    settings = SamplerSettings(num_inference_steps=4, guidance_scale=3.0, preview_size=None)
+    try:
+        plain = rollout(sd_backbone, ["a red cat"], [5], settings)
+        torch.testing.assert_close(plain.images, stock_images(pipe, ["a red cat"], [5], num_inference_steps=4,
+                                                              guidance_scale=3.0), atol=1e-6, rtol=0)
+        state = sd_backbone.prepare(settings, [torch.Generator().manual_seed(5)])
+        first = state.step_starts[2]
+        prompts_seen, rec = [], record_steps(sd_backbone)
+        recording = sd_backbone.step
+
+        def step(state, i, embeds):
+            prompts_seen.append(embeds.tensors["prompt_embeds"])
+            return recording(state, i, embeds)
+
+        sd_backbone.step = step
+        refine, calls = append_refine()
+        out = rollout(sd_backbone, ["a red cat"], [5], settings, RefinementSchedule.explicit([2]), refine=refine)
+        initial = sd_backbone.encode_prompts(["a red cat"]).tensors["prompt_embeds"]
+        assert [torch.equal(p, initial) for p in prompts_seen] == [i < first for i in range(state.num_steps)]
+        observation, trajectory = calls[0][0], out.trajectories[0]
+        assert observation.num_steps == trajectory.num_steps == 4 and trajectory.step_prompt_index == [0, 0, 1, 1]
+        assert trajectory.timesteps == [float(state.timesteps[first])] == [observation.metadata["timestep"]]
+        assert observation.noise_level == sd_backbone.noise_level(state, first)
+        expected = to_pil(sd_backbone.decode(rec.x0[first - 1], preview=True))[0]  # x0 of step 1's last evaluation
+        assert list(observation.preview.getdata()) == list(expected.getdata())
+    finally:
+        pipe.scheduler = original

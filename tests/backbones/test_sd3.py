@@ -3,6 +3,7 @@ import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline
 
+from promptloop.backbones.flux import FluxBackbone
 from promptloop.backbones.rollout import rollout
 from promptloop.backbones.schedule import RefinementSchedule
 from promptloop.backbones.sd3 import SD3Backbone
@@ -63,6 +64,7 @@ def test_reloaded_pipeline_is_the_saved_one(folders, backbones):
     "name, guidance_scale, negative_prompt, height, width",
     [
         ("sd3", 5.0, "blurry", 64, 64),
+        ("sd3", 5.0, ["blurry", "dark"], 64, 64),  # one negative prompt per prompt
         ("sd3", 1.0, None, 64, 128),
         ("sd3.5", 4.0, None, 64, 64),
         ("no_t5", 5.0, "blurry", 64, 64),
@@ -165,6 +167,21 @@ def test_preview_decode(backbones, folders):
     assert tiny.shape == (2, 3, 16, 32) and tiny.min() >= 0 and tiny.max() <= 1
     assert not torch.allclose(tiny, preview, atol=1e-3)
     torch.testing.assert_close(with_tiny.decode(trace.latents[-1]), full, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_tiny_preview_decoder_unscales_the_latents_once(backbones, family):
+    """A preview through AutoencoderTiny (taesd3 / taef1 factors) is what the pipeline gives with ``vae`` set to
+    that decoder: latents / scaling_factor + shift_factor, decoded once."""
+    factors = {"sd3": (1.5305, 0.0609), "flux": (0.3611, 0.1159)}[family]
+    tiny = make_tiny_preview_decoder(scaling_factor=factors[0], shift_factor=factors[1])
+    pipe = backbones["sd3"].pipe if family == "sd3" else make_tiny_flux_pipeline(seed=0)
+    backbone = (SD3Backbone if family == "sd3" else FluxBackbone).from_pipeline(pipe, preview_decoder=tiny)
+    latents = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        decoded = tiny.decode(latents / factors[0] + factors[1], return_dict=False)[0]
+    expected = pipe.image_processor.postprocess(decoded, output_type="pt")
+    torch.testing.assert_close(backbone.decode(latents, size=None, preview=True), expected, rtol=0, atol=1e-6)
 
 
 def test_rollout_reproduces_stock_pipeline_and_switches_prompts(backbones):

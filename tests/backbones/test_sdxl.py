@@ -91,3 +91,28 @@ def test_sdxl_clip_skip_and_token_budget(sdxl_backbone):
     assert sdxl_backbone.text_budget == 75
     for text in ("abc de", "a photo of a cat, 4k"):  # content tokens = tokenizer ids minus BOS/EOS
         assert sdxl_backbone.count_tokens(text) == len(sdxl_backbone.pipe.tokenizer(text).input_ids) - 2
+
+
+@pytest.mark.parametrize("scheduler_name", ["EDMDPMSolverMultistepScheduler", "EDMEulerScheduler"])
+def test_edm_schedulers_equal_stock_and_refine(sdxl_backbone, scheduler_name):
+    """Playground v2.5's EDM schedulers (no alphas_cumprod): plain sampling equals the stock pipeline; refinements
+    see the EDM x0 and the noise level sigma / sqrt(1 + sigma^2)."""
+    import diffusers
+
+    pipe = sdxl_backbone.pipe
+    original = pipe.scheduler
+    pipe.scheduler = getattr(diffusers, scheduler_name)(sigma_min=0.002, sigma_max=80.0, sigma_data=0.5,
+                                                         prediction_type="epsilon")
+    settings = SamplerSettings(num_inference_steps=4, guidance_scale=3.0, preview_size=None)
+    try:
+        plain = rollout(sdxl_backbone, QUERIES, SEEDS, settings)
+        expected = stock_images(pipe, QUERIES, SEEDS, num_inference_steps=4, guidance_scale=3.0)
+        torch.testing.assert_close(plain.images, expected, atol=1e-5, rtol=0)
+        seen = []
+        refined = rollout(sdxl_backbone, QUERIES, SEEDS, settings, RefinementSchedule.explicit([2]),
+                          refine=lambda obs: (seen.extend(obs), [o.prompt for o in obs])[1])
+        torch.testing.assert_close(refined.images, plain.images, atol=1e-6, rtol=0)
+        sigma = float(pipe.scheduler.sigmas[2])
+        assert seen[0].noise_level == pytest.approx(sigma / (1 + sigma**2) ** 0.5) and seen[0].preview is not None
+    finally:
+        pipe.scheduler = original

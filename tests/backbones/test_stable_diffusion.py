@@ -62,7 +62,7 @@ def test_x0_formula_matches_ddim_pred_original_sample(prediction_type):
     t = scheduler.timesteps[3]
     out = scheduler.step(prediction, t, sample)
     without = type("Out", (), {"prev_sample": out.prev_sample})()
-    x0 = StableDiffusionBackbone._x0(without, scheduler, sample, prediction, t)
+    x0 = StableDiffusionBackbone._x0(without, scheduler, sample, prediction, t, 3)
     torch.testing.assert_close(x0, out.pred_original_sample, atol=1e-5, rtol=1e-5)
 
 
@@ -147,3 +147,97 @@ def test_load_backbone_picks_the_revision_and_the_weight_variant(tmp_path, hub_c
         load_backbone("me/tiny-sd", "float32", "cpu", variant="fp16")
     with pytest.raises(OSError, match="no file named"):  # no default weight files, and no fall-back to pickle
         load_backbone("me/tiny-sd", "float32", "cpu", revision="v1")
+
+
+def test_x0_of_edm_dpm_solver_is_the_edm_denoised_sample():
+    """EDM-DPM-Solver (Playground v2.5) returns no pred_original_sample: x0 is its EDM preconditioning at the
+    step's sigma, the pred_original_sample EDM-Euler returns for the same sample and model output."""
+    from diffusers import EDMDPMSolverMultistepScheduler, EDMEulerScheduler
+
+    config = dict(sigma_min=0.002, sigma_max=80.0, sigma_data=0.5, prediction_type="epsilon")
+    solver, euler = EDMDPMSolverMultistepScheduler(**config), EDMEulerScheduler(**config)
+    g = torch.Generator().manual_seed(0)
+    sample, prediction = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    for scheduler in (solver, euler):
+        scheduler.set_timesteps(6)
+        scheduler.set_begin_index(3)
+    out = solver.step(prediction, solver.timesteps[3], sample)
+    assert getattr(out, "pred_original_sample", None) is None
+    x0 = StableDiffusionBackbone._x0(out, solver, sample, prediction, solver.timesteps[3], 3)
+    expected = euler.step(prediction, euler.timesteps[3], sample).pred_original_sample
+    torch.testing.assert_close(x0, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_noise_level_reads_the_schedulers_sigmas(sd_backbone):
+    """sigma / sqrt(1 + sigma^2) for sigma-space schedulers, continuous timesteps (CosXL) and EDM included; it is
+    sqrt(1 - alpha_bar_t) for VP sigmas, the value DDIM (no sigmas) gets from alphas_cumprod."""
+    from diffusers import EDMEulerScheduler, EulerDiscreteScheduler
+
+    from promptloop.backbones.base import SamplerState
+    from promptloop.testing.tiny_pipelines import SD_SCHEDULER_CONFIG
+
+    def levels(scheduler):
+        scheduler.set_timesteps(5)
+        state = SamplerState(latents=torch.zeros(1), timesteps=scheduler.timesteps, scheduler=scheduler,
+                             settings=SamplerSettings(), guidance_scale=1.0)
+        return torch.tensor([sd_backbone.noise_level(state, i) for i in range(5)])
+
+    def from_sigmas(scheduler):
+        return scheduler.sigmas[:5] / (1 + scheduler.sigmas[:5] ** 2).sqrt()
+
+    continuous = EulerDiscreteScheduler(**SD_SCHEDULER_CONFIG, prediction_type="v_prediction",
+                                        timestep_type="continuous", use_karras_sigmas=True)
+    edm = EDMEulerScheduler(sigma_min=0.002, sigma_max=80.0, sigma_data=0.5)
+    for scheduler in (continuous, edm):
+        got = levels(scheduler)
+        torch.testing.assert_close(got, from_sigmas(scheduler).float())
+        assert got[0] > 0.99 and all(a > b for a, b in zip(got, got[1:]))
+    ddim = DDIMScheduler(**SD_SCHEDULER_CONFIG, timestep_spacing="trailing")
+    euler = EulerDiscreteScheduler(**SD_SCHEDULER_CONFIG, timestep_spacing="trailing")
+    torch.testing.assert_close(levels(euler), levels(ddim), atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["sd_backbone", "sdxl_backbone"])
+def test_a_negative_prompt_per_prompt_equals_stock(request, family):
+    backbone = request.getfixturevalue(family)
+    negatives = ["blurry", "dark, low quality"]
+    settings = SamplerSettings(num_inference_steps=3, guidance_scale=5.0, negative_prompt=negatives)
+    out = rollout(backbone, QUERIES, SEEDS, settings)
+    expected = stock_images(backbone.pipe, QUERIES, SEEDS, num_inference_steps=3, guidance_scale=5.0,
+                            negative_prompt=negatives)
+    torch.testing.assert_close(out.images, expected, atol=1e-5, rtol=0)
+    shared = rollout(backbone, QUERIES, SEEDS, SamplerSettings(num_inference_steps=3, guidance_scale=5.0,
+                                                               negative_prompt=negatives[0]))
+    torch.testing.assert_close(shared.images[0], out.images[0], atol=1e-5, rtol=0)
+    assert (shared.images[1] - out.images[1]).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="negative_prompt holds 1 prompts for 2 prompts; give one per prompt"):
+        rollout(backbone, QUERIES, SEEDS, SamplerSettings(num_inference_steps=3, negative_prompt=negatives[:1]))
+    with pytest.raises(TypeError, match="negative_prompt must be a str or a list of str"):
+        rollout(backbone, QUERIES, SEEDS, SamplerSettings(num_inference_steps=3, negative_prompt=["a", None]))
+
+
+def test_a_sampling_vae_decodes_with_the_rows_generators():
+    """A ConsistencyDecoderVAE samples while decoding: the final decode draws from the rows' generators as the
+    pipeline's does (same seed, same image, whatever the global RNG), previews from fresh ones seeded alike."""
+    from diffusers import ConsistencyDecoderVAE
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        vae = ConsistencyDecoderVAE(
+            encoder_block_out_channels=(32, 64), encoder_down_block_types=("DownEncoderBlock2D",) * 2,
+            decoder_block_out_channels=(32, 64, 64, 64), decoder_layers_per_block=1, encoder_layers_per_block=1,
+        ).eval()
+    pipe = tiny_sd_pipeline(seed=0)
+    pipe.vae = vae
+    backbone = StableDiffusionBackbone.from_pipeline(pipe)
+    settings = SamplerSettings(num_inference_steps=3, guidance_scale=3.0, preview_size=None)
+    runs = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        runs.append(rollout(backbone, QUERIES, SEEDS, settings, RefinementSchedule.explicit([2]),
+                            refine=lambda obs: [o.prompt for o in obs]))
+    assert torch.equal(runs[0].images, runs[1].images)
+    first, second = ([list(t.previews[0].getdata()) for t in run.trajectories] for run in runs)
+    assert first == second
+    expected = stock_images(pipe, QUERIES, SEEDS, num_inference_steps=3, guidance_scale=3.0)
+    torch.testing.assert_close(runs[0].images, expected, atol=1e-6, rtol=0)

@@ -72,12 +72,12 @@ models (which ask for up to 50 words of style and lighting, and cost a tiny mode
 
 def miniworld_policy_config(mode: str = "closed", model_name_or_path: str | Path = DEFAULT_POLICY_DIR,
                             **overrides) -> PolicyConfig:
-    """The ``PolicyConfig`` the mini world uses (its system prompt, preview size, short answers, the text budget,
-    a small LoRA)."""
+    """The ``PolicyConfig`` the mini world uses (its system prompts for every mode, preview size, short answers, the
+    text budget, a small LoRA)."""
     if mode not in MINIWORLD_SYSTEM_PROMPTS:
         raise ValueError(f"mode={mode!r} is not one of {tuple(MINIWORLD_SYSTEM_PROMPTS)}.")
     values = dict(model_name_or_path=str(model_name_or_path), mode=mode, system_prompt=MINIWORLD_SYSTEM_PROMPTS[mode],
-                  min_pixels=PREVIEW_PIXELS,
+                  system_prompts=dict(MINIWORLD_SYSTEM_PROMPTS), min_pixels=PREVIEW_PIXELS,
                   max_pixels=PREVIEW_PIXELS, max_new_tokens=48, max_prompt_words=MAX_CAPTION_WORDS, lora_r=8,
                   lora_alpha=16.0)
     values.update(overrides)
@@ -411,8 +411,8 @@ def main(argv=None) -> None:
 
 __all__ = ["DEFAULT_POLICY_DIR", "METRICS_NAME", "MINIWORLD_SYSTEM_PROMPTS", "MODES", "PREVIEW_PIXELS",
            "WarmStartConfig", "build_policy_model", "caption_check", "make_policy_tokenizer", "measure_prompts",
-           "miniworld_policy_config", "edited_prompt", "evaluation_examples", "rewrite_chain", "sample_example", "save_policy", "target_prompt",
-           "warm_start"]
+           "miniworld_policy_config", "edited_prompt", "evaluation_examples", "rewrite_chain", "sample_example",
+           "save_policy", "target_prompt", "warm_start"]
 
 if __name__ == "__main__":
     main()

@@ -94,11 +94,25 @@ class PolicyConfig:
                           "there."},
     )
     system_prompt: Optional[str] = field(
-        default=None, metadata={"help": "System prompt text; None uses the default prompt written for `mode`."}
+        default=None,
+        metadata={"help": "System prompt text of the mode it was written for (`system_prompt_mode`); None: "
+                          "`system_prompts`, else the default prompt written for each mode."},
     )
     system_prompt_file: Optional[str] = field(
         default=None, metadata={"help": "Read the system prompt from this UTF-8 text file (exclusive with "
                                         "`system_prompt`)."},
+    )
+    system_prompt_mode: Optional[str] = field(
+        default=None,
+        metadata={"help": "The mode `system_prompt` was written for (None: `mode`, recorded when the config is made; "
+                          "None without a system prompt). A policy switched to another mode (an evaluation method, "
+                          "one-shot or a-priori prompts) gets that mode's prompt from `system_prompts`, else the "
+                          "default prompt written for it."},
+    )
+    system_prompts: dict[str, str] = field(
+        default_factory=dict,
+        metadata={"help": "System prompts of further modes, by mode ('closed', 'oneshot', 'apriori'), for a policy "
+                          "written for several modes; `system_prompt` takes precedence in `system_prompt_mode`."},
     )
     min_pixels: int = field(
         default=64 * 28 * 28,
@@ -114,6 +128,8 @@ class PolicyConfig:
     )
 
     def __post_init__(self) -> None:
+        custom = self.system_prompt is not None or self.system_prompt_file is not None
+        self.system_prompt_mode = (self.system_prompt_mode or self.mode) if custom else None
         self.validate()
 
     def validate(self) -> None:
@@ -151,6 +167,14 @@ class PolicyConfig:
             raise ValueError("system_prompt is blank; leave it None to use the default system prompt.")
         if self.system_prompt_file is not None and not Path(self.system_prompt_file).is_file():
             raise ValueError(f"system_prompt_file={self.system_prompt_file!r} does not exist.")
+        if self.system_prompt_mode not in (None, *POLICY_MODES):
+            raise ValueError(f"system_prompt_mode={self.system_prompt_mode!r} is not one of {POLICY_MODES}.")
+        for mode, prompt in self.system_prompts.items():
+            if mode not in POLICY_MODES:
+                raise ValueError(f"system_prompts has a prompt for mode {mode!r}, not one of {POLICY_MODES}.")
+            if not (isinstance(prompt, str) and prompt.strip()):
+                raise ValueError(f"system_prompts[{mode!r}]={prompt!r} must be a non-blank string; leave the mode "
+                                 "out to use its default system prompt.")
         if not (isinstance(self.min_pixels, int) and self.min_pixels > 0):
             raise ValueError(f"min_pixels={self.min_pixels!r} must be a positive integer.")
         if not (isinstance(self.max_pixels, int) and self.max_pixels >= self.min_pixels):
@@ -167,6 +191,13 @@ class PolicyConfig:
         if self.system_prompt_file is not None:
             return Path(self.system_prompt_file).read_text(encoding="utf-8")
         return self.system_prompt
+
+    def system_prompt_for(self, mode: str) -> Optional[str]:
+        """The system prompt of ``mode``: the user's in the mode it was written for (``system_prompt_mode``), else
+        ``system_prompts[mode]``; None for that mode's default."""
+        if mode == self.system_prompt_mode:
+            return self.resolved_system_prompt()
+        return self.system_prompts.get(mode)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

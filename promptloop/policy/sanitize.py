@@ -38,7 +38,8 @@ class SanitizedPrompt:
     prompt: str
     """The clean prompt (the previous prompt when ``kept_previous``)."""
     kept_previous: bool
-    """The answer held no usable prompt, so the previous prompt was kept."""
+    """The answer held no usable prompt (or left out a word of the query given), so the previous prompt was
+    kept."""
     truncated: bool
     """The prompt was cut to ``max_words`` words."""
 
@@ -51,7 +52,7 @@ class PromptSchedule:
     """Exactly ``num_refinements`` prompts; a missing step repeats the step before it (step 1: the previous
     prompt)."""
     missing: list[bool]
-    """Per step: no usable numbered line was found for it."""
+    """Per step: no usable numbered line was found for it (or its prompt left out a word of the query given)."""
     num_extra_lines: int
     """Non-empty lines that were ignored (unnumbered, out of range or a repeated number)."""
     truncated: list[bool]
@@ -112,18 +113,24 @@ def _finish(prompt: str, previous: str, max_words: Optional[int]) -> SanitizedPr
     return SanitizedPrompt(prompt=prompt, kept_previous=False, truncated=False)
 
 
-def sanitize_prompt(text: Union[str, bytes], previous: str, max_words: Optional[int] = None) -> SanitizedPrompt:
+def sanitize_prompt(
+    text: Union[str, bytes], previous: str, max_words: Optional[int] = None, query: Optional[str] = None
+) -> SanitizedPrompt:
     """One clean single-line prompt from a raw answer.
 
     Strips invalid bytes and control characters, thinking blocks, chat tokens and role tags, markdown, "Prompt:"
     labels and enclosing quotes; joins lines. An answer with no letter or digit left keeps ``previous``. With
-    ``max_words``, a longer prompt is cut to its first ``max_words`` words.
+    ``max_words``, a longer prompt is cut to its first ``max_words`` words. With ``query``, a prompt (as cut) that
+    leaves out a word of ``query`` is rejected: ``previous`` is kept (``PolicyConfig.keep_query_words``).
     """
     if max_words is not None and max_words <= 0:
         raise ValueError(f"max_words={max_words!r} must be a positive integer or None.")
     text = strip_thinking(_CHAT_TOKEN.sub("\n", clean_text(text)))
     lines = [_strip_markup(line) for line in text.split("\n")]
-    return _finish(" ".join(line for line in lines if line), previous, max_words)
+    result = _finish(" ".join(line for line in lines if line), previous, max_words)
+    if query is not None and not result.kept_previous and missing_query_words(result.prompt, query):
+        return SanitizedPrompt(prompt=previous, kept_previous=True, truncated=False)
+    return result
 
 
 def _normalised_words(text: str) -> list[str]:
@@ -137,11 +144,13 @@ def missing_query_words(prompt: str, query: str) -> list[str]:
 
 
 def parse_prompt_schedule(
-    text: Union[str, bytes], num_refinements: int, previous: str, max_words: Optional[int] = None
+    text: Union[str, bytes], num_refinements: int, previous: str, max_words: Optional[int] = None,
+    query: Optional[str] = None,
 ) -> PromptSchedule:
     """Parse an a-priori answer, one numbered line per refinement (``"1: ..."``, ``"2. ..."``, ``"Step 3) ..."``).
 
-    Missing or unusable steps repeat the step before (step 1: ``previous``); unnumbered lines, numbers outside
+    Missing or unusable steps repeat the step before (step 1: ``previous``); with ``query``, so do steps that leave
+    out a word of ``query``: a rejected prompt appears at no step. Unnumbered lines, numbers outside
     ``1..num_refinements`` and repeated numbers are ignored and counted. An answer without any numbered line is read
     as a single prompt for step 1.
     """
@@ -172,7 +181,7 @@ def parse_prompt_schedule(
     truncated: list[bool] = []
     last = previous
     for index in range(1, num_refinements + 1):
-        result = sanitize_prompt(found.get(index, ""), last, max_words)
+        result = sanitize_prompt(found.get(index, ""), last, max_words, query)
         prompts.append(result.prompt)
         missing.append(result.kept_previous)
         truncated.append(result.truncated)

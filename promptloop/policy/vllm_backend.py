@@ -166,8 +166,9 @@ class VLLMPromptPolicy(PromptWriter):
         ``path_or_id``, ``config`` and the hub arguments (``revision``, ``token``, ``cache_dir``,
         ``local_files_only``) resolve as in :meth:`PromptPolicy.from_pretrained`; the engine loads the base model at
         its ``model_revision``. ``gpu_memory_utilization`` is the share of the GPU a new engine reserves (weights +
-        KV cache); the default leaves the rest to the diffusion pipeline in the same process. ``llm_kwargs`` go to ``vllm.LLM`` as they are (``enforce_eager``,
-        ``max_model_len``, ``tensor_parallel_size``, ...) and override the ones set here.
+        KV cache); the default leaves the rest to the diffusion pipeline in the same process. ``llm_kwargs`` go to
+        ``vllm.LLM`` as they are (``enforce_eager``, ``max_model_len``, ``tensor_parallel_size``, ...) and override
+        the ones set here.
 
         ``llm``: an engine already serving this policy's base model with the same preview sizes and LoRA enabled
         (``policy.llm`` of an earlier call); the adapter is then served by it and no engine starts.

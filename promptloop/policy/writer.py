@@ -18,7 +18,7 @@ from promptloop.backbones.types import Observation, RefineFn
 from promptloop.policy.chat import Chat, build_chat
 from promptloop.policy.config import LOOP_CONFIG_NAME, POLICY_CONFIG_NAME, LoopDefaults, PolicyConfig
 from promptloop.policy.hub import download_saved_policy, is_hub_id
-from promptloop.policy.sanitize import PromptSchedule, missing_query_words, parse_prompt_schedule, sanitize_prompt
+from promptloop.policy.sanitize import PromptSchedule, parse_prompt_schedule, sanitize_prompt
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 _VISION_TOKEN_ATTRIBUTES = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
@@ -143,11 +143,6 @@ def resolve_seed(seed: Optional[int], generator: Optional[torch.Generator]) -> O
     return seed
 
 
-def _drops_query_word(prompt: str, kept_previous: bool, query: str) -> bool:
-    """A new prompt (not the kept previous one) that leaves out a word of ``query`` (``keep_query_words``)."""
-    return not kept_previous and bool(missing_query_words(prompt, query))
-
-
 class PromptWriter(abc.ABC):
     """A chat VLM that writes the next text-to-image prompt from an :class:`Observation`.
 
@@ -160,7 +155,6 @@ class PromptWriter(abc.ABC):
         self.config = config
         self.loop_defaults: Optional[LoopDefaults] = None
         """How the policy was trained to be called (saved as ``loop_config.json``; the trainer sets it)."""
-        self.system_prompt = config.resolved_system_prompt()
 
     @abc.abstractmethod
     def act(
@@ -180,10 +174,16 @@ class PromptWriter(abc.ABC):
         """A context within which the policy answers as its base model (adapter off); an error without adapter."""
 
     def chats(self, observations: Sequence[Observation]) -> tuple[list[Chat], list[str]]:
-        """Each observation's chat and its text under the processor's chat template (generation prompt added)."""
+        """Each observation's chat and its text under the processor's chat template (generation prompt added).
+
+        The chat is that of ``config.mode``; the config's system prompt is used only in the mode it was written for
+        (``config.system_prompt_mode``), other modes get their default.
+        """
         if not observations:
             raise ValueError("act() needs at least one observation.")
-        chats = [build_chat(o, self.config.mode, self.system_prompt) for o in observations]
+        mode = self.config.mode
+        system_prompt = self.config.system_prompt_for(mode)
+        chats = [build_chat(o, mode, system_prompt) for o in observations]
         texts = [
             self.processor.apply_chat_template(chat.messages, add_generation_prompt=True, tokenize=False)
             for chat in chats
@@ -199,23 +199,17 @@ class PromptWriter(abc.ABC):
         max_words = self.config.max_prompt_words
         if self.config.mode == "apriori":
             actions.schedules = []
-        guard = self.config.keep_query_words
         for text, observation in zip(actions.texts, observations):
-            if self.config.mode == "apriori":
-                schedule = parse_prompt_schedule(text, observation.num_refinements, observation.prompt, max_words)
-                previous = observation.prompt
-                for i in range(len(schedule.prompts)):  # later refinements read the schedule: guard every step
-                    if guard and _drops_query_word(schedule.prompts[i], schedule.missing[i], observation.query):
-                        schedule.prompts[i], schedule.missing[i], schedule.truncated[i] = previous, True, False
-                    previous = schedule.prompts[i]
+            query = observation.query if self.config.keep_query_words else None
+            if self.config.mode == "apriori":  # later refinements read the schedule: every step is guarded
+                schedule = parse_prompt_schedule(text, observation.num_refinements, observation.prompt, max_words,
+                                                 query)
                 k = min(observation.refinement_index, observation.num_refinements - 1)
                 actions.schedules.append(schedule)
                 prompt, kept, truncated = schedule.prompts[k], schedule.missing[k], schedule.truncated[k]
             else:
-                result = sanitize_prompt(text, observation.prompt, max_words)
+                result = sanitize_prompt(text, observation.prompt, max_words, query)
                 prompt, kept, truncated = result.prompt, result.kept_previous, result.truncated
-                if guard and _drops_query_word(prompt, kept, observation.query):
-                    prompt, kept, truncated = observation.prompt, True, False
             actions.prompts.append(prompt)
             actions.kept_previous.append(kept)
             actions.truncated.append(truncated)

@@ -6,7 +6,7 @@ from typing import Any
 import torch
 
 from .base import Reward, RewardOutput
-from .registry import register_reward
+from .registry import check_weight, register_reward
 
 
 class CompositeReward(Reward):
@@ -31,6 +31,7 @@ class CompositeReward(Reward):
         """Load each named component (registered name or ``module:function``) with its own kwargs."""
         from .registry import load_reward
 
+        weights = {name: check_weight(w, name) for name, w in weights.items()}
         return cls([(name, load_reward(name, device=device, dtype=dtype, **component_kwargs.get(name, {})), w)
                     for name, w in weights.items()])
 

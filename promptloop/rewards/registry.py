@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -48,6 +49,17 @@ def _parse_weight(text: str) -> float | None:
         return None
 
 
+def check_weight(weight: Any, name: str) -> float:
+    """``weight`` (of component ``name``) as a float; a ``ValueError`` when it is not a finite number."""
+    try:
+        value = float(weight)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value):
+        raise ValueError(f"The weight of reward {name!r} is {weight!r}; it must be a finite number.")
+    return value
+
+
 def parse_reward_spec(spec: str) -> tuple[list[tuple[str, float]], bool]:
     """``(targets with weights, is_composite)`` for a spec string; see the module docstring for the grammar."""
     if not isinstance(spec, str) or not spec.strip():
@@ -63,26 +75,58 @@ def parse_reward_spec(spec: str) -> tuple[list[tuple[str, float]], bool]:
             weighted = True
         if not target:
             raise ValueError(f"Empty reward name in spec {spec!r}.")
-        components.append((target, weight))
+        components.append((target, check_weight(weight, target)))
     return components, weighted or len(parts) > 1
 
 
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
 def _required_positional(fn: Callable) -> int:
-    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     params = inspect.signature(fn).parameters.values()
-    return sum(p.kind in kinds and p.default is inspect.Parameter.empty for p in params)
+    return sum(p.kind in _POSITIONAL and p.default is inspect.Parameter.empty for p in params)
+
+
+def _metadata_passing(fn: Callable, name: str) -> str | None:
+    """How scorer ``fn`` takes the metadata: ``"positional"`` (a third positional parameter that is required or
+    named ``metadata``; else ``*args`` without a ``metadata`` keyword), ``"keyword"`` (a ``metadata`` parameter
+    further on) or None: ``fn(images, queries)``. A callable whose signature cannot be read gets it positionally;
+    one requiring more than three positional arguments is a ``TypeError``."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # some builtins and C extensions
+        return "positional"
+    positional = [p for p in params.values() if p.kind in _POSITIONAL]
+    required = sum(p.default is inspect.Parameter.empty for p in positional)
+    if required > 3:
+        raise TypeError(f"{name} must be a scorer taking (images, queries[, metadata]); it requires {required} "
+                        "positional arguments.")
+    if len(positional) > 2 and (positional[2].default is inspect.Parameter.empty or positional[2].name == "metadata"):
+        return "positional"
+    if "metadata" in params and params["metadata"].kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                            inspect.Parameter.KEYWORD_ONLY):
+        return "keyword"
+    if len(positional) <= 2 and any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params.values()):
+        return "positional"
+    return None
 
 
 class CallableReward(Reward):
-    """A user scorer ``fn(images, queries, metadata) -> scores | RewardOutput`` behind the reward contract."""
+    """A user scorer ``fn(images, queries[, metadata]) -> scores | RewardOutput`` behind the reward contract; the
+    metadata is passed only when ``fn`` takes it (see :func:`_metadata_passing`, decided once here)."""
 
     def __init__(self, fn: Callable[..., Any], name: str, on_nonfinite: str = "warn"):
         super().__init__(on_nonfinite=on_nonfinite)
         self.fn = fn
         self.name = name
+        self.metadata_passing = _metadata_passing(fn, name)
 
     def score_batch(self, images, queries, metadata):
-        return self.fn(images, queries, metadata)
+        if self.metadata_passing == "positional":
+            return self.fn(images, queries, metadata)
+        if self.metadata_passing == "keyword":
+            return self.fn(images, queries, metadata=metadata)
+        return self.fn(images, queries)
 
 
 def _load_callable(target: str, device, dtype, kwargs: dict[str, Any]) -> Reward:
@@ -110,7 +154,7 @@ def _load_callable(target: str, device, dtype, kwargs: dict[str, Any]) -> Reward
         if callable(made):
             return CallableReward(made, target)
         raise TypeError(f"Factory {target} returned {type(made).__name__}; it must return a scorer "
-                        "(images, queries, metadata) -> scores.")
+                        "(images, queries[, metadata]) -> scores.")
     raise TypeError(f"{target} must be a scorer taking (images, queries[, metadata]) or a factory taking no "
                     f"required positional arguments; it takes {required}.")
 
@@ -149,5 +193,5 @@ def load_reward(spec: str, device: str | torch.device | None = None, dtype: torc
     return CompositeReward([(t, r, w) for (t, _), (r, w) in zip(components, rewards)])
 
 
-__all__ = ["CallableReward", "RewardFactory", "available_rewards", "load_reward",
+__all__ = ["CallableReward", "RewardFactory", "available_rewards", "check_weight", "load_reward",
            "parse_reward_spec", "register_reward"]

@@ -126,5 +126,16 @@ def test_example_configs_load(path):
     assert config.method_variants()
 
 
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_example_configs_load_policies_where_training_writes_them(path):
+    """A policy inside a training run's folder (runs/RUN/...) is where the trainer writes it: RUN/policy or
+    RUN/checkpoints/step-N/policy (runs/NAME alone may be a policy copied there)."""
+    from promptloop.rl.trainer import POLICY_DIR
+
+    for label, method in load_config(EvalConfig, path).methods.items():
+        if method.policy.startswith("runs/") and len(Path(method.policy).parts) > 2:
+            assert Path(method.policy).name == POLICY_DIR, f"methods.{label}.policy {method.policy!r}"
+
+
 def test_there_are_example_configs():
     assert len(CONFIGS) >= 2

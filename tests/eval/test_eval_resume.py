@@ -3,12 +3,14 @@ equal an uninterrupted run's."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
 import promptloop.eval.runner as runner
 from eval_helpers import one_per_batch_config, samples_without_timings
+from promptloop.eval.journal import model_fingerprint
 from promptloop.cli import main
 
 BATCHES = 2 * 3 * 2  # methods x prompts (one per batch) x seeds
@@ -87,3 +89,40 @@ def test_resume_errors_name_the_fix_before_any_model_loads(tmp_path, tiny_backbo
         main(["eval", config, "--resume", "--seeds", "0,2", "--backbones.tiny-sd.num_inference_steps", "5"])
     with pytest.raises(SystemExit, match=r"other settings \(prompts.limit, the prompts\)"):
         main(["eval", config, "--resume", "--prompts.limit", "2"])
+
+
+def test_resume_checks_the_model_files_not_where_or_how_it_runs(tmp_path, tiny_backbone_dir, tiny_policy_dir,
+                                                                counted_batches):
+    policy = tmp_path / "policy"
+    shutil.copytree(tiny_policy_dir, policy)
+    config = _config(tmp_path, tiny_backbone_dir, policy)
+    counted_batches["stop_at"] = 3
+    with pytest.raises(Interrupted):
+        main(["eval", config])
+
+    weights = policy / "adapter_model.safetensors"
+    saved = weights.read_bytes()
+    weights.write_bytes(saved[:-1] + bytes([saved[-1] ^ 1]))  # retrained in place: same files, other weights
+    with pytest.raises(SystemExit, match=r"other settings \(the files of methods.closed\); run without --resume"):
+        main(["eval", config, "--resume"])
+
+    weights.write_bytes(saved)
+    counted_batches.update(calls=0, stop_at=None)
+    assert main(["eval", config, "--resume", "--progress", "false", "--device", "auto", "--warmup", "true",
+                 "--rewards.bright.device", "cpu"]) == 0
+    assert counted_batches["calls"] == BATCHES - 2 + 2, "the batches left, plus one warm-up per method"
+
+
+def test_a_hub_model_is_identified_by_the_commit_its_revision_resolves_to(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    ref = tmp_path / "models--org--vlm" / "refs" / "main"
+    ref.parent.mkdir(parents=True)
+    ref.write_text("a" * 40)
+    assert model_fingerprint("org/vlm") == "a" * 40
+    ref.write_text("b" * 40)  # the default branch moved on
+    assert model_fingerprint("org/vlm") == "b" * 40
+    assert model_fingerprint("org/vlm", "c" * 40) == "c" * 40, "a pinned commit needs no lookup"
+    assert model_fingerprint("org/unknown") is None

@@ -1,7 +1,10 @@
+from types import SimpleNamespace
+
 import pytest
 
 from policy_helpers import make_observation, make_preview
-from promptloop.policy import DEFAULT_SYSTEM_PROMPTS, PolicyConfig, build_chat
+from promptloop.pipeline import policy_mode
+from promptloop.policy import DEFAULT_SYSTEM_PROMPTS, PolicyConfig, PromptWriter, build_chat
 
 
 def _user_text(chat):
@@ -54,6 +57,35 @@ def test_system_prompt_from_file_replaces_the_default(tmp_path):
     config = PolicyConfig(system_prompt_file=str(path))
     chat = build_chat(make_observation(0, "a red cat"), "closed", config.resolved_system_prompt())
     assert chat.messages[0]["content"][0]["text"] == "You are a careful prompt editor."
+
+
+class _ChatOnly(PromptWriter):
+    """A writer that only builds chats (its processor's template returns the system prompt)."""
+
+    has_adapter = False
+    act = reference = None
+
+    def __init__(self, config):
+        super().__init__(SimpleNamespace(apply_chat_template=lambda messages, **kw: messages[0]["content"][0]["text"]),
+                         config)
+
+
+def _system(writer, mode):
+    with policy_mode(writer, mode):
+        return writer.chats([make_observation(0, "a red cat", n=3)])[1][0]
+
+
+def test_a_custom_system_prompt_is_used_only_in_the_mode_it_was_written_for():
+    writer = _ChatOnly(PolicyConfig(system_prompt="Refine it from the preview."))
+    assert writer.config.system_prompt_mode == "closed"
+    assert [_system(writer, mode) for mode in ("closed", "oneshot", "apriori")] == [
+        "Refine it from the preview.", DEFAULT_SYSTEM_PROMPTS["oneshot"], DEFAULT_SYSTEM_PROMPTS["apriori"]]
+
+    writer = _ChatOnly(PolicyConfig(mode="oneshot", system_prompt="Rewrite it once.",
+                                    system_prompts={"apriori": "Write a schedule.", "oneshot": "Not this one."}))
+    assert [_system(writer, mode) for mode in ("closed", "oneshot", "apriori")] == [
+        DEFAULT_SYSTEM_PROMPTS["closed"], "Rewrite it once.", "Write a schedule."]
+    assert writer.config.mode == "oneshot"
 
 
 def test_unknown_mode_is_rejected():

@@ -310,6 +310,16 @@ def test_keep_query_words_rejects_rewrites_that_drop_a_query_word(tiny_vlm_dirs,
     assert unguarded.act(observations, seed=0).prompts[1] == ("circle big" if mode == "apriori" else "circle big top")
 
 
+def test_keep_query_words_never_lets_a_rejected_a_priori_step_reach_a_later_one(tiny_vlm_dirs, monkeypatch):
+    answers = ["1: blue circle", "1: red circle big\n2: blue circle"]
+    observations = [make_observation(row, "red circle", k=0, n=3) for row in range(2)]
+    policy = load(tiny_vlm_dirs, mode="apriori", max_new_tokens=4, keep_query_words=True)
+    monkeypatch.setattr(policy.processor.tokenizer, "batch_decode", lambda *a, **k: list(answers))
+    schedules = policy.act(observations, seed=0).schedules
+    assert [s.prompts for s in schedules] == [["red circle"] * 3, ["red circle big"] * 3]
+    assert [s.missing for s in schedules] == [[True] * 3, [False, True, True]]
+
+
 def test_other_vlm_families_are_refused_before_any_weights_load(tmp_path, tiny_vlm_dirs):
     """A LLaVA chat model (only its config.json on disk: nothing else could load) is named as unsupported."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig

@@ -91,6 +91,16 @@ def test_schedule_steps_are_cut_to_the_word_budget():
     assert schedule.prompts == ["cat cat cat cat", "dog"] and schedule.truncated == [True, False]
 
 
+def test_a_schedule_step_leaving_out_a_query_word_appears_at_no_step():
+    schedule = parse_prompt_schedule("1: blue circle", 3, "red circle", query="red circle")
+    assert schedule.prompts == ["red circle"] * 3 and schedule.missing == [True, True, True]
+    schedule = parse_prompt_schedule("1: red circle big\n2: blue circle\n4: red", 4, "red circle", query="red circle")
+    assert schedule.prompts == ["red circle big"] * 4 and schedule.missing == [False, True, True, True]
+    schedule = parse_prompt_schedule("1: big top red circle\n2: red circle", 2, "red circle", 3, query="red circle")
+    assert schedule.missing == [True, False], "the prompt as cut to max_words is checked"
+    assert sanitize_prompt("blue circle", "red circle left", query="red circle").kept_previous
+
+
 def test_missing_query_words_ignores_case_order_and_edge_punctuation():
     assert missing_query_words("Big, RED circle top", "red circle") == []
     assert missing_query_words("red square", "red circle top circle") == ["circle", "top"]

@@ -35,6 +35,20 @@ def user_module(tmp_path, monkeypatch):
 
         def wrong_length(images, queries, metadata):
             return [0.0, 1.0, 2.0]
+
+        def two_arguments(images, queries):
+            return [float(len(q)) for q in queries]
+
+        def keyword_metadata(images, queries, *, metadata=None):
+            return [float(m["n"]) for m in metadata]
+
+        def make_two_argument(scale=1.0):
+            def scorer(images, queries):
+                return [scale * len(q) for q in queries]
+            return scorer
+
+        def four_arguments(images, queries, metadata, extra):
+            return [0.0] * len(queries)
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
     return "my_rewards"
@@ -104,10 +118,27 @@ def test_module_function_factory_gets_kwargs(user_module):
     ("no_such_module_xyz:fn", ValueError, "Cannot import module 'no_such_module_xyz'"),
     ("{m}:missing", ValueError, "has no callable 'missing'"),
     ("{m}:one_argument", TypeError, "scorer taking \\(images, queries"),
+    ("{m}:four_arguments", TypeError, "it requires 4 positional arguments"),
 ])
 def test_bad_user_callables_are_explained(user_module, target, error, match):
     with pytest.raises(error, match=match):
         load_reward(target.format(m=user_module))
+
+
+def test_scorers_get_the_metadata_only_when_they_take_it(user_module):
+    images, metadata = random_images(2), [{"n": 1}, {"n": 2}]
+    assert load_reward(f"{user_module}:two_arguments")(images, QUERIES, metadata).scores.tolist() == [9.0, 10.0]
+    assert load_reward(f"{user_module}:make_two_argument", scale=2.0)(images, QUERIES).scores.tolist() == [18.0, 20.0]
+    assert load_reward(f"{user_module}:keyword_metadata")(images, QUERIES, metadata).scores.tolist() == [1.0, 2.0]
+    assert load_reward(f"{user_module}:query_length")(images, QUERIES, metadata).scores.tolist() == [9.0, 10.0]
+
+
+@pytest.mark.parametrize("spec", ["pickscore:nan", "pickscore:1,aesthetic:inf", "pkg.mod:fn:-inf"])
+def test_non_finite_weights_are_rejected(spec):
+    with pytest.raises(ValueError, match="must be a finite number"):
+        parse_reward_spec(spec)
+    with pytest.raises(ValueError, match="weight of reward 'clipscore' is nan; it must be a finite number"):
+        load_reward("composite", weights={"clipscore": float("nan")})
 
 
 def test_scorer_output_of_the_wrong_length_is_an_error(user_module):

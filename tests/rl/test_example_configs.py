@@ -22,7 +22,7 @@ def test_miniworld_config_matches_the_demo(tmp_path):
     config = load_config(TrainConfig, CONFIGS / "miniworld_grpo.yaml")
     demo = train_config(tmp_path, tmp_path / "queries.txt")
     for key in ("system_prompt", "max_new_tokens", "max_prompt_words", "min_pixels", "max_pixels", "lora_r", "mode",
-                "keep_query_words"):
+                "keep_query_words", "system_prompts"):
         assert getattr(config.policy, key) == getattr(demo.policy, key), key
     assert config.grpo == demo.grpo
     assert (CONFIGS.parent / config.policy.model_name_or_path).resolve() == \

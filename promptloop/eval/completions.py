@@ -25,7 +25,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from .stats import Interval, mean_ci
+from .stats import Interval, clustered_ci
 
 FIRST, LATER = "first action", "later actions"
 DROPPED, UNCHANGED = "dropped a query word", "prompt never changed"
@@ -94,17 +94,21 @@ def added_words(row: Completion) -> list[tuple[str, int]]:
 
 def edit_attribution(rows: list[Completion], confidence: float = 0.95) -> dict[tuple[str, str], Interval]:
     """{(edit, where): interval of the centred reward of the rows with that edit}; ``where`` is :data:`FIRST`,
-    :data:`LATER` or ``""`` for the :data:`DROPPED` and :data:`UNCHANGED` rows. Sorted by count, largest first."""
-    by_edit: dict[tuple[str, str], list[float]] = defaultdict(list)
-    for row, centred in zip(rows, centred_rewards(rows)):
+    :data:`LATER` or ``""`` for the :data:`DROPPED` and :data:`UNCHANGED` rows. The rows of one group (step and
+    query: same query and noise) are correlated, so the interval is cluster-robust over groups
+    (:func:`~promptloop.eval.stats.clustered_ci`; ``samples`` counts the rows, ``n`` their groups). Sorted by count,
+    largest first."""
+    by_edit: dict[tuple[str, str], dict[tuple[tuple[int, str], int], float]] = defaultdict(dict)
+    for index, (row, centred) in enumerate(zip(rows, centred_rewards(rows))):
+        item = ((row.step, row.query), index)
         if not row.keeps_query:
-            by_edit[(DROPPED, "")].append(centred)
+            by_edit[(DROPPED, "")][item] = centred
         if all(prompt == row.prompts[0] for prompt in row.prompts) and row.prompts[0] == row.query:
-            by_edit[(UNCHANGED, "")].append(centred)
+            by_edit[(UNCHANGED, "")][item] = centred
         for key in dict.fromkeys((word, FIRST if action == 1 else LATER) for word, action in added_words(row)):
-            by_edit[key].append(centred)
-    stats = {key: mean_ci(values, confidence) for key, values in by_edit.items()}
-    return dict(sorted(stats.items(), key=lambda kv: (kv[0][1] != "", -kv[1].n)))
+            by_edit[key][item] = centred
+    stats = {key: clustered_ci(values, confidence) for key, values in by_edit.items()}
+    return dict(sorted(stats.items(), key=lambda kv: (kv[0][1] != "", -kv[1].samples)))
 
 
 @dataclass(frozen=True)
@@ -144,18 +148,19 @@ def windows(rows: list[Completion], size: int = 50, top: int = 5) -> list[Window
 def render(rows: list[Completion], summary: list[Window], attribution: dict[tuple[str, str], Interval],
            min_count: int = 30) -> str:
     """The :func:`windows` ``summary`` and the :func:`edit_attribution` of ``rows`` as markdown tables; attribution
-    rows with fewer than ``min_count`` trajectories are left out."""
+    rows with fewer than ``min_count`` trajectories are left out; intervals are over groups (step, query)."""
     lines = [f"{len(rows)} trajectories, steps {min(r.step for r in rows)}-{max(r.step for r in rows)}.", "",
              "| steps | trajectories | mean reward | keeps the query | most added words (share of final prompts) |",
              "|---|---|---|---|---|"]
     for w in summary:
         added = ", ".join(f"{word} {share:.2f}" for word, share in w.top_added) or "-"
         lines.append(f"| {w.first}-{w.last} | {w.trajectories} | {w.mean_reward:.3f} | {w.keeps_query:.2f} | {added} |")
-    lines += ["", "Centred reward (r - group mean) of the trajectories with each edit, 95% interval:", "",
-              "| edit | where | trajectories | mean centred reward |", "|---|---|---|---|"]
+    lines += ["", "Centred reward (r - group mean) of the trajectories with each edit, 95% interval over groups:", "",
+              "| edit | where | trajectories | groups | mean centred reward |", "|---|---|---|---|---|"]
     for (edit, where), stat in attribution.items():
-        if stat.n >= min_count:
-            lines.append(f"| {edit} | {where or '-'} | {stat.n} | {stat.mean:+.3f} ± {stat.half_width:.3f} |")
+        if stat.samples >= min_count:
+            lines.append(f"| {edit} | {where or '-'} | {stat.samples} | {stat.n} | {stat.mean:+.3f} ± "
+                         f"{stat.half_width:.3f} |")
     return "\n".join(lines) + "\n"
 
 

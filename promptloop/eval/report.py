@@ -87,7 +87,8 @@ def render_report(results: EvalResults, root: str | Path, embed_images: bool = F
         "<h1>promptloop evaluation</h1>",
         f'<p>Prompt set <code>{_esc(results.prompt_set["source"])}</code> '
         f'({results.prompt_set["num_prompts"]} prompts), seeds {_esc(results.seeds)}. Cells: mean ± half-width of '
-        f"the {level} t-interval over prompts x seeds. Rewards are scored against the original query.</p>",
+        f"the {level} t-interval over prompts (each prompt's seeds together). Rewards are scored against the original "
+        "query.</p>",
     ]
     for backbone in results.backbones:
         parts.append(f"<h2>Backbone {_esc(backbone)}</h2>")

@@ -19,9 +19,9 @@
                       image, strip, metrics: {metric: float | null}}]: one per image; ``image`` / ``strip`` are
                       paths relative to the output folder (``strip`` null when none was saved); ``prompts`` the
                       prompts in force, in order (``final_prompt`` = ``prompts[-1]``)
-    summary         [{backbone, method, metric, mean, ci_low, ci_high, std, n}]: mean over prompts of each
-                      prompt's mean over its seeds, with the Student-t interval over prompts (the independent
-                      units; ``std`` is that of the prompt means); ``n`` counts the prompts with a finite value
+    summary         [{backbone, method, metric, mean, ci_low, ci_high, std, n}]: mean over the finite values with
+                      a cluster-robust Student-t interval over prompts (the independent units; with every seed
+                      finite, the t-interval of the prompts' means, ``std`` theirs); ``n`` counts the prompts
     paired          [{backbone, method, baseline, metric, mean, ci_low, ci_high, std, n}]: the same for
                       ``method - baseline`` on the same backbone, prompt and seed
 
@@ -265,8 +265,8 @@ def markdown_table(results: EvalResults) -> str:
     """One table of means and one of paired differences per backbone (GitHub markdown)."""
     level = f"{results.confidence:.0%}"
     parts = [f"Prompt set `{results.prompt_set['source']}` ({results.prompt_set['num_prompts']} prompts) x seeds "
-             f"{results.seeds}; mean ± half-width of the {level} t-interval over prompts (each prompt's mean over "
-             "its seeds: the prompts are the independent units)."]
+             f"{results.seeds}; mean ± half-width of the {level} t-interval over prompts (each prompt's seeds "
+             "together: the prompts are the independent units)."]
     for backbone in results.backbones:
         parts.append(f"\n### {backbone}\n")
         parts.append(_markdown(table_rows(results, backbone)))

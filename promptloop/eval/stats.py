@@ -1,10 +1,11 @@
 """Means with Student-t confidence intervals, and paired differences on matched (prompt, seed) samples.
 
 Images of one prompt under different seeds are correlated, so an evaluation's intervals take the prompts as the
-independent units (:func:`clustered_ci`, :func:`paired_ci`): each prompt's value is its mean over its seeds, and
-the t-interval is over prompts (treating every image as independent would make it 15-30% too narrow on the mini
-world's 4 seeds). Non-finite values (a reward that returned NaN) are left out and the count ``n`` says how many
-values (prompts, for the clustered intervals) were used. With ``n < 2`` the interval is undefined (NaN).
+independent units (:func:`clustered_ci`, :func:`paired_ci`): a cluster-robust t-interval over prompts, which for
+prompts with the same number of seeds is the t-interval of the prompts' means (treating every image as
+independent made paired intervals up to 30% too narrow on the mini world's 4 seeds). Non-finite values (a reward
+that returned NaN) are left out; ``n`` counts the units of the interval (the prompts, for the clustered ones) and
+``samples`` the values used. With ``n < 2`` the interval is undefined (NaN).
 The t quantile is exact for the integer degrees of freedom used here (Abramowitz & Stegun 26.7.3-4, inverted by
 bisection); above ``_EXPANSION_DF`` degrees of freedom the Cornish-Fisher expansion (A&S 26.7.5) is used, which
 agrees to better than 1e-9 there.
@@ -27,9 +28,13 @@ class Interval:
     low: float
     high: float
     std: float
-    """Sample standard deviation (ddof = 1); NaN when ``n < 2``."""
+    """Sample standard deviation (ddof = 1) of the ``n`` units (the cluster means' for equal clusters); NaN when
+    ``n < 2``."""
     n: int
+    """Independent units the interval is over: values, or clusters (prompts) for :func:`clustered_ci`."""
     confidence: float
+    samples: int = -1
+    """Finite values the mean is over (``n`` unless clustered; -1: not given)."""
 
     @property
     def half_width(self) -> float:
@@ -105,23 +110,36 @@ def mean_ci(values: Iterable[float], confidence: float = 0.95) -> Interval:
     finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
     n = len(finite)
     if n == 0:
-        return Interval(math.nan, math.nan, math.nan, math.nan, 0, confidence)
+        return Interval(math.nan, math.nan, math.nan, math.nan, 0, confidence, 0)
     mean = math.fsum(finite) / n
     if n == 1:
-        return Interval(mean, math.nan, math.nan, math.nan, 1, confidence)
+        return Interval(mean, math.nan, math.nan, math.nan, 1, confidence, 1)
     std = math.sqrt(math.fsum((v - mean) ** 2 for v in finite) / (n - 1))
     half = t_quantile((1 + confidence) / 2, n - 1) * std / math.sqrt(n)
-    return Interval(mean, mean - half, mean + half, std, n, confidence)
+    return Interval(mean, mean - half, mean + half, std, n, confidence, n)
 
 
 def clustered_ci(values: Mapping[tuple[Hashable, Hashable], float], confidence: float = 0.95) -> Interval:
-    """Mean and t-interval over prompts of the values keyed ``(prompt, seed)``: each prompt counts once, with the
-    mean of its finite values over its seeds (prompts without any are left out; ``n`` counts the prompts)."""
-    by_prompt: dict[Hashable, list[float]] = {}
-    for (prompt, _), value in values.items():
+    """Mean of the finite values keyed ``(cluster, item)`` (e.g. ``(prompt, seed)``) with a cluster-robust (CR1)
+    t-interval over the ``n`` clusters: ``se = sqrt(n / (n - 1) * sum_c (sum_{i in c} (y_i - mean))^2) / N``,
+    ``n - 1`` degrees of freedom. With equal clusters this is exactly the t-interval of the cluster means."""
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence={confidence!r} must be in (0, 1).")
+    clusters: dict[Hashable, list[float]] = {}
+    for (cluster, _), value in values.items():
         if value is not None and math.isfinite(float(value)):
-            by_prompt.setdefault(prompt, []).append(float(value))
-    return mean_ci([math.fsum(v) / len(v) for v in by_prompt.values()], confidence)
+            clusters.setdefault(cluster, []).append(float(value))
+    total = sum(len(v) for v in clusters.values())
+    n = len(clusters)
+    if total == 0:
+        return Interval(math.nan, math.nan, math.nan, math.nan, 0, confidence, 0)
+    mean = math.fsum(v for members in clusters.values() for v in members) / total
+    if n == 1:
+        return Interval(mean, math.nan, math.nan, math.nan, 1, confidence, total)
+    se = math.sqrt(n / (n - 1) * math.fsum(math.fsum(v - mean for v in members) ** 2
+                                           for members in clusters.values())) / total
+    half = t_quantile((1 + confidence) / 2, n - 1) * se
+    return Interval(mean, mean - half, mean + half, se * math.sqrt(n), n, confidence, total)
 
 
 def paired_differences(values: Mapping[Hashable, float], baseline: Mapping[Hashable, float]) -> dict[Hashable, float]:

@@ -47,7 +47,7 @@ def test_attribution_centres_rewards_within_groups(log):
     # group mean (3 + 1 + 2 + 1) / 4 = 1.75
     assert stats[("blue", FIRST)].mean == pytest.approx(1.25)
     assert stats[("blue", LATER)].mean == pytest.approx(-0.75)
-    assert stats[(DROPPED, "")].mean == pytest.approx(-0.75) and stats[(DROPPED, "")].n == 3
+    assert stats[(DROPPED, "")].mean == pytest.approx(-0.75) and stats[(DROPPED, "")].samples == 3
     assert stats[(UNCHANGED, "")].mean == pytest.approx(0.25)
     assert stats[("blue", FIRST)].n == 3 and stats[("blue", FIRST)].half_width == pytest.approx(0.0)
 
@@ -68,7 +68,7 @@ def test_cli_prints_tables_and_writes_json(log, tmp_path, capsys):
     main([str(log), "--window", "3", "--min-count", "3", "--json", str(out)])
     text = capsys.readouterr().out
     assert "| 1-3 | 12 | 1.750 | 0.75 | blue 0.50" in text
-    assert "| blue | first action | 3 | +1.250" in text
+    assert "| blue | first action | 3 | 3 | +1.250" in text  # 3 trajectories in 3 groups
     payload = json.loads(out.read_text())
     assert payload["windows"][0]["trajectories"] == 12
     assert {(a["edit"], a["where"]) for a in payload["attribution"]} >= {("blue", FIRST), (DROPPED, "")}
@@ -80,3 +80,15 @@ def test_bad_logs_give_clear_errors(tmp_path):
     bad = _write(tmp_path / "completions.jsonl", [{"step": 1, "query": "q"}])
     with pytest.raises(ValueError, match="completions.jsonl:1 is not a completions row"):
         load_completions(bad)
+
+
+def test_attribution_intervals_are_over_groups(tmp_path):
+    # two trajectories with the edit in each of two groups: 4 trajectories, but 2 independent groups
+    rows = []
+    for step, rewards in ((1, (3.0, 3.0, 1.0, 1.0)), (2, (2.0, 2.0, 1.0, 1.0))):
+        rows += [_row(step, "cat", ["cat big"], rewards[0]), _row(step, "cat", ["cat big"], rewards[1]),
+                 _row(step, "cat", ["cat"], rewards[2]), _row(step, "cat", ["cat"], rewards[3])]
+    stat = edit_attribution(load_completions(_write(tmp_path / "c.jsonl", rows)))[("big", FIRST)]
+    assert (stat.samples, stat.n) == (4, 2) and stat.mean == pytest.approx((1.0 + 0.5) / 2)
+    # the t-interval of the two group means 1.0 and 0.5 (1 degree of freedom), not of four values
+    assert stat.half_width == pytest.approx(12.706205 * 0.25, rel=1e-6)

@@ -62,10 +62,18 @@ def test_paired_difference_matches_keys_not_positions():
 
 def test_intervals_take_prompts_as_the_units_not_images():
     # two prompts x three seeds; the seeds of a prompt agree closely, the prompts differ
-    values = {("a", 0): 1.0, ("a", 1): 1.1, ("a", 2): 0.9, ("b", 0): 3.0, ("b", 1): float("nan"), ("b", 2): 3.2}
-    interval = clustered_ci(values)
-    assert interval.n == 2 and interval.mean == pytest.approx((1.0 + 3.1) / 2)
-    assert interval == mean_ci([1.0, 3.1])  # per-prompt means, t with 1 degree of freedom
-    assert interval.half_width > mean_ci([v for v in values.values()]).half_width  # images are not independent
+    values = {("a", 0): 1.0, ("a", 1): 1.1, ("a", 2): 0.9, ("b", 0): 3.0, ("b", 1): 3.3, ("b", 2): 3.0}
+    interval, of_means = clustered_ci(values), mean_ci([1.0, 3.1])
+    assert (interval.n, interval.samples) == (2, 6)
+    for field in ("mean", "low", "high", "std"):  # equal clusters: the t-interval of the prompts' means
+        assert getattr(interval, field) == pytest.approx(getattr(of_means, field)), field
+    assert interval.half_width > mean_ci(values.values()).half_width  # images of a prompt are not independent
     base = {key: 0.5 for key in values}
-    assert paired_ci(values, base) == mean_ci([0.5, 2.6])
+    assert paired_ci(values, base).half_width == pytest.approx(of_means.half_width)
+    # unequal clusters (a NaN dropped): mean over the values, CR1 standard error by hand, t with 1 degree of freedom
+    values[("b", 1)] = float("nan")
+    mean = (1.0 + 1.1 + 0.9 + 3.0 + 3.0) / 5
+    se = math.sqrt(2 / 1 * ((3.0 - 3 * mean) ** 2 + (6.0 - 2 * mean) ** 2)) / 5
+    unequal = clustered_ci(values)
+    assert (unequal.n, unequal.samples) == (2, 5) and unequal.mean == pytest.approx(mean)
+    assert unequal.half_width == pytest.approx(12.706205 * se, rel=1e-6)

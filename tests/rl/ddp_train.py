@@ -23,13 +23,14 @@ out, vlm_dir = Path(sys.argv[1]), Path(sys.argv[2])
 trainer = tiny_trainer(out / "run", vlm_dir, max_steps=3, prompts_per_step=2, group_size=4, micro_batch_size=4,
                        warmup_steps=4)
 trainer.callbacks.append(StopOnRankOne())
-seeds = []
+seeds, rewards = [], []
 collect = trainer.collect
 
 
 def recording_collect(queries, step):
     batch = collect(queries, step)
     seeds.append([t.seed for t in batch.trajectories])
+    rewards.append(batch.rewards.tolist())
     return batch
 
 
@@ -40,6 +41,8 @@ save_file({k: v.contiguous() for k, v in adapter_state(trainer).items()}, str(ou
 (out / f"rank{rank}.json").write_text(json.dumps({"seeds": seeds, "world": trainer.accelerator.num_processes,
                                                   "steps": trainer.step,
                                                   "learning_rates": [h["train/lr"] for h in history],
+                                                  "rewards": rewards,
+                                                  "reward_means": [h["reward/mean"] for h in history],
                                                   "torch_threads": torch.get_num_threads(),
                                                   "distributed_type": str(trainer.accelerator.distributed_type),
                                                   "prepared_class": type(trainer.model).__name__}))

@@ -41,3 +41,8 @@ def test_two_processes_end_with_identical_adapters_and_distinct_seeds(tmp_path):
     # the warm-up advances once per optimizer step, as in one process (not once per process)
     base = 3e-2  # tiny_config's learning rate
     assert all(r["learning_rates"] == pytest.approx([base * 2 / 4, base * 3 / 4]) for r in ranks)
+    # each step's logged reward is over both processes' trajectories, the same on both
+    for step in range(2):
+        pooled = ranks[0]["rewards"][step] + ranks[1]["rewards"][step]
+        assert all(r["reward_means"][step] == pytest.approx(sum(pooled) / len(pooled)) for r in ranks)
+    assert ranks[0]["rewards"] != ranks[1]["rewards"]

@@ -44,6 +44,7 @@ def test_micro_batches_without_valid_tokens_leave_the_metrics_alone(tmp_path, vl
     assert metrics["policy/entropy"] == pytest.approx(whole["policy/entropy"], rel=1e-4)
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")  # optimizer.step is stubbed
 def test_sequence_normalisation_gradient_ignores_failed_rewards(tmp_path, vlm_dir, monkeypatch):
     grads = {}
     for name, reward in (("failed", _FirstGroupFails()), ("clean", None)):

@@ -103,9 +103,12 @@ def cmd_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         return done
     try:
         config = load_config(TrainConfig, args.config, overrides)
-        from accelerate import PartialState
+        from .processes import process_state
 
-        sizes = derive_sizes(config.grpo, PartialState().num_processes)
+        # before anything else sets up accelerate: on a CPU-only machine several launched processes must ask for
+        # the CPU (gloo), else each would run the whole training alone
+        state = process_state()
+        sizes = derive_sizes(config.grpo, state.num_processes)
         from .rl.checkpoint import checkpoints_after, latest_checkpoint, read_meta, resume_checkpoint
 
         if sum(map(bool, (args.resume, args.resume_from, args.auto_resume))) > 1:
@@ -117,20 +120,21 @@ def cmd_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         else:
             resume = resume_checkpoint(run_dir, args.resume_from or args.resume)
         checkpoints_after(run_dir, read_meta(resume)["step"] if resume else 0, config.logging.overwrite_output_dir)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}")
-    if PartialState().is_main_process:
-        print("derived sizes:\n" + sizes.table(), flush=True)
-    from .rl.trainer import GRPOTrainer
+        from .rl.trainer import GRPOTrainer, training_queries
 
+        training_queries(config)  # prompt files and the reward spec, before any model loads
+    except (ConfigError, ValueError, FileNotFoundError, ImportError) as e:
+        raise SystemExit(f"error: {e}")
+    if state.is_main_process:
+        print("derived sizes:\n" + sizes.table(), flush=True)
     trainer = GRPOTrainer.from_config(config)
     trainer.train(resume=resume or False)
     if trainer.terminated:  # preempted: schedulers read a non-zero status as "not finished"
-        if PartialState().is_main_process:
+        if state.is_main_process:
             print(f"stopped by SIGTERM at step {trainer.step}; continue with `promptloop train {args.config} "
                   f"--resume` (same output_dir; --auto-resume in a job that restarts itself)", flush=True)
         return 128 + 15
-    if PartialState().is_main_process:
+    if state.is_main_process:
         print(f"done: step {trainer.step}; trained policy in {trainer.policy_dir} (load it with "
               f"PromptLoopPipeline.from_pretrained or `promptloop sample --policy`); checkpoints in "
               f"{trainer.run_dir / 'checkpoints'}")
@@ -275,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "--refinements (default: as the policy was trained, with grpo.initial_rewrite)")
     sample.add_argument("--num-images", type=int, default=1, help="images per prompt")
     sample.add_argument("--batch-size", type=int, default=8,
-                        help="images sampled together (memory knob); image i always uses seed --seed + i")
+                        help="images sampled together; image i's noise always uses seed --seed + i, but the policy "
+                             "samples a batch's rewrites from one seed, so they change with the batch size")
     sample.add_argument("--seed", type=int, default=0, help="seed of image 0; image i uses seed + i (default: 0)")
     sample.add_argument("--device", default=None,
                         help="device of the policy and the pipeline (cuda, cuda:1, cpu; default: cuda when present)")

@@ -1,7 +1,14 @@
 """Nested dataclass configs from YAML files and ``--section.key value`` command-line overrides.
 
-Every field carries its help text in ``field(metadata={"help": ...})``. Unknown keys, wrong types and invalid
-values fail before any model is loaded, with a message that names the key.
+Every field carries its help text in ``field(metadata={"help": ...})``; ``metadata={"required": True}`` marks a
+field whose default (e.g. ``""``) the section rejects, so that ``--help`` shows it as required. Unknown keys, wrong
+types and invalid values fail before any model is loaded, with a message that names the key.
+
+A command-line value is text read as its field's type: ``true``/``false`` for a bool, ``1,3,5`` for a list; for an
+optional field ``null``, ``None`` or ``~`` mean none (as YAML's null); for a field that is a string or a list
+(``Union[str, list[str]]``), text with a comma is the list; under an untyped mapping (``dict[str, Any]``, e.g.
+``--reward.kwargs.download false``) it is read as an unquoted YAML scalar (``false``, ``4``, ``null``; other text
+stays text). A YAML value keeps its YAML type.
 """
 from __future__ import annotations
 
@@ -21,47 +28,83 @@ class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the key and the fix."""
 
 
+class _Text(str):
+    """A command-line value: text still to be read as its field's type (a YAML value keeps its own type)."""
+
+
+_NULL_TEXT = ("null", "None", "~")
+"""Command-line spellings of none for an optional field."""
+_LISTS = (list, tuple, Sequence)
+
+
+def _kind(value: Any) -> str:
+    return "str" if isinstance(value, str) else type(value).__name__
+
+
+def _yaml_scalar(text: str) -> Any:
+    """``text`` as the plain (unquoted) YAML scalar it spells: false, 4, 0.5, null; other text stays text."""
+    text = str(text)
+    if not text:
+        return ""
+    loader = yaml.SafeLoader("")
+    try:
+        return loader.construct_object(yaml.ScalarNode(loader.resolve(yaml.ScalarNode, text, (True, False)), text))
+    except (yaml.YAMLError, ValueError):  # e.g. a date that does not exist, an int past Python's digit limit
+        return text
+    finally:
+        loader.dispose()
+
+
 def _field_types(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
 
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    """Check (and for strings from the command line, convert) ``value`` against ``annotation``."""
+    """Check (and for strings, convert) ``value`` against ``annotation``; command-line text (:class:`_Text`) becomes
+    plain values (see the module docstring)."""
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if annotation is Any:
-        return value
+        if isinstance(value, dict):
+            return {k: _coerce(v, Any, f"{key}.{k}") for k, v in value.items()}
+        return _yaml_scalar(value) if isinstance(value, _Text) else value
     if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
+        if type(None) in args and (value is None or isinstance(value, _Text) and value in _NULL_TEXT):
             return None
+        arms = [a for a in args if a is not type(None)]
+        if isinstance(value, _Text) and "," in value:  # "q_proj,v_proj" for Union[str, list[str]] is the list
+            arms.sort(key=lambda a: typing.get_origin(a) not in _LISTS)
         errors = []
-        for arg in (a for a in args if a is not type(None)):
+        for arg in arms:
             try:
                 return _coerce(value, arg, key)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(f"{key}: {value!r} matches none of {annotation}")
+        raise ConfigError(f"{key}: {value!r} matches none of {annotation} ({'; '.join(errors)})")
     if origin is typing.Literal:
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
-        return value
-    if origin in (list, tuple, Sequence):
+        return args[args.index(value)]
+    if origin in _LISTS:
         if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
+            value = [_Text(v.strip()) for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {_kind(value)} {value!r}")
         inner = args[0] if args else Any
         return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
-        return dict(value)
+            raise ConfigError(f"{key}: expected a mapping, got {_kind(value)}")
+        inner = args[1] if args else Any
+        if dataclasses.is_dataclass(inner):  # label -> entry: the owning section checks the labels, then builds
+            return dict(value)
+        return {k: _coerce(v, inner, f"{key}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(annotation):
         if isinstance(value, annotation):
             return value
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a section (mapping), got {type(value).__name__}")
+            raise ConfigError(f"{key}: expected a section (mapping), got {_kind(value)}")
         return build(annotation, value, prefix=f"{key}.")
     if annotation is bool:
         if isinstance(value, bool):
@@ -73,8 +116,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         return _number(value, annotation, key)
     if annotation is str:
         if isinstance(value, str):
-            return value
-        raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {_kind(value)} {value!r}")
     return value
 
 
@@ -90,13 +133,13 @@ def _number(value: Any, kind: type, key: str) -> Any:
         else:
             if kind is int or math.isfinite(number):
                 return number
-    raise ConfigError(f"{key}: expected {what}, got {type(value).__name__} {value!r}")
+    raise ConfigError(f"{key}: expected {what}, got {_kind(value)} {value!r}")
 
 
 def build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     """Instantiate dataclass ``cls`` from a (nested) mapping; unknown keys are errors naming the valid ones."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {_kind(data)}")
     fields = _field_types(cls)
     data = {k.replace("-", "_") if isinstance(k, str) and k not in fields and k.replace("-", "_") in fields else k: v
             for k, v in data.items()}  # --grpo.group-size means group_size
@@ -118,7 +161,8 @@ def build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
 
 
 def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
-    """``["--grpo.group_size", "8", "--policy.lora_r=16"]`` -> nested dict of strings (typed later)."""
+    """``["--grpo.group_size", "8", "--policy.lora_r=16"]`` -> nested dict of command-line text (:class:`_Text`,
+    a ``str``), read as the fields' types by :func:`build`."""
     nested: dict[str, Any] = {}
     items = list(overrides)
     i = 0
@@ -139,7 +183,7 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override --{key}: {part} is not a section")
-        node[parts[-1]] = value
+        node[parts[-1]] = _Text(value)
     return nested
 
 
@@ -155,6 +199,10 @@ def load_config(cls: type[T], path: Union[str, Path, None] = None, overrides: Se
     data: dict[str, Any] = {}
     if path is not None:
         file = Path(path)
+        misplaced = [o for o in overrides if not o.startswith("--") and Path(o).suffix in (".yaml", ".yml")]
+        if misplaced and not (file.is_file() and file.suffix in (".yaml", ".yml")):  # CONFIG after an override
+            raise ConfigError(f"{str(path)!r} is not a config file and {misplaced[0]!r} comes after an override: "
+                              f"put the config file first: promptloop train|eval {misplaced[0]} --section.key value")
         if not file.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         try:
@@ -175,8 +223,8 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 def describe(cls: type, prefix: str = "") -> list[tuple[str, str, Any]]:
     """(key, help, default) for every field, recursively: for ``--help`` and the docs. A required field's default
-    is ``dataclasses.MISSING``; the fields of a ``dict[str, <dataclass>]`` section follow it as
-    ``section.<label>.field``."""
+    (no default, or ``metadata={"required": True}``) is ``dataclasses.MISSING``; the fields of a
+    ``dict[str, <dataclass>]`` section follow it as ``section.<label>.field``."""
     rows = []
     for f in dataclasses.fields(cls):
         annotation = _field_types(cls)[f.name]
@@ -185,6 +233,8 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, str, Any]]:
             continue
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+        if f.metadata.get("required"):
+            default = dataclasses.MISSING
         rows.append((prefix + f.name, f.metadata.get("help", ""), default))
         entry = typing.get_args(annotation)[1] if typing.get_origin(annotation) is dict else None
         if dataclasses.is_dataclass(entry):

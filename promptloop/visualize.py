@@ -36,14 +36,15 @@ def trajectory_strip(
     trajectory: Trajectory, final_image: Optional[Image.Image] = None, tile: int = 192, font_size: int = 11
 ) -> Image.Image:
     """One row per trajectory: a tile for each decision step (the x0 preview the refiner saw, the step, the
-    prompt it wrote) and a last tile with the final image. The query is written above."""
+    prompt it wrote) and a last tile with the final image and the prompt in force at the end. The query is written
+    above."""
     columns: list[tuple[Optional[Image.Image], list[tuple[str, tuple[int, int, int]]]]] = []
     for k, step in enumerate(trajectory.decision_steps):
         prompt = trajectory.prompts[k + 1]
         mark = " [cut]" if trajectory.truncated[k + 1] else ""
         columns.append((trajectory.previews[k] if k < len(trajectory.previews) else None,
                         [(f"step {step}/{trajectory.num_steps}", _MUTED), (prompt + mark, _FG)]))
-    columns.append((final_image, [("final", _MUTED), (f"first prompt: {trajectory.prompts[0]}", _FG)]))
+    columns.append((final_image, [("final", _MUTED), (f"final prompt: {trajectory.prompts[-1]}", _FG)]))
 
     captions = [_caption_block(lines, tile, font_size) for _, lines in columns]
     cap_h = max(c.height for c in captions)

@@ -2,14 +2,16 @@
 that loads back to the same config (contracts: no model is loaded)."""
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
 
 from promptloop.cli import main
-from promptloop.configuration import describe, load_config
+from promptloop.configuration import ConfigError, describe, dump_config, keys_help, load_config
 from promptloop.eval.config import EvalConfig
 from promptloop.rl.config import TrainConfig
 
@@ -92,3 +94,104 @@ def test_env_and_version_for_bug_reports(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--version"])
     assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"promptloop {promptloop.__version__}"
+
+
+@pytest.mark.parametrize("null", ["null", "None", "~"])
+def test_null_words_on_the_command_line_set_optional_fields_to_none(null):
+    given = {"backbone.guidance_scale": "7.5", "backbone.height": "512", "backbone.revision": "main",
+             "data.eval_prompts": "q.txt", "logging.hub_private_repo": "true", "reward.timeout_s": "30"}
+    overrides = [a for key, value in given.items() for a in (f"--{key}", value)]
+    before = load_config(TrainConfig, CONFIGS / "miniworld_grpo.yaml", overrides)
+    after = load_config(TrainConfig, CONFIGS / "miniworld_grpo.yaml",
+                        [*overrides, *(a for key in given for a in (f"--{key}", null))])
+    for key in given:
+        section, name = key.split(".")
+        assert getattr(getattr(before, section), name) is not None, key
+        assert getattr(getattr(after, section), name) is None, key
+    plain = load_config(TrainConfig, CONFIGS / "miniworld_grpo.yaml", ["--logging.project", null])
+    assert plain.logging.project == null  # a field that cannot be none keeps the text
+    evaluate = load_config(EvalConfig, CONFIGS / "eval_miniworld_ladder.yaml", ["--baseline", null,
+                                                                                 "--prompts.limit", null])
+    assert evaluate.baseline is None and evaluate.prompts.limit is None
+
+
+def test_a_quoted_null_in_yaml_stays_a_string(tmp_path):
+    path = tmp_path / "train.yaml"
+    path.write_text("backbone: {name_or_path: x, revision: 'null'}\ndata: {prompts: q.txt}\n")
+    assert load_config(TrainConfig, path).backbone.revision == "null"
+
+
+def test_comma_text_is_the_list_of_a_string_or_list_field(tmp_path):
+    def modules(*overrides, path=CONFIGS / "miniworld_grpo.yaml"):
+        return load_config(TrainConfig, path, overrides).policy.lora_target_modules
+
+    assert modules("--policy.lora_target_modules", "q_proj,v_proj") == ["q_proj", "v_proj"]
+    assert modules("--policy.lora_target_modules", " q_proj , v_proj,") == ["q_proj", "v_proj"]
+    assert modules("--policy.lora_target_modules", r".*\.(q_proj|v_proj)") == r".*\.(q_proj|v_proj)"
+    assert modules("--policy.lora_target_modules", "q_proj") == "q_proj"
+    path = tmp_path / "train.yaml"
+    path.write_text("backbone: {name_or_path: x}\ndata: {prompts: q.txt}\npolicy: {lora_target_modules: 'a,b'}\n")
+    assert modules(path=path) == "a,b"  # a YAML string keeps its type
+
+
+def test_untyped_mapping_values_on_the_command_line_are_yaml_scalars(tmp_path):
+    overrides = ["--reward.kwargs.download", "false", "--reward.kwargs.batch_size", "4", "--reward.kwargs.scale",
+                 "0.5", "--reward.kwargs.device", "null", "--reward.kwargs.path", "/weights/ir", "--reward.kwargs.note",
+                 "a #b", "--reward.kwargs.flow", "[1]", "--reward.kwargs.empty", "", "--reward.kwargs.day",
+                 "2024-13-45", "--reward.kwargs.aesthetic.path", "/weights/aes"]
+    config = load_config(TrainConfig, CONFIGS / "miniworld_grpo.yaml", overrides)
+    assert config.reward.kwargs == {"download": False, "batch_size": 4, "scale": 0.5, "device": None,
+                                    "path": "/weights/ir", "note": "a #b", "flow": "[1]", "empty": "",
+                                    "day": "2024-13-45", "aesthetic": {"path": "/weights/aes"}}
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(dump_config(config))  # plain values only: the YAML loads back to the same config
+    assert load_config(TrainConfig, printed) == config
+    path = tmp_path / "train.yaml"
+    path.write_text("backbone: {name_or_path: x}\ndata: {prompts: q.txt}\nreward: {kwargs: {download: 'false'}}\n")
+    assert load_config(TrainConfig, path).reward.kwargs == {"download": "false"}  # YAML keeps its type
+
+
+@pytest.mark.parametrize("command", ["train", "eval"])
+def test_a_config_file_after_the_overrides_says_to_put_it_first(command):
+    path = str(CONFIGS / ("miniworld_grpo.yaml" if command == "train" else "eval_miniworld_ladder.yaml"))
+    override = "--grpo.group_size" if command == "train" else "--prompts.limit"
+    for extra in ([], ["--print-config"]):
+        with pytest.raises(SystemExit, match=r"'8' is not a config file .*put the config file first: promptloop "
+                                             rf"train\|eval {path} --section.key value"):
+            main([command, override, "8", path, *extra])
+    with pytest.raises(ConfigError, match="config file 'missing.yaml' does not exist"):
+        load_config(TrainConfig, "missing.yaml", ["--grpo.group_size", "8"])
+
+
+def test_help_shows_required_keys_as_required():
+    train, evaluate = keys_help(TrainConfig), keys_help(EvalConfig)
+    for key in ("backbone.name_or_path", "data.prompts"):
+        assert f"--{key}  [required]" in train, key
+    for key in ("prompts.source", "backbones.<label>.name_or_path", "rewards.<label>.spec"):
+        assert f"--{key}  [required]" in evaluate, key
+    assert '[default: ""]' not in train + evaluate
+
+
+@pytest.mark.parametrize("cls", [TrainConfig, EvalConfig])
+def test_fields_marked_required_are_those_whose_section_rejects_the_empty_default(cls):
+    def sections(owner):
+        for f in dataclasses.fields(owner):
+            for annotation in (hints := typing.get_type_hints(owner))[f.name], *typing.get_args(hints[f.name]):
+                if dataclasses.is_dataclass(annotation):
+                    yield annotation
+                    yield from sections(annotation)
+
+    checked = 0
+    for section in set(sections(cls)):
+        marked = {f.name: "x" for f in dataclasses.fields(section) if f.metadata.get("required")}
+        section(**marked)
+        for f in dataclasses.fields(section):
+            if f.default == "":
+                checked += 1
+                try:
+                    section(**{**marked, f.name: ""})
+                except ValueError:
+                    assert f.name in marked, f"{section.__name__}.{f.name} rejects '' but is not marked required"
+                else:
+                    assert f.name not in marked, f"{section.__name__}.{f.name} is marked required but accepts ''"
+    assert checked >= 2

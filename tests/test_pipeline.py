@@ -277,7 +277,7 @@ def test_sample_command_bad_arguments(saved, args, match):
         cli_main(["sample", "--policy", str(saved / "policy"), "--backbone", str(saved / "sd"), *args])
 
 
-def test_train_command_config_errors_name_the_key(tmp_path):
+def test_train_command_config_errors_name_the_key(tmp_path, monkeypatch):
     config = tmp_path / "train.yaml"
     config.write_text("backbone: {name_or_path: x}\ndata: {prompts: p.txt}\n")
     with pytest.raises(SystemExit, match=r"unknown key\(s\) \['grpo.groupsize'\]"):
@@ -286,8 +286,14 @@ def test_train_command_config_errors_name_the_key(tmp_path):
         cli_main(["train", str(config), "--grpo.micro_batch_size", "7"])
     with pytest.raises(SystemExit, match="config file .* does not exist"):
         cli_main(["train", str(tmp_path / "missing.yaml")])
-    with pytest.raises(FileNotFoundError, match="prompt file 'p.txt' does not exist"):
+    with pytest.raises(SystemExit, match="prompt file 'p.txt' does not exist"):
         cli_main(["train", str(config)])
+    (tmp_path / "p.txt").write_text("a cat\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="reward.spec: Unknown reward 'imagerewards'"):
+        cli_main(["train", str(config), "--reward.spec", "imagerewards"])
+    with pytest.raises(SystemExit, match="logging.eval_every=5 .* give data.eval_prompts"):
+        cli_main(["train", str(config), "--logging.eval_every", "5"])
 
 
 def test_train_command_checks_resume_before_loading_models(tmp_path, monkeypatch):
@@ -295,7 +301,9 @@ def test_train_command_checks_resume_before_loading_models(tmp_path, monkeypatch
 
     run = tmp_path / "run"
     config = tmp_path / "train.yaml"
-    config.write_text(f"backbone: {{name_or_path: x}}\ndata: {{prompts: p.txt}}\nlogging: {{output_dir: {run}}}\n")
+    (tmp_path / "p.txt").write_text("a cat\n")
+    config.write_text(f"backbone: {{name_or_path: x}}\ndata: {{prompts: {tmp_path / 'p.txt'}}}\n"
+                      f"logging: {{output_dir: {run}}}\n")
     with pytest.raises(SystemExit, match="no complete checkpoint under .*run/checkpoints"):
         cli_main(["train", str(config), "--resume"])
     with pytest.raises(SystemExit, match="not a complete checkpoint"):

@@ -19,18 +19,19 @@ METHOD_KINDS = ("base", "untrained", "oneshot", "closed", "closed-noimage", "apr
 REFINING_KINDS = ("closed", "closed-noimage", "apriori")
 """Kinds that rewrite the prompt during sampling, at N_R evenly spaced steps."""
 DEFAULT_NUM_REFINEMENTS = {"closed": [1, 3, 5], "closed-noimage": [5], "apriori": [5]}
-_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
 
-def _help(text: str, **kw):
-    return field(metadata={"help": text}, **kw)
+def _help(text: str, required: bool = False, **kw):
+    """A field with help text; ``required``: its default only stands for "not given" (``--help`` says required)."""
+    return field(metadata={"help": text, "required": True} if required else {"help": text}, **kw)
 
 
 @dataclass
 class PromptSetSection:
     source: str = _help("Prompt set: a .txt/.jsonl/.csv file, 'hf:DATASET[:SPLIT]', a named public set "
                         "(pickapic-v2, drawbench, partiprompts, hpdv2[:STYLE]; need network) or a registered set "
-                        "such as 'miniworld:heldout'.", default="")
+                        "such as 'miniworld:heldout'.", required=True, default="")
     column: str = _help("Column holding the query in .jsonl/.csv/'hf:' sources.", default="prompt")
     limit: Optional[int] = _help("Keep the first N prompts (null: all).", default=None)
 
@@ -44,7 +45,8 @@ class PromptSetSection:
 @dataclass
 class BackboneEntry:
     name_or_path: str = _help("diffusers pipeline folder or hub id (SD1.x/2.x, SDXL, SD3, FLUX; base or "
-                              "weight-tuned: a DPO/DDPO/ReFL model is just another entry).", default="")
+                              "weight-tuned: a DPO/DDPO/ReFL model is just another entry).", required=True,
+                              default="")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = _help(
         "Weights dtype ('auto': bfloat16 on CUDA, float32 on CPU).", default="auto")
     num_inference_steps: int = _help("Sampler steps T per image (> N_R).", default=50)
@@ -130,7 +132,7 @@ class MethodEntry:
 @dataclass
 class RewardEntry:
     spec: str = _help("Reward name ('imagereward'), composite ('imagereward:1.0,aesthetic:0.1') or "
-                      "'module:function'; always scored against the user's ORIGINAL query.", default="")
+                      "'module:function'; always scored against the user's ORIGINAL query.", required=True, default="")
     device: Optional[str] = _help("Device of the reward model (default: the evaluation device).", default=None)
     kwargs: dict[str, Any] = _help("Keyword arguments for load_reward (e.g. path: /weights/imagereward).",
                                    default_factory=dict)
@@ -213,6 +215,17 @@ class EvalConfig:
             raise ValueError(f"seeds={self.seeds} must be a non-empty list without duplicates")
         if not 0 < self.confidence < 1:
             raise ValueError(f"confidence={self.confidence} must be in (0, 1)")
+        from .text_similarity import check_text_embedder
+
+        check_text_embedder(self.text_embedder)
+        if self.device != "auto":
+            import torch
+
+            try:
+                torch.device(self.device)
+            except RuntimeError as e:
+                raise ValueError(f"device={self.device!r} is not a device ('auto', 'cpu', 'cuda', 'cuda:1', ...): "
+                                 f"{e}") from e
         variants = self.method_variants()
         labels = [v.label for v in variants]
         folders = [v.folder_name for v in variants]
@@ -273,9 +286,12 @@ def _entries(section: str, value: dict, cls: type) -> dict:
     out = {}
     for label, entry in value.items():
         label = str(label)
+        if "." in label:
+            raise ConfigError(f"{section}: label {label!r} holds '.', which --{section}.LABEL.key overrides read as a "
+                              f"key separator; rename it, e.g. {label.replace('.', '-')!r}")
         if not _LABEL.match(label):
-            raise ConfigError(f"{section}: label {label!r} may hold only letters, digits, '.', '_' and '-' (it "
-                              "names files and table columns)")
+            raise ConfigError(f"{section}: label {label!r} may hold only letters, digits, '_' and '-' (it names "
+                              "files and table columns)")
         out[label] = entry if isinstance(entry, cls) else build(cls, entry or {}, prefix=f"{section}.{label}.")
     return out
 

@@ -16,6 +16,7 @@ from ..policy import PromptPolicy, PromptWriter, VLLMPromptPolicy
 from ..policy.vllm_backend import import_vllm
 from ..policy.writer import resolve_policy_config
 from ..rewards import Reward, load_reward
+from ..rewards.registry import check_reward_spec
 from ..visualize import trajectory_strip
 from .config import BackboneEntry, EvalConfig, MethodVariant, PolicySamplingSection
 from .journal import BatchKey, EvalJournal, run_identity
@@ -42,9 +43,14 @@ def _looks_local(path: str) -> bool:
 
 
 def check_config(config: EvalConfig) -> list[MethodVariant]:
-    """Errors that need no model: N_R and feedback delays against each backbone's steps, missing local paths, a
-    vLLM backend without vllm installed."""
+    """Errors that need no model: N_R and feedback delays against each backbone's steps, missing local paths,
+    unknown rewards, a vLLM backend without vllm installed."""
     variants = config.method_variants()
+    for label, reward in config.rewards.items():
+        try:
+            check_reward_spec(reward.spec)
+        except ValueError as e:
+            raise ValueError(f"rewards.{label}.spec: {e}") from e
     if config.policy_sampling.backend == "vllm":
         import_vllm()
     for label, backbone in config.backbones.items():

@@ -87,26 +87,31 @@ class _CallableEmbedder:
         return torch.as_tensor(self.fn(list(texts)))
 
 
+def check_text_embedder(spec: str) -> None:
+    """Raise ``ValueError`` unless ``spec`` is a known embedder or a 'module:function' (nothing is loaded)."""
+    if spec not in ("bow", MINILM_PACKAGE, "minilm") and ":" not in spec:
+        raise ValueError(f"Unknown text_embedder {spec!r}; use 'bow', '{MINILM_PACKAGE}' or 'module:function'.")
+
+
 def load_text_embedder(spec: str = "bow", device: str | torch.device = "cpu") -> TextEmbedder:
     """An embedder from its spec (see the module docstring)."""
+    check_text_embedder(spec)
     if spec == "bow":
         return BagOfWordsEmbedder()
     if spec in (MINILM_PACKAGE, "minilm"):
         return MiniLMEmbedder(device=device)
-    if ":" in spec:
-        module_name, _, attr = spec.partition(":")
-        try:
-            factory = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as e:
-            raise ValueError(f"text_embedder {spec!r}: cannot import {attr!r} from {module_name!r} ({e}).") from e
-        made = factory()
-        if isinstance(made, TextEmbedder):
-            return made
-        if callable(made):
-            return _CallableEmbedder(made, spec)
-        raise TypeError(f"text_embedder {spec!r} returned {type(made).__name__}; return an object with "
-                        "embed(texts) or a callable texts -> (N, D) tensor.")
-    raise ValueError(f"Unknown text_embedder {spec!r}; use 'bow', '{MINILM_PACKAGE}' or 'module:function'.")
+    module_name, _, attr = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"text_embedder {spec!r}: cannot import {attr!r} from {module_name!r} ({e}).") from e
+    made = factory()
+    if isinstance(made, TextEmbedder):
+        return made
+    if callable(made):
+        return _CallableEmbedder(made, spec)
+    raise TypeError(f"text_embedder {spec!r} returned {type(made).__name__}; return an object with "
+                    "embed(texts) or a callable texts -> (N, D) tensor.")
 
 
 def cosine_similarities(embedder: TextEmbedder, texts_a: Sequence[str], texts_b: Sequence[str]) -> list[float]:

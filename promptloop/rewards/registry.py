@@ -159,16 +159,33 @@ def _load_callable(target: str, device, dtype, kwargs: dict[str, Any]) -> Reward
                     f"required positional arguments; it takes {required}.")
 
 
-def _load_one(target: str, device, dtype, kwargs: dict[str, Any]) -> Reward:
+def _registered(target: str) -> bool:
+    """Whether ``target`` names a registered reward (importing the plugin module its prefix names, if any)."""
     for prefix, module in _PLUGIN_MODULES.items():
         if target.startswith(prefix) and target not in _REGISTRY:
             importlib.import_module(module)
-    if target in _REGISTRY:
+    return target in _REGISTRY
+
+
+def _unknown(target: str) -> ValueError:
+    return ValueError(f"Unknown reward {target!r}. Known rewards: {', '.join(available_rewards())}; or give a user "
+                      "callable as 'module:function'.")
+
+
+def check_reward_spec(spec: str) -> None:
+    """Raise ``ValueError`` for a spec naming a reward that is neither registered nor a 'module:function' (no model
+    loads: for checks before a run starts)."""
+    for target, _ in parse_reward_spec(spec)[0]:
+        if not _registered(target) and ":" not in target:
+            raise _unknown(target)
+
+
+def _load_one(target: str, device, dtype, kwargs: dict[str, Any]) -> Reward:
+    if _registered(target):
         return _REGISTRY[target](device=device, dtype=dtype, **kwargs)
     if ":" in target:
         return _load_callable(target, device, dtype, kwargs)
-    raise ValueError(f"Unknown reward {target!r}. Known rewards: {', '.join(available_rewards())}; or give a user "
-                     "callable as 'module:function'.")
+    raise _unknown(target)
 
 
 def load_reward(spec: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
@@ -193,5 +210,5 @@ def load_reward(spec: str, device: str | torch.device | None = None, dtype: torc
     return CompositeReward([(t, r, w) for (t, _), (r, w) in zip(components, rewards)])
 
 
-__all__ = ["CallableReward", "RewardFactory", "available_rewards", "check_weight", "load_reward",
-           "parse_reward_spec", "register_reward"]
+__all__ = ["CallableReward", "RewardFactory", "available_rewards", "check_reward_spec", "check_weight",
+           "load_reward", "parse_reward_spec", "register_reward"]

@@ -8,13 +8,15 @@ from ..policy import PolicyConfig
 from ..policy.vllm_backend import check_gpu_memory_utilization
 
 
-def _help(text: str, **kw):
-    return field(metadata={"help": text}, **kw)
+def _help(text: str, required: bool = False, **kw):
+    """A field with help text; ``required``: its default only stands for "not given" (``--help`` says required)."""
+    return field(metadata={"help": text, "required": True} if required else {"help": text}, **kw)
 
 
 @dataclass
 class BackboneSection:
-    name_or_path: str = _help("diffusers pipeline folder or hub id (SD1.x/2.x, SDXL, SD3, FLUX).", default="")
+    name_or_path: str = _help("diffusers pipeline folder or hub id (SD1.x/2.x, SDXL, SD3, FLUX).", required=True,
+                                default="")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = _help(
         "Weights dtype of the pipeline ('auto': bfloat16 on CUDA, float32 on CPU).", default="auto")
     num_inference_steps: int = _help("Sampler steps T per image (> N_R).", default=50)
@@ -62,7 +64,7 @@ class RewardSection:
 @dataclass
 class DataSection:
     prompts: str = _help("Training queries: a .txt (one per line), .jsonl or .csv file, or 'hf:DATASET[:SPLIT]' "
-                         "(needs the datasets package and network).", default="")
+                         "(needs the datasets package and network).", required=True, default="")
     column: str = _help("Column holding the query in .jsonl/.csv/datasets inputs.", default="prompt")
     eval_prompts: Optional[str] = _help("Held-out queries for periodic evaluation (same formats).", default=None)
     num_eval_prompts: int = _help("Held-out queries used per evaluation.", default=16)

@@ -67,7 +67,8 @@ def _load_hf(spec: str, column: str) -> list[str]:
         ds = datasets.load_dataset(name, split=split or "train")
     except Exception as e:  # offline, unknown name, ...: say what to do instead
         raise RuntimeError(f"could not load dataset {name!r} (split {split or 'train'!r}): {e}. Offline? Export "
-                           "the queries to a .txt/.jsonl/.csv file and point data.prompts at it.") from e
+                           "the queries to a .txt/.jsonl/.csv file and point the prompt setting at it (data.prompts "
+                           "for train, prompts.source for eval).") from e
     if column not in ds.column_names:
         raise ValueError(f"dataset {name!r} has no column {column!r}; columns: {ds.column_names}")
     return [q for q in (" ".join(str(x).split()) for x in ds[column]) if q]

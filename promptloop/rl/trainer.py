@@ -170,6 +170,21 @@ def held_out_queries(config: TrainConfig, eval_queries: Optional[Sequence[str]])
     return queries
 
 
+def training_queries(config: TrainConfig) -> tuple[list[str], list[str]]:
+    """The training and held-out queries; also checks the reward spec names known rewards. Cheap (no model loads):
+    ``promptloop train`` calls it first, so a missing prompt file or an unknown reward fails at once."""
+    from ..rewards.registry import check_reward_spec
+    from .data import load_queries
+
+    try:
+        check_reward_spec(config.reward.spec)
+    except ValueError as e:
+        raise ValueError(f"reward.spec: {e}") from e
+    queries = load_queries(config.data.prompts, config.data.column)
+    eval_queries = load_queries(config.data.eval_prompts, config.data.column) if config.data.eval_prompts else None
+    return queries, held_out_queries(config, eval_queries)
+
+
 def _step_seed(*parts: int) -> int:
     seed = 0
     for p in parts:
@@ -287,11 +302,8 @@ class GRPOTrainer:
         """Load the queries (first: cheap errors), then the backbone, the policy and the reward."""
         from ..backbones import load_backbone
         from ..rewards import load_reward
-        from .data import load_queries
 
-        queries = load_queries(config.data.prompts, config.data.column)
-        eval_queries = held_out_queries(config, load_queries(config.data.eval_prompts, config.data.column)
-                                        if config.data.eval_prompts else None)
+        queries, eval_queries = training_queries(config)
         if config.grpo.rollout_backend == "vllm":
             import_vllm()  # before any model loads
         if config.logging.push_to_hub:

@@ -110,6 +110,8 @@ def test_cli_says_what_to_do_when_a_named_set_is_offline(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(SystemExit, match=r"error: Could not load dataset 'Jialuo21/DrawBench'.*Offline\?"):
         main(["eval", str(_write(tmp_path, _minimal())), "--prompts.source", "drawbench"])
+    with pytest.raises(SystemExit, match=r"Offline\?.*prompts.source for eval"):  # the key eval reads
+        main(["eval", str(_write(tmp_path, _minimal())), "--prompts.source", "hf:org/queries"])
 
 
 def test_every_field_has_help_text():
@@ -139,3 +141,34 @@ def test_example_configs_load_policies_where_training_writes_them(path):
 
 def test_there_are_example_configs():
     assert len(CONFIGS) >= 2
+
+
+def test_labels_with_a_dot_are_refused_with_a_name_to_use(tmp_path):
+    for section, entry in (("backbones", {"name_or_path": "a/b"}), ("methods", {"kind": "base"}),
+                           ("rewards", {"spec": "imagereward"})):
+        data = _minimal()
+        data[section] = {**data.get(section, {}), "sd1.5": entry}
+        with pytest.raises(ConfigError, match=rf"{section}: label 'sd1.5' holds '\.'.*rename it, e.g. 'sd1-5'"):
+            load_config(EvalConfig, _write(tmp_path, data))
+    config = load_config(EvalConfig, _write(tmp_path, _minimal(backbones={"sd1-5": {"name_or_path": "a/b"}})),
+                         ["--backbones.sd1-5.num_inference_steps", "20"])
+    assert config.backbones["sd1-5"].num_inference_steps == 20
+
+
+def test_list_errors_say_what_is_wrong(tmp_path):
+    methods = {"base": {"kind": "base"}, "c": {"kind": "closed", "policy": "a/b", "num_refinements": 3}}
+    with pytest.raises(ConfigError, match=r"methods.c.num_refinements: 3 matches none of .*expected a list, got int 3"):
+        load_config(EvalConfig, _write(tmp_path, _minimal(methods=methods)))
+    with pytest.raises(ConfigError, match=r"num_refinements\[1\]: expected an integer, got str 'two'"):
+        load_config(EvalConfig, _write(tmp_path, _minimal()), ["--methods.loop.num_refinements", "2,two"])
+
+
+def test_unknown_rewards_embedders_and_devices_fail_before_any_model_loads(tmp_path):
+    base = ["--backbones.a.name_or_path", "x", "--prompts.source", "p.txt"]
+    with pytest.raises(ValueError, match="Unknown text_embedder 'foo'"):
+        load_config(EvalConfig, None, [*base, "--text_embedder", "foo"])
+    with pytest.raises(ValueError, match="device='banana' is not a device"):
+        load_config(EvalConfig, None, [*base, "--device", "banana"])
+    config = load_config(EvalConfig, None, [*base, "--rewards.r.spec", "nonexistent_reward"])
+    with pytest.raises(ValueError, match="rewards.r.spec: Unknown reward 'nonexistent_reward'"):
+        check_config(config)

@@ -16,17 +16,32 @@ from safetensors.torch import load_file
 from promptloop.testing.tiny_vlm import save_tiny_vlm
 
 
-def test_two_processes_end_with_identical_adapters_and_distinct_seeds(tmp_path):
+def _launch_two_processes(script: str, *args: str) -> None:
     launcher = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
     assert launcher, "accelerate's launcher is a dependency of promptloop"
-    vlm_dir = save_tiny_vlm(tmp_path / "vlm", "qwen2_5_vl")
-    script = Path(__file__).with_name("ddp_train.py")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
     result = subprocess.run(
         [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", str(script), str(tmp_path), str(vlm_dir)],
+         "--dynamo_backend", "no", str(Path(__file__).with_name(script)), *args],
         env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
+
+
+def test_the_train_command_forms_one_run_of_two_processes(tmp_path):
+    """`promptloop train` under `accelerate launch --multi_gpu` on a CPU: one gloo run of two processes, not two
+    independent runs (the command must not set up accelerate before asking for the CPU)."""
+    config = tmp_path / "train.yaml"
+    (tmp_path / "p.txt").write_text("a cat\n")
+    config.write_text(f"backbone: {{name_or_path: x}}\ndata: {{prompts: {tmp_path / 'p.txt'}}}\n")
+    _launch_two_processes("cli_processes.py", str(tmp_path), str(config))
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"cli_rank{rank}.json").read_text()) == {
+            "num_processes": 2, "distributed_type": "DistributedType.MULTI_CPU"}
+
+
+def test_two_processes_end_with_identical_adapters_and_distinct_seeds(tmp_path):
+    vlm_dir = save_tiny_vlm(tmp_path / "vlm", "qwen2_5_vl")
+    _launch_two_processes("ddp_train.py", str(tmp_path), str(vlm_dir))
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["world"] == 2 for r in ranks)
     assert [r["steps"] for r in ranks] == [2, 2], "a stop asked on one process ends training on all at that step"

@@ -122,12 +122,12 @@ def cmd_train(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         checkpoints_after(run_dir, read_meta(resume)["step"] if resume else 0, config.logging.overwrite_output_dir)
         from .rl.trainer import GRPOTrainer, training_queries
 
-        training_queries(config)  # prompt files and the reward spec, before any model loads
+        queries = training_queries(config)  # prompt files and the reward spec, before any model loads
     except (ConfigError, ValueError, FileNotFoundError, ImportError) as e:
         raise SystemExit(f"error: {e}")
     if state.is_main_process:
         print("derived sizes:\n" + sizes.table(), flush=True)
-    trainer = GRPOTrainer.from_config(config)
+    trainer = GRPOTrainer.from_config(config, queries=queries)
     trainer.train(resume=resume or False)
     if trainer.terminated:  # preempted: schedulers read a non-zero status as "not finished"
         if state.is_main_process:

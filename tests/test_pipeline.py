@@ -324,7 +324,7 @@ def test_train_command_checks_resume_before_loading_models(tmp_path, monkeypatch
         def train(self, resume):
             resumed.append(resume)
 
-    monkeypatch.setattr(GRPOTrainer, "from_config", classmethod(lambda cls, config: StubTrainer()))
+    monkeypatch.setattr(GRPOTrainer, "from_config", classmethod(lambda cls, config, queries: StubTrainer()))
     fresh = tmp_path / "fresh.yaml"
     fresh.write_text(config.read_text().replace(str(run), str(tmp_path / "new-run")))
     # checkpoints past the start would be taken for the new run's: an error, unless they may be deleted

@@ -297,13 +297,14 @@ class GRPOTrainer:
         """The step whose policy was last uploaded to the hub by this process (-1: none)."""
 
     @classmethod
-    def from_config(cls, config: TrainConfig, accelerator=None,
-                    callbacks: Sequence[TrainerCallback] = ()) -> "GRPOTrainer":
-        """Load the queries (first: cheap errors), then the backbone, the policy and the reward."""
+    def from_config(cls, config: TrainConfig, accelerator=None, callbacks: Sequence[TrainerCallback] = (),
+                    queries: Optional[tuple[list[str], list[str]]] = None) -> "GRPOTrainer":
+        """Load the queries (first: cheap errors; ``queries``: :func:`training_queries` already read), then the
+        backbone, the policy and the reward."""
         from ..backbones import load_backbone
         from ..rewards import load_reward
 
-        queries, eval_queries = training_queries(config)
+        queries, eval_queries = queries or training_queries(config)
         if config.grpo.rollout_backend == "vllm":
             import_vllm()  # before any model loads
         if config.logging.push_to_hub:

@@ -25,5 +25,5 @@ class StandIn:
             "distributed_type": str(self.accelerator.distributed_type)}))
 
 
-GRPOTrainer.from_config = classmethod(lambda cls, config: StandIn(config))
+GRPOTrainer.from_config = classmethod(lambda cls, config, queries: StandIn(config))
 sys.exit(main(["train", sys.argv[2], "--logging.output_dir", str(out / "run"), "--grpo.prompts_per_step", "2"]))

@@ -154,11 +154,13 @@ def cmd_eval(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         config = load_config(EvalConfig, args.config, overrides)
         check_config(config)
         queries = load_prompt_set(config.prompts.source, config.prompts.column, config.prompts.limit)
-        if args.resume:
-            EvalJournal(Path(config.output.output_dir), 0).resume(run_identity(config, queries))
+        identity = None
+        if args.resume:  # the models' files are hashed once, here
+            identity = run_identity(config, queries)
+            EvalJournal(Path(config.output.output_dir), 0).resume(identity)
     except (ConfigError, ValueError, FileNotFoundError, ImportError, RuntimeError) as e:  # before any model loads
         raise SystemExit(f"error: {e}")
-    results = run_evaluation(config, queries=queries, resume=args.resume)
+    results = run_evaluation(config, queries=queries, resume=args.resume, identity=identity)
     print(markdown_table(results))
     return 0
 

@@ -209,7 +209,8 @@ class _Evaluator:
 
 
 def run_evaluation(config: EvalConfig, queries: Optional[Sequence[str]] = None,
-                   log: Optional[Log] = print, resume: bool = False) -> EvalResults:
+                   log: Optional[Log] = print, resume: bool = False,
+                   identity: Optional[dict[str, Any]] = None) -> EvalResults:
     """Evaluate, write results.json / samples.csv / summary.csv / results.md (and report.html) into
     ``config.output.output_dir``, and return the results.
 
@@ -217,7 +218,8 @@ def run_evaluation(config: EvalConfig, queries: Optional[Sequence[str]] = None,
     against steps, local paths), then rewards and the text embedder load once, then each backbone in turn (freed
     before the next) with every method; policies load once per path. Every finished batch is journaled:
     ``resume`` continues an interrupted evaluation of the same config and prompts (:mod:`.journal`), making only
-    the batches it had not finished.
+    the batches it had not finished. ``identity``: :func:`~.journal.run_identity` of ``config`` and ``queries`` when
+    already computed (it hashes the models' files).
     """
     state = process_state()
     main = state.is_main_process
@@ -233,7 +235,7 @@ def run_evaluation(config: EvalConfig, queries: Optional[Sequence[str]] = None,
     out_dir = Path(config.output.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     journal = EvalJournal(out_dir, state.process_index)
-    identity = run_identity(config, queries)
+    identity = identity or run_identity(config, queries)
     done = journal.resume(identity) if resume else {}
     if not resume and main:
         journal.begin(identity)

@@ -41,7 +41,7 @@ import torch
 from promptloop.backbones import RefinementSchedule, SamplerSettings, auto_backbone, check_feedback_delay, rollout
 from promptloop.backbones.types import Observation
 from promptloop.pipeline import apriori_prompts
-from promptloop.policy import PolicyConfig, PromptPolicy, PromptWriter, VLLMPromptPolicy
+from promptloop.policy import PolicyConfig, PromptPolicy, PromptWriter, VLLMPromptPolicy, image_row_seed
 from promptloop.testing.tiny_vlm import make_tiny_vlm
 
 QUERIES = [
@@ -134,19 +134,28 @@ def build(args):
 
 class TimedRefiner:
     """The policy as a RefineFn, timing each call and (untimed) its prefill share; with ``scorer`` (vLLM training
-    rollouts) each call's answers are also scored by the transformers policy, timed apart."""
+    rollouts) each call's answers are also scored by the transformers policy, timed apart. With ``image_seeds``
+    each row samples from its own stream, as ``PromptLoopPipeline`` does; without, a call's rows share one, as in
+    training."""
 
-    def __init__(self, policy: PromptWriter, device: str, split: bool, scorer: Optional[PromptPolicy] = None):
+    def __init__(self, policy: PromptWriter, device: str, split: bool, scorer: Optional[PromptPolicy] = None,
+                 image_seeds: Optional[list[int]] = None):
         self.policy, self.device, self.split, self.scorer = policy, device, split, scorer
+        self.image_seeds = image_seeds
         self.calls = 0
         self.policy_s = 0.0
         self.prefill_s = 0.0
         self.score_s = 0.0
 
+    def _draw(self, observations: list[Observation]) -> dict:
+        if self.image_seeds is None:
+            return {}
+        return {"row_seeds": [image_row_seed(0, self.image_seeds[o.row], o.refinement_index) for o in observations]}
+
     def __call__(self, observations: list[Observation]) -> list[str]:
         _sync(self.device)
         t0 = time.perf_counter()
-        actions = self.policy.act(observations)
+        actions = self.policy.act(observations, **self._draw(observations))
         _sync(self.device)
         self.policy_s += time.perf_counter() - t0
         self.calls += 1
@@ -165,7 +174,7 @@ class TimedRefiner:
         try:
             _sync(self.device)
             t0 = time.perf_counter()
-            self.policy.act(observations)
+            self.policy.act(observations, **self._draw(observations))
             _sync(self.device)
             return time.perf_counter() - t0
         finally:
@@ -180,7 +189,8 @@ def run_case(args, pipe, backbone, policy, mode: str, n_r: int, settings: Sample
     pool = MINIWORLD_QUERIES if args.scale == "miniworld" else QUERIES
     queries = (pool * (batch // len(pool) + 1))[:batch]
     seeds = list(range(batch))
-    refiner = TimedRefiner(policy, args.device, split, scorer if mode == "train" else None)
+    refiner = TimedRefiner(policy, args.device, split, scorer if mode == "train" else None,
+                           image_seeds=None if mode == "train" else seeds)
     apriori_s = 0.0
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -193,7 +203,7 @@ def run_case(args, pipe, backbone, policy, mode: str, n_r: int, settings: Sample
              width=settings.width, generator=gens, output_type="pt")
     elif mode == "apriori":
         t1 = time.perf_counter()
-        prompts = apriori_prompts(policy, queries, n_r, settings.num_inference_steps, seed=0)
+        prompts = apriori_prompts(policy, queries, n_r, settings.num_inference_steps, seed=0, image_seeds=seeds)
         _sync(args.device)
         apriori_s = time.perf_counter() - t1
         out = rollout(backbone, queries, seeds, settings, RefinementSchedule.uniform(n_r), prompts=prompts)

@@ -6,7 +6,8 @@ Times ``generate`` of 77 new tokens (a) text-only with no logits processors, (b)
 policy needs for a tokenizer smaller than the vocabulary, (c) with logits returned, (d) with a static KV cache
 (``cache_implementation="static"``: on CUDA transformers compiles the decode step; the first call, which
 compiles, is timed apart), and the policy's ``act`` on 8 observations with a 448 px preview each, with the
-dynamic and the static cache (``PolicyConfig.cache_implementation``). Prints ms per generated token and writes
+dynamic and the static cache (``PolicyConfig.cache_implementation``), one stream for the batch (training) and
+row-seeded (``row_seeds``: the inference pipeline's). Prints ms per generated token and writes
 JSON.
 """
 from __future__ import annotations
@@ -80,11 +81,14 @@ def main():
         first = timed(lambda: policy.act(obs, seed=0), args.device)
         s = timed(lambda: policy.act(obs, seed=0), args.device)
         results["policy_act_b8_448px" + suffix] = {"s": s, "first_call_s": first}
+        rows = timed(lambda: policy.act(obs, row_seeds=range(len(obs))), args.device)
+        results["policy_act_b8_448px_row_seeded" + suffix] = {"s": rows}
         policy.config.max_new_tokens = 1
         s1 = timed(lambda: policy.act(obs, seed=0), args.device)
         results["policy_act_b8_448px_1token" + suffix] = {"s": s1}
         print(f"policy.act batch 8, 448 px previews, {cache or 'dynamic'} cache: {s:.2f} s ({n} tokens), "
-              f"{s1:.2f} s (1 token), first call {first:.1f} s", flush=True)
+              f"{rows:.2f} s (row-seeded, as PromptLoopPipeline samples), {s1:.2f} s (1 token), "
+              f"first call {first:.1f} s", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"device": args.device, "scale": args.scale, "results": results}, indent=2))
 

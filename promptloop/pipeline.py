@@ -12,7 +12,7 @@ from PIL import Image
 
 from .backbones import Backbone, RefinementSchedule, SamplerSettings, auto_backbone, rollout
 from .backbones.types import RolloutOutput, Trajectory, blind_observations, negative_prompt_rows
-from .policy import PromptPolicy, PromptWriter, VLLMPromptPolicy
+from .policy import PromptActions, PromptPolicy, PromptWriter, VLLMPromptPolicy, image_row_seed
 
 RefinementMode = Literal["closed", "apriori", "oneshot", "none"]
 REFINEMENT_MODES = ("closed", "apriori", "oneshot", "none")
@@ -41,21 +41,36 @@ def policy_mode(policy: PromptWriter, mode: str) -> Iterator[PromptWriter]:
         policy.config.mode = previous
 
 
+def blind_actions(policy: PromptWriter, mode: str, queries: Sequence[str], num_refinements: int, num_steps: int,
+                  seed: Optional[int] = None, image_seeds: Optional[Sequence[int]] = None) -> PromptActions:
+    """One ``mode`` policy call for the whole batch before sampling (no image). ``seed`` seeds the call; with
+    ``image_seeds`` (one per query) row i's answer is drawn from ``image_row_seed(seed, image_seeds[i], 0)``, the
+    same in any batch."""
+    observations = blind_observations(list(queries), num_refinements, num_steps)
+    draw: dict[str, Any] = {"seed": seed}
+    if image_seeds is not None:
+        draw = {"row_seeds": [image_row_seed(seed, image_seed, 0) for image_seed in image_seeds]}
+    with policy_mode(policy, mode):
+        return policy.act(observations, **draw)
+
+
 def apriori_prompts(
-    policy: PromptWriter, queries: Sequence[str], num_refinements: int, num_steps: int, seed: Optional[int] = None
+    policy: PromptWriter, queries: Sequence[str], num_refinements: int, num_steps: int, seed: Optional[int] = None,
+    image_seeds: Optional[Sequence[int]] = None,
 ) -> list[list[str]]:
-    """One policy call for the whole batch: each row's N_R + 1 prompts (the query, then the written schedule)."""
-    with policy_mode(policy, "apriori"):
-        actions = policy.act(blind_observations(queries, num_refinements, num_steps), seed=seed)
+    """One policy call for the whole batch: each row's N_R + 1 prompts (the query, then the written schedule);
+    ``seed`` and ``image_seeds`` as in :func:`blind_actions`."""
+    actions = blind_actions(policy, "apriori", queries, num_refinements, num_steps, seed, image_seeds)
     return [[q] + list(s.prompts) for q, s in zip(queries, actions.schedules)]
 
 
 def oneshot_prompts(
-    policy: PromptWriter, queries: Sequence[str], num_steps: int, seed: Optional[int] = None
+    policy: PromptWriter, queries: Sequence[str], num_steps: int, seed: Optional[int] = None,
+    image_seeds: Optional[Sequence[int]] = None,
 ) -> list[str]:
-    """One rewrite per query before sampling, without an image (the feed-forward rewriter baseline)."""
-    with policy_mode(policy, "oneshot"):
-        return policy.act(blind_observations(queries, 0, num_steps), seed=seed).prompts
+    """One rewrite per query before sampling, without an image (the feed-forward rewriter baseline); ``seed`` and
+    ``image_seeds`` as in :func:`blind_actions`."""
+    return blind_actions(policy, "oneshot", queries, 0, num_steps, seed, image_seeds).prompts
 
 
 def seeds_from_generators(generator: Union[torch.Generator, Sequence[torch.Generator]], num_images: int) -> list[int]:
@@ -152,7 +167,8 @@ class PromptLoopPipeline:
         sampling), "none" (plain sampling). ``seed``: one int for the batch (image i uses seed + i) or one per image;
         the same seeds give the same images (default 0). ``generator`` (as in diffusers; instead of ``seed``): one
         ``torch.Generator`` for the batch or one per image, from which the images' seeds are drawn. ``policy_seed``
-        (default: the first image's seed) seeds the policy's sampling. ``negative_prompt``: one str for all images, or
+        (default 0) and each image's seed seed the policy's sampling for that image, so an image's prompts and
+        pixels depend on its own seed, not on the batch it is in. ``negative_prompt``: one str for all images, or
         one per prompt (each prompt's images share it), as in diffusers. ``output_type``: "pil" (a list of PIL
         images), "np" (a ``(B, H, W, 3)`` float32 array in [0, 1]) or "pt" (a ``(B, 3, H, W)`` tensor in [0, 1]).
         ``feedback_delay`` (closed mode): pipelined feedback, the prompt taking effect at step k is written from the
@@ -209,17 +225,17 @@ class PromptLoopPipeline:
         else:
             schedule = RefinementSchedule.none()
         schedule.steps(num_inference_steps)  # clear error before the policy runs
-        policy_seed = seeds[0] if policy_seed is None and seeds else policy_seed
         kwargs: dict[str, Any] = dict(settings=settings, schedule=schedule, progress=progress)
         if mode == "closed":
             with policy_mode(self.policy, "closed"):
-                out = rollout(self.backbone, queries, seeds, refine=self.policy.as_refine_fn(seed=policy_seed),
-                              feedback_delay=feedback_delay, **kwargs)
+                refine = self.policy.as_refine_fn(seed=policy_seed, image_seeds=seeds)
+                out = rollout(self.backbone, queries, seeds, refine=refine, feedback_delay=feedback_delay, **kwargs)
         elif mode == "apriori":
-            prompts = apriori_prompts(self.policy, queries, num_refinements, num_inference_steps, seed=policy_seed)
+            prompts = apriori_prompts(self.policy, queries, num_refinements, num_inference_steps, seed=policy_seed,
+                                      image_seeds=seeds)
             out = rollout(self.backbone, queries, seeds, prompts=prompts, **kwargs)
         elif mode == "oneshot":
-            initial = oneshot_prompts(self.policy, queries, num_inference_steps, seed=policy_seed)
+            initial = oneshot_prompts(self.policy, queries, num_inference_steps, seed=policy_seed, image_seeds=seeds)
             out = rollout(self.backbone, queries, seeds, initial_prompts=initial, **kwargs)
         else:
             out = rollout(self.backbone, queries, seeds, **kwargs)

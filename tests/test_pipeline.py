@@ -39,7 +39,7 @@ def loop(saved):
 def test_closed_loop_equals_the_rollout_and_is_reproducible(loop):
     out = loop(QUERIES, num_refinements=2, num_inference_steps=5, seed=3, preview_size=32, output_type="pt")
     reference = rollout(loop.backbone, QUERIES, [3, 4], SamplerSettings(num_inference_steps=5, preview_size=32),
-                        RefinementSchedule.uniform(2), refine=loop.policy.as_refine_fn(seed=3))
+                        RefinementSchedule.uniform(2), refine=loop.policy.as_refine_fn(image_seeds=[3, 4]))
     assert torch.equal(out.images, reference.images)
     assert [t.prompts for t in out.trajectories] == [t.prompts for t in reference.trajectories]
     again = loop(QUERIES, num_refinements=2, num_inference_steps=5, seed=3, preview_size=32, output_type="pt")
@@ -59,7 +59,7 @@ def test_pipelined_closed_loop_reproduces_its_images(loop):
 def test_initial_rewrite_writes_the_first_prompt_too(loop):
     out = loop(QUERIES, num_refinements=0, initial_rewrite=True, num_inference_steps=4, seed=3, output_type="pt")
     reference = rollout(loop.backbone, QUERIES, [3, 4], SamplerSettings(num_inference_steps=4),
-                        RefinementSchedule.explicit([0]), refine=loop.policy.as_refine_fn(seed=3))
+                        RefinementSchedule.explicit([0]), refine=loop.policy.as_refine_fn(image_seeds=[3, 4]))
     assert torch.equal(out.images, reference.images)
     assert all(t.decision_steps == [0] and t.previews == [None] for t in out.trajectories)
 
@@ -73,6 +73,20 @@ def test_apriori_makes_one_policy_call_and_no_previews(loop, monkeypatch):
     assert all(p is None for t in out.trajectories for p in t.previews)
     assert all(len(t.prompts) == 4 for t in out.trajectories)
     assert loop.policy.config.mode == "closed"  # the temporary mode switch was undone
+
+
+@pytest.mark.parametrize("mode", ["closed", "apriori", "oneshot"])
+def test_an_images_prompts_and_pixels_do_not_depend_on_its_batch(loop, mode):
+    """As with diffusers' per-image generators: image i is the same sampled alone or with others."""
+    kwargs = dict(mode=mode, num_refinements=2, num_inference_steps=5, preview_size=32, output_type="pt")
+    batch = loop(QUERIES, seed=[3, 4], **kwargs)
+    for i, query in enumerate(QUERIES):
+        alone = loop([query], seed=[3 + i], **kwargs)
+        assert alone.trajectories[0].prompts == batch.trajectories[i].prompts
+        torch.testing.assert_close(alone.images[0], batch.images[i], atol=1e-5, rtol=0)
+    assert any(p != t.query for t in batch.trajectories for p in t.prompts), "the policy must write prompts"
+    other = loop(QUERIES, seed=[3, 4], policy_seed=1, **kwargs)
+    assert [t.prompts for t in other.trajectories] != [t.prompts for t in batch.trajectories]
 
 
 def test_mode_none_is_plain_sampling(loop):
@@ -255,6 +269,12 @@ def test_sample_command_batches_images_with_global_seeds(saved, loop, tmp_path):
     written = Image.open(tmp_path / "out" / "002.png")
     assert np.array_equal(np.asarray(written), np.asarray(alone))
     assert json.loads((tmp_path / "out" / "002.json").read_text())["query"] == QUERIES[1]
+    # another batch size writes the same prompts (the policy's sampling is seeded per image)
+    assert cli_main(["sample", "--policy", str(saved / "policy"), "--backbone", str(saved / "sd"), "--prompt",
+                     QUERIES[1], "--num-images", "3", "--batch-size", "3", "--out", str(tmp_path / "one"), *args]) == 0
+    for stem in ("000", "001", "002"):
+        prompts = [json.loads((tmp_path / out / f"{stem}.json").read_text())["prompts"] for out in ("out", "one")]
+        assert prompts[0] == prompts[1]
 
 
 def test_sample_command_runs_the_vllm_backend(saved, tmp_path, monkeypatch):

@@ -204,11 +204,12 @@ class StableDiffusionBackbone(Backbone):
     @staticmethod
     def _x0(out: Any, scheduler: Any, sample: torch.Tensor, prediction: torch.Tensor, t: torch.Tensor, i: int):
         """The scheduler's own x0 (``pred_original_sample``, LCM's ``denoised``), else the EDM preconditioning at
-        ``scheduler.sigmas[i]`` for EDM schedulers (``precondition_outputs``), else the epsilon/v formula.
+        ``scheduler.sigmas[i]`` for EDM schedulers (``precondition_outputs``), else the epsilon/v/flow formula at
+        :func:`signal_and_noise` of evaluation ``i``.
 
         Every sigma-space diffusers scheduler (Euler, Heun, LMS, KDPM2, EDM-Euler, ...) returns
         ``pred_original_sample``; EDM-DPM-Solver does not; the others (DPM-Solver, UniPC, DEIS, PNDM, TCD) work on
-        VP samples, where the formula below holds.
+        VP samples, or flow samples with ``use_flow_sigmas``, where the formulas below hold.
         """
         for name in ("pred_original_sample", "denoised"):
             x0 = getattr(out, name, None)
@@ -217,13 +218,16 @@ class StableDiffusionBackbone(Backbone):
         if hasattr(scheduler, "precondition_outputs"):
             sigma = scheduler.sigmas[i].to(sample.device)
             return scheduler.precondition_outputs(sample.float(), prediction.float(), sigma).to(sample.dtype)
-        alpha_bar = scheduler.alphas_cumprod.to(sample.device)[int(t)].to(torch.float32)
-        alpha, sigma = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+        alpha, sigma = signal_and_noise(scheduler, t, i)
         kind = scheduler.config.prediction_type
+        if kind == "flow_prediction" and not getattr(scheduler.config, "use_flow_sigmas", False):
+            raise ValueError("prediction_type='flow_prediction' needs a scheduler with use_flow_sigmas=True.")
         if kind == "epsilon":
             x0 = (sample.float() - sigma * prediction.float()) / alpha
         elif kind == "v_prediction":
             x0 = alpha * sample.float() - sigma * prediction.float()
+        elif kind == "flow_prediction":
+            x0 = sample.float() - sigma * prediction.float()
         elif kind == "sample":
             x0 = prediction.float()
         else:
@@ -231,17 +235,9 @@ class StableDiffusionBackbone(Backbone):
         return x0.to(sample.dtype)
 
     def noise_level(self, state: SamplerState, i: int) -> float:
-        """``sigma / sqrt(1 + sigma^2)`` at ``scheduler.sigmas[i]`` for sigma-space schedulers (Euler, DPM-Solver,
-        EDM, continuous timesteps, ...; equal to ``sqrt(1 - alpha_bar_t)`` for VP sigmas), else
-        ``sqrt(1 - alpha_bar_t)`` at the timestep of evaluation ``i`` (DDIM, PNDM, LCM, ...). 1 = pure noise."""
-        scheduler = state.scheduler
-        sigmas = getattr(scheduler, "sigmas", None)
-        if sigmas is not None:
-            sigma = float(sigmas[i])
-            return sigma / (1 + sigma * sigma) ** 0.5
-        alphas_cumprod = scheduler.alphas_cumprod
-        index = min(max(int(round(float(state.timesteps[i]))), 0), len(alphas_cumprod) - 1)
-        return float((1 - alphas_cumprod[index]).clamp(0, 1).sqrt())
+        """The noise coefficient ``sigma_t`` of :func:`signal_and_noise` at evaluation ``i``, in [0, 1]
+        (1 = pure noise): ``sqrt(1 - alpha_bar_t)`` for VP samples, the sigma itself for flow sigmas."""
+        return min(max(signal_and_noise(state.scheduler, state.timesteps[i], i)[1], 0.0), 1.0)
 
     # ---- decoding
     def decode(self, latents: torch.Tensor, size: Optional[int] = None, preview: bool = False,
@@ -266,6 +262,23 @@ class StableDiffusionBackbone(Backbone):
         return self.pipe.image_processor.postprocess(
             images, output_type="pt", do_denormalize=[True] * images.shape[0]
         )
+
+
+def signal_and_noise(scheduler: Any, timestep: Any, i: int) -> tuple[float, float]:
+    """``(alpha_t, sigma_t)`` with ``x_t = alpha_t * x0 + sigma_t * noise`` before denoiser evaluation ``i``, as the
+    scheduler reads its samples: from ``scheduler.sigmas[i]`` for sigma-space schedulers (``use_flow_sigmas``:
+    ``(1 - s, s)``; else VP sigmas, EDM and continuous timesteps included: ``(1, s) / sqrt(1 + s^2)``), else from
+    ``alphas_cumprod`` at ``timestep`` (DDIM, PNDM, LCM, ...)."""
+    sigmas = getattr(scheduler, "sigmas", None)
+    if sigmas is not None:
+        sigma = float(sigmas[i])
+        if getattr(scheduler.config, "use_flow_sigmas", False):
+            return 1.0 - sigma, sigma
+        alpha = (1.0 + sigma * sigma) ** -0.5
+        return alpha, sigma * alpha
+    alphas_cumprod = scheduler.alphas_cumprod
+    alpha_bar = float(alphas_cumprod[min(max(int(round(float(timestep))), 0), len(alphas_cumprod) - 1)])
+    return alpha_bar ** 0.5, max(1.0 - alpha_bar, 0.0) ** 0.5
 
 
 def saved_model_index(id_or_path: str | os.PathLike) -> Optional[dict]:

@@ -4,7 +4,7 @@ from promptloop.policy.chat import DEFAULT_SYSTEM_PROMPTS, Chat, build_chat
 from promptloop.policy.config import POLICY_MODES, PolicyConfig
 from promptloop.policy.policy import PolicyActions, PromptPolicy, TokenLogProbs
 from promptloop.policy.vllm_backend import VLLMPromptPolicy
-from promptloop.policy.writer import PromptActions, PromptWriter
+from promptloop.policy.writer import PromptActions, PromptWriter, image_row_seed
 from promptloop.policy.sanitize import (
     PromptSchedule,
     SanitizedPrompt,
@@ -32,6 +32,7 @@ __all__ = [
     "build_chat",
     "clean_text",
     "collate_samples",
+    "image_row_seed",
     "missing_query_words",
     "parse_prompt_schedule",
     "sanitize_prompt",

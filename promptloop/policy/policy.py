@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -12,6 +12,8 @@ from transformers import (
     AutoConfig,
     AutoModelForImageTextToText,
     GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
     PreTrainedModel,
     ProcessorMixin,
 )
@@ -25,6 +27,7 @@ from promptloop.policy.writer import (
     POLICY_CONFIG_NAME,
     PromptActions,
     PromptWriter,
+    check_row_seeds,
     end_token_ids,
     resolve_policy_config,
     resolve_seed,
@@ -78,6 +81,33 @@ def _resolve_device(device: Union[str, torch.device, None]) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """``probs`` with the tokens outside each row's top-p nucleus set to 0 (not renormalised): the most likely
+    tokens whose probabilities sum to ``top_p``, the token that crosses it included, always at least one."""
+    sorted_probs, order = probs.sort(-1, descending=True)
+    outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+    return torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+
+
+class RowSeededSampling(LogitsProcessor):
+    """Samples each row's next token from its own generator and leaves only that token finite, so that greedy search
+    emits it: the same distribution as ``do_sample`` (``distribution(logits)``, then top-p), with rows that do not
+    draw from each other's randomness."""
+
+    def __init__(self, distribution: Callable[[torch.Tensor], torch.Tensor], top_p: float,
+                 generators: Sequence[torch.Generator]) -> None:
+        self.distribution = distribution
+        self.top_p = top_p
+        self.generators = list(generators)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        probs = torch.softmax(self.distribution(scores), dim=-1)
+        if self.top_p < 1.0:
+            probs = nucleus(probs, self.top_p)
+        tokens = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, self.generators)])
+        return torch.full_like(scores, float("-inf")).scatter(-1, tokens[:, None], 0.0)
 
 
 class PromptPolicy(PromptWriter):
@@ -221,11 +251,13 @@ class PromptPolicy(PromptWriter):
         return next(self.model.parameters()).device
 
     # -------------------------------------------------------------------------------------------------- sampling
-    def _generation_config(self) -> GenerationConfig:
+    def _generation_config(self, row_seeded: bool = False) -> GenerationConfig:
+        """The ``generate`` settings; ``row_seeded``: greedy search over the tokens :class:`RowSeededSampling` drew."""
         config = self.config
+        sample = config.do_sample and not row_seeded
         return GenerationConfig(
-            do_sample=config.do_sample, temperature=config.temperature if config.do_sample else None,
-            top_p=config.top_p if config.do_sample else None, top_k=0 if config.do_sample else None,
+            do_sample=sample, temperature=config.temperature if sample else None,
+            top_p=config.top_p if sample else None, top_k=0 if sample else None,
             repetition_penalty=1.0, max_new_tokens=config.max_new_tokens, suppress_tokens=self.suppressed_token_ids,
             eos_token_id=self.eos_token_ids, pad_token_id=self.pad_token_id, output_logits=True,
             return_dict_in_generate=True, cache_implementation=config.cache_implementation,
@@ -264,15 +296,24 @@ class PromptPolicy(PromptWriter):
         *,
         seed: Optional[int] = None,
         generator: Optional[torch.Generator] = None,
+        row_seeds: Optional[Sequence[int]] = None,
     ) -> PolicyActions:
         """Sample one answer per observation, in one left-padded batch.
 
         ``seed`` (or a seed drawn from ``generator``) makes sampling reproducible without touching the global RNG.
+        ``row_seeds`` (instead): one seed per observation; each row draws its tokens from its own generator, so its
+        answer does not depend on the batch (up to float differences of the batch's padding).
         The model runs in eval mode during generation and returns to its previous mode afterwards.
         """
+        row_seeds = check_row_seeds(row_seeds, len(observations), seed, generator)
         seed = resolve_seed(seed, generator)
         encoding, images_per_sample = self._encode(observations)
         inputs = {k: v.to(self.device) for k, v in encoding.items()}
+        row_seeded = row_seeds is not None and self.config.do_sample
+        processors = LogitsProcessorList()
+        if row_seeded:
+            generators = [torch.Generator(device=self.device).manual_seed(s) for s in row_seeds]
+            processors.append(RowSeededSampling(self._sampling_logits, self.config.top_p, generators))
         was_training = self.model.training
         self.model.eval()
         rng_devices = [self.device.index or 0] if self.device.type == "cuda" else []
@@ -280,7 +321,8 @@ class PromptPolicy(PromptWriter):
             with torch.random.fork_rng(devices=rng_devices):
                 if seed is not None:
                     torch.manual_seed(seed)
-                output = self.model.generate(**inputs, generation_config=self._generation_config())
+                output = self.model.generate(**inputs, generation_config=self._generation_config(row_seeded),
+                                             logits_processor=processors)
         finally:
             self.model.train(was_training)
 

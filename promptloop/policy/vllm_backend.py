@@ -22,6 +22,7 @@ from promptloop.policy.config import PolicyConfig
 from promptloop.policy.writer import (
     PromptActions,
     PromptWriter,
+    check_row_seeds,
     end_token_ids,
     resolve_policy_config,
     resolve_seed,
@@ -225,20 +226,26 @@ class VLLMPromptPolicy(PromptWriter):
         *,
         seed: Optional[int] = None,
         generator: Optional[torch.Generator] = None,
+        row_seeds: Optional[Sequence[int]] = None,
     ) -> VLLMActions:
         """Sample one answer per observation in one ``LLM.generate`` call; ``seed`` (or a draw from ``generator``)
-        seeds every row (row i its own draw), so the same seed gives the same answers."""
+        seeds every row (row i its own draw), so the same seed gives the same answers; ``row_seeds`` (instead) gives
+        each row its seed."""
+        row_seeds = check_row_seeds(row_seeds, len(observations), seed, generator)
         seed = resolve_seed(seed, generator)
         chats, texts = self.chats(observations)
-        if seed is None:
-            row_seeds: list[Optional[int]] = [None] * len(chats)
+        seeds: list[Optional[int]]
+        if row_seeds is not None:
+            seeds = list(row_seeds)
+        elif seed is None:
+            seeds = [None] * len(chats)
         else:
-            row_seeds = torch.randint(0, 2**62, (len(chats),), generator=torch.Generator().manual_seed(seed)).tolist()
+            seeds = torch.randint(0, 2**62, (len(chats),), generator=torch.Generator().manual_seed(seed)).tolist()
         requests = [
             {"prompt": text, "multi_modal_data": {"image": chat.images}} if chat.images else {"prompt": text}
             for chat, text in zip(chats, texts)
         ]
-        outputs = self.llm.generate(requests, [self.sampling_params(s) for s in row_seeds], use_tqdm=False,
+        outputs = self.llm.generate(requests, [self.sampling_params(s) for s in seeds], use_tqdm=False,
                                     lora_request=self.lora_request)
         completions = [output.outputs[0] for output in outputs]
         actions = VLLMActions(texts=[c.text for c in completions], prompts=[], kept_previous=[], truncated=[],

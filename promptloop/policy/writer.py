@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ContextManager, NamedTuple, Optional, Sequence, Union
@@ -143,6 +144,27 @@ def resolve_seed(seed: Optional[int], generator: Optional[torch.Generator]) -> O
     return seed
 
 
+def check_row_seeds(row_seeds: Optional[Sequence[int]], num_rows: int, seed: Optional[int],
+                    generator: Optional[torch.Generator]) -> Optional[list[int]]:
+    """``row_seeds`` as a list of ints, after checking it holds one seed per row and comes without a call seed."""
+    if row_seeds is None:
+        return None
+    if seed is not None or generator is not None:
+        raise ValueError("Pass row_seeds (one seed per observation) or seed/generator (one for the call), not both.")
+    row_seeds = [int(s) for s in row_seeds]
+    if len(row_seeds) != num_rows:
+        raise ValueError(f"row_seeds holds {len(row_seeds)} seeds for {num_rows} observations: give one per "
+                         "observation.")
+    return row_seeds
+
+
+def image_row_seed(seed: Optional[int], image_seed: int, refinement_index: int) -> int:
+    """The policy's sampling seed for one image at one refinement: a hash of ``seed`` (None counts as 0), the image's
+    noise seed and the refinement index alone, so an image's prompts do not depend on the batch it is sampled in."""
+    key = repr((0 if seed is None else int(seed), int(image_seed), int(refinement_index))).encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 2  # < 2**62
+
+
 class PromptWriter(abc.ABC):
     """A chat VLM that writes the next text-to-image prompt from an :class:`Observation`.
 
@@ -159,10 +181,11 @@ class PromptWriter(abc.ABC):
     @abc.abstractmethod
     def act(
         self, observations: Sequence[Observation], *, seed: Optional[int] = None,
-        generator: Optional[torch.Generator] = None,
+        generator: Optional[torch.Generator] = None, row_seeds: Optional[Sequence[int]] = None,
     ) -> PromptActions:
         """Sample one answer per observation and turn it into a prompt; ``seed`` (or a draw from ``generator``)
-        makes the call reproducible."""
+        makes the call reproducible. ``row_seeds`` (instead): one seed per observation, each row sampled from its own
+        stream, so a row's answer does not depend on the other rows of the batch."""
 
     @property
     @abc.abstractmethod
@@ -214,20 +237,33 @@ class PromptWriter(abc.ABC):
             actions.kept_previous.append(kept)
             actions.truncated.append(truncated)
 
-    def as_refine_fn(self, seed: Optional[int] = None) -> RefineFn:
+    def as_refine_fn(self, seed: Optional[int] = None, image_seeds: Optional[Sequence[int]] = None) -> RefineFn:
         """A :data:`RefineFn` for the sampler; ``seed`` makes the sequence of calls reproducible.
 
-        In a-priori mode the schedule is written at refinement 0 of each row and read back at later refinements.
+        ``image_seeds`` (one per sampler row, e.g. the images' noise seeds): each row's answer at refinement k is
+        sampled from :func:`image_row_seed` ``(seed, image_seeds[row], k)``, so an image's prompts are the same in
+        any batch. Without it, each call's rows share one stream drawn from ``seed`` (as in training, where the rows
+        of a group share their image seed). In a-priori mode the schedule is written at refinement 0 of each row and
+        read back at later refinements.
         """
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        generator = torch.Generator().manual_seed(seed) if seed is not None and image_seeds is None else None
         schedules: dict[tuple[int, str], list[str]] = {}
+
+        def act(observations: list[Observation]) -> PromptActions:
+            if image_seeds is None:
+                return self.act(observations, generator=generator)
+            if any(not 0 <= o.row < len(image_seeds) for o in observations):
+                raise ValueError(f"image_seeds holds {len(image_seeds)} seeds but the sampler has rows "
+                                 f"{sorted({o.row for o in observations})}: give one seed per row.")
+            return self.act(observations, row_seeds=[image_row_seed(seed, image_seeds[o.row], o.refinement_index)
+                                                     for o in observations])
 
         def refine(observations: list[Observation]) -> list[str]:
             if self.config.mode != "apriori":
-                return self.act(observations, generator=generator).prompts
+                return act(observations).prompts
             fresh = [o for o in observations if o.refinement_index == 0 or (o.row, o.query) not in schedules]
             if fresh:
-                actions = self.act(fresh, generator=generator)
+                actions = act(fresh)
                 for observation, schedule in zip(fresh, actions.schedules):
                     schedules[(observation.row, observation.query)] = schedule.prompts
             return [schedules[(o.row, o.query)][min(o.refinement_index, len(schedules[(o.row, o.query)]) - 1)]

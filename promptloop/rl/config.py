@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 from ..policy import PolicyConfig
 from ..policy.vllm_backend import check_gpu_memory_utilization
@@ -162,11 +162,35 @@ class GRPOSection:
         check_gpu_memory_utilization(self.vllm_gpu_memory_utilization)
 
 
+def check_trackers(report_to: Union[str, list[str]]) -> Union[str, list[str]]:
+    """``report_to`` after checking that every tracker it names is one accelerate knows and that its package is
+    installed (accelerate would silently log nothing to a missing one)."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+    from accelerate.utils import LoggerType
+
+    names = [report_to] if isinstance(report_to, str) else list(report_to)
+    if not names or ("none" in names and len(names) > 1):
+        raise ValueError(f"report_to={report_to!r}: give trackers, or 'none' alone.")
+    known = sorted(LOGGER_TYPE_TO_CLASS)
+    unknown = [n for n in names if n not in LOGGER_TYPE_TO_CLASS and n not in ("all", "none")]
+    if unknown:
+        raise ValueError(f"report_to: unknown tracker(s) {unknown}; choose among {known}, 'all' or 'none'.")
+    installed = {str(t) for t in get_available_trackers()}
+    missing = [n for n in names if n in LoggerType.list() and n not in ("all", "none") and n not in installed]
+    if missing:
+        raise ValueError(f"report_to asks for {missing}, not installed here: `pip install {' '.join(missing)}`, or "
+                         "leave them out.")
+    return report_to
+
+
 @dataclass
 class LoggingSection:
     output_dir: str = _help("Run folder: checkpoints, logs, trajectory grids.", default="runs/promptloop")
-    report_to: Literal["tensorboard", "wandb", "none"] = _help("Tracker for metrics (via accelerate).",
-                                                               default="tensorboard")
+    report_to: Union[str, list[str]] = _help(
+        "Trackers for metrics, through accelerate: tensorboard, wandb, trackio, comet_ml, aim, mlflow, clearml, "
+        "dvclive, swanlab (or one registered with accelerate's register_tracker_class); several as a list (a comma "
+        "list on the command line); 'all': every one installed; 'none'. Trajectory grids go to TensorBoard and W&B, "
+        "and to <output_dir>/images always.", default="tensorboard")
     project: str = _help("Tracker project: the W&B project, the TensorBoard subfolder of output_dir.",
                          default="promptloop")
     run_name: Optional[str] = _help("W&B run name (None: the name of output_dir).", default=None)
@@ -199,6 +223,7 @@ class LoggingSection:
         default="every_save")
 
     def __post_init__(self):
+        self.report_to = check_trackers(self.report_to)
         for name in ("log_every", "checkpoint_every", "keep_last"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0")

@@ -133,7 +133,7 @@ def make_accelerator(config: TrainConfig):
 
     return Accelerator(
         cpu=launched_without_cuda(),
-        log_with=None if config.logging.report_to == "none" else config.logging.report_to,
+        log_with=None if config.logging.report_to in ("none", ["none"]) else config.logging.report_to,
         project_dir=config.logging.output_dir,
     )
 
@@ -807,7 +807,7 @@ class GRPOTrainer:
             self._restart_step_log(METRICS_LOG)
             if cfg.logging.log_completions:
                 self._restart_step_log("completions.jsonl")
-        if cfg.logging.report_to != "none":
+        if self.accelerator.log_with:
             flat = {k.replace(".", "/"): v for k, v in _flatten(to_dict(cfg)).items()
                     if isinstance(v, (int, float, str, bool))}
             run_name = cfg.logging.run_name or Path(cfg.logging.output_dir).resolve().name

@@ -206,6 +206,45 @@ def test_rollout_reproduces_stock_pipeline_and_switches_prompts(backbones):
     assert refined.trajectories[0].prompts == [PROMPTS[0], PROMPTS[0] + ", oil painting"]
 
 
+def test_a_second_order_flow_scheduler_refines_at_solver_steps(backbones):
+    """FlowMatchHeun (predictor and corrector, two evaluations a step): plain sampling equals the stock pipeline,
+    prompts switch at solver steps only, the policy is told solver steps and each evaluation's x0 is
+    x_t - sigma * v at that evaluation's sigma."""
+    from diffusers import FlowMatchHeunDiscreteScheduler
+
+    backbone = backbones["sd3"]
+    original = backbone.pipe.scheduler
+    backbone.pipe.scheduler = FlowMatchHeunDiscreteScheduler.from_config(original.config)
+    settings = _settings(guidance_scale=5.0, preview_size=32)
+    try:
+        plain = rollout(backbone, PROMPTS, SEEDS, settings)
+        torch.testing.assert_close(plain.images, _stock(backbone, PROMPTS, SEEDS, settings), rtol=0, atol=1e-5)
+        trace = run_steps(backbone, PROMPTS, SEEDS, settings)
+        state = backbone.prepare(settings, [torch.Generator("cpu").manual_seed(s) for s in SEEDS])
+        assert state.step_starts == [0, 2, 4, 6] and state.num_steps == 7
+        sigmas = state.scheduler.sigmas
+        assert trace.sigmas[:-1] == pytest.approx(sigmas[:7].tolist())
+        for i in state.step_starts[:3]:  # predictors (Euler): x_next = x_t + (sigma_next - sigma) * v
+            x_t, x_next = trace.latents[i], trace.latents[i + 1]
+            velocity = (x_next - x_t) / (sigmas[i + 1] - sigmas[i])
+            torch.testing.assert_close(trace.x0[i], x_t - sigmas[i] * velocity, rtol=1e-4, atol=1e-4)
+        seen = []
+
+        def refine(observations):
+            seen.extend(observations)
+            return [o.query + ", oil painting" for o in observations]
+
+        refined = rollout(backbone, PROMPTS, SEEDS, settings, schedule=RefinementSchedule.explicit([2]), refine=refine)
+        assert [o.step for o in seen] == [2, 2] and seen[0].num_steps == 4
+        assert seen[0].noise_level == pytest.approx(float(sigmas[state.step_starts[2]]))
+        assert refined.trajectories[0].step_prompt_index == [0, 0, 1, 1]
+        manual = run_steps(backbone, PROMPTS, SEEDS, settings, switches={4: [p + ", oil painting" for p in PROMPTS]})
+        torch.testing.assert_close(refined.images, manual.images, rtol=0, atol=1e-5)
+        assert not torch.allclose(refined.images, plain.images, atol=1e-4)
+    finally:
+        backbone.pipe.scheduler = original
+
+
 def test_rollout_truncates_long_prompt_to_t5_budget(backbones):
     backbone = backbones["sd3"]
     long_query = " ".join(["a red cat sitting on a very long wooden fence"] * 3)

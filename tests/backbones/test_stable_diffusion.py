@@ -66,11 +66,15 @@ def test_x0_formula_matches_ddim_pred_original_sample(prediction_type):
     torch.testing.assert_close(x0, out.pred_original_sample, atol=1e-5, rtol=1e-5)
 
 
-def test_scheduler_without_pred_original_sample(sd_backbone):
+FLOW_SIGMAS = dict(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0)
+
+
+@pytest.mark.parametrize("flow", [False, True], ids=["vp", "flow_sigmas"])
+def test_scheduler_without_pred_original_sample(sd_backbone, flow):
     """A user-swapped DPM-Solver++ scheduler stays in effect (rollout == stock call) and previews still work."""
     pipe = sd_backbone.pipe
     original = pipe.scheduler
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(original.config)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(original.config, **(FLOW_SIGMAS if flow else {}))
     try:
         settings = SamplerSettings(num_inference_steps=4, guidance_scale=3.0, preview_size=16)
         seen = []
@@ -81,6 +85,32 @@ def test_scheduler_without_pred_original_sample(sd_backbone):
         assert seen[0].preview.size == (16, 16)
     finally:
         pipe.scheduler = original
+
+
+@pytest.mark.parametrize("kind", ["dpm", "dpm_karras", "dpm_flow", "unipc_karras", "unipc_flow"])
+def test_x0_of_multistep_solvers_is_the_one_they_step_with(kind):
+    """DPM-Solver++ and UniPC return no pred_original_sample; the x0 of the preview equals the one the solver
+    converts the model output to (its ``model_outputs[-1]``), flow sigmas and Karras sigmas included."""
+    from diffusers import UniPCMultistepScheduler
+
+    from promptloop.testing.tiny_pipelines import SD_SCHEDULER_CONFIG
+
+    scheduler = {
+        "dpm": lambda: DPMSolverMultistepScheduler(**SD_SCHEDULER_CONFIG),
+        "dpm_karras": lambda: DPMSolverMultistepScheduler(**SD_SCHEDULER_CONFIG, use_karras_sigmas=True),
+        "dpm_flow": lambda: DPMSolverMultistepScheduler(**SD_SCHEDULER_CONFIG, **FLOW_SIGMAS),
+        "unipc_flow": lambda: UniPCMultistepScheduler(**SD_SCHEDULER_CONFIG, **FLOW_SIGMAS),
+        "unipc_karras": lambda: UniPCMultistepScheduler(**SD_SCHEDULER_CONFIG, use_karras_sigmas=True),
+    }[kind]()
+    scheduler.set_timesteps(6)
+    g = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, 4, 8, 8, generator=g) * scheduler.init_noise_sigma
+    for i, t in enumerate(scheduler.timesteps[:4]):
+        prediction = torch.randn(2, 4, 8, 8, generator=g)
+        out = scheduler.step(prediction, t, sample)
+        x0 = StableDiffusionBackbone._x0(out, scheduler, sample, prediction, t, i)
+        torch.testing.assert_close(x0, scheduler.model_outputs[-1], atol=1e-5, rtol=1e-5)
+        sample = out.prev_sample
 
 
 def test_preview_decoder_is_used_for_previews_only(sd_backbone):
@@ -195,6 +225,10 @@ def test_noise_level_reads_the_schedulers_sigmas(sd_backbone):
     ddim = DDIMScheduler(**SD_SCHEDULER_CONFIG, timestep_spacing="trailing")
     euler = EulerDiscreteScheduler(**SD_SCHEDULER_CONFIG, timestep_spacing="trailing")
     torch.testing.assert_close(levels(euler), levels(ddim), atol=1e-3, rtol=0)
+    flow = DPMSolverMultistepScheduler(**SD_SCHEDULER_CONFIG, **FLOW_SIGMAS)  # x_t = (1 - s) x0 + s noise
+    got = levels(flow)
+    torch.testing.assert_close(got, flow.sigmas[:5].float())
+    assert got[0] > 0.99 and all(a > b for a, b in zip(got, got[1:]))
 
 
 @pytest.mark.parametrize("family", ["sd_backbone", "sdxl_backbone"])

@@ -2,9 +2,11 @@ import json
 
 import pytest
 import torch
+from transformers import TemperatureLogitsWarper, TopPLogitsWarper
 
 from policy_helpers import make_observation, mixed_observations, small_config
 from promptloop.policy import PolicySample, PromptPolicy
+from promptloop.policy.policy import RowSeededSampling, nucleus
 from promptloop.testing.tiny_vlm import TINY_VLM_FAMILIES
 
 TOL = 1e-5
@@ -129,6 +131,48 @@ def test_greedy_decoding_ignores_the_seed(tiny_vlm_dirs):
     policy = load(tiny_vlm_dirs, do_sample=False)
     observations = mixed_observations()[:2]
     assert torch.equal(policy.act(observations, seed=1).completion_ids, policy.act(observations, seed=2).completion_ids)
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+def test_row_seeded_answers_do_not_depend_on_the_batch(tiny_vlm_dirs, top_p):
+    policy = load(tiny_vlm_dirs, max_new_tokens=10, top_p=top_p)
+    observations = mixed_observations()
+    batch = policy.act(observations, row_seeds=[5, 6, 7, 8])
+    for i, observation in enumerate(observations):
+        alone = policy.act([observation], row_seeds=[5 + i])
+        n = int(batch.completion_mask[i].sum())
+        assert int(alone.completion_mask[0].sum()) == n
+        assert alone.completion_ids[0, :n].tolist() == batch.completion_ids[i, :n].tolist()
+        torch.testing.assert_close(alone.log_probs[0, :n], batch.log_probs[i, :n], atol=TOL, rtol=0)
+    assert policy.act(observations[::-1], row_seeds=[8, 7, 6, 5]).texts[::-1] == batch.texts
+    other = policy.act(observations, row_seeds=[1, 2, 3, 4])
+    assert all(a != b for a, b in zip(other.texts, batch.texts))
+    with torch.no_grad():  # the log-probs are still those of the answers under the policy
+        torch.testing.assert_close(policy.log_probs(batch.samples).log_probs, batch.log_probs, atol=TOL, rtol=0)
+    with pytest.raises(ValueError, match="row_seeds .* or seed/generator"):
+        policy.act(observations, seed=1, row_seeds=[1, 2, 3, 4])
+    with pytest.raises(ValueError, match="row_seeds holds 2 seeds for 4 observations"):
+        policy.act(observations, row_seeds=[1, 2])
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.7])
+def test_row_seeded_sampling_draws_from_the_sampling_distribution(top_p):
+    """Per-row draws follow the distribution transformers' own sampling uses (its temperature and top-p)."""
+    temperature, rows = 0.8, 20000
+    logits = torch.tensor([[2.0, 1.5, 1.0, 0.2, -1.0, -3.0]])
+    warped = TopPLogitsWarper(top_p)(None, TemperatureLogitsWarper(temperature)(None, logits.clone()))
+    expected = torch.softmax(warped, -1)[0]
+    kept = nucleus(torch.softmax(logits / temperature, -1), top_p)[0]
+    torch.testing.assert_close(kept / kept.sum(), expected)
+    assert (expected == 0).any() == (top_p < 1.0)
+
+    sampler = RowSeededSampling(lambda scores: scores / temperature, top_p,
+                                [torch.Generator().manual_seed(i) for i in range(rows)])
+    out = sampler(None, logits.expand(rows, -1).clone())
+    assert bool((torch.isfinite(out).sum(-1) == 1).all()), "exactly one token left for greedy search per row"
+    frequencies = torch.bincount(out.argmax(-1), minlength=logits.shape[1]).float() / rows
+    assert bool((frequencies[expected == 0] == 0).all())
+    torch.testing.assert_close(frequencies, expected, atol=0.015, rtol=0)
 
 
 def _train_one_step(policy: PromptPolicy, samples) -> None:

@@ -69,6 +69,11 @@ def test_sampling_settings_and_seeds_reach_the_engine(saved_policy, monkeypatch)
     assert vision <= set(params[0].logit_bias) and set(params[0].logit_bias.values()) == {SUPPRESSED_LOGIT_BIAS}
     assert not set(policy.eos_token_ids) & set(params[0].logit_bias)
 
+    policy.act(observations[::-1], row_seeds=[40, 30, 20, 10])
+    assert [r[1].seed for r in vllm_standin.LLM.instances[-1].requests[-len(observations):]] == [40, 30, 20, 10]
+    with pytest.raises(ValueError, match="row_seeds .* or seed/generator"):
+        policy.act(observations, seed=1, row_seeds=[1, 2, 3, 4])
+
 
 def test_engine_arguments_and_overrides(saved_policy, tiny_vlm_dirs, monkeypatch):
     vllm_standin.install(monkeypatch)

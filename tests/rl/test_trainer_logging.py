@@ -89,3 +89,69 @@ def test_tracker_project_must_be_a_plain_name(project):
     data = {"backbone": {"name_or_path": "x"}, "data": {"prompts": "p.txt"}, "logging": {"project": project}}
     with pytest.raises(ConfigError, match="project=.* must be a plain name"):
         build(TrainConfig, data)
+
+
+def _recording_tracker_class(logged: list, config: dict):
+    """A tracker accelerate does not ship, as users register one by name; it records what it is given."""
+    from accelerate.tracking import GeneralTracker
+
+    class Recorder(GeneralTracker):
+        name = "promptloop_test_recorder"
+        requires_logging_directory = False
+
+        def __init__(self, run_name, **kwargs):
+            super().__init__()
+            self.run_name = run_name
+
+        @property
+        def tracker(self):
+            return self
+
+        def store_init_configuration(self, values):
+            config.update(values)
+
+        def log(self, values, step=None, **kwargs):
+            logged.append((step, dict(values)))
+
+    return Recorder
+
+
+def test_several_trackers_and_a_registered_one_get_the_metrics(tmp_path, vlm_dir, request):
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, register_tracker_class
+
+    logged, config = [], {}
+    recorder = _recording_tracker_class(logged, config)
+    register_tracker_class(recorder)
+    request.addfinalizer(lambda: LOGGER_TYPE_TO_CLASS.pop(recorder.name, None))
+    trainer = _with_trackers(tiny_trainer(tmp_path / "run", vlm_dir, max_steps=2),
+                             ["tensorboard", recorder.name], image_every=1)
+    history = trainer.train()
+    assert [step for step, values in logged if "reward/mean" in values] == [1, 2]
+    assert [values["reward/mean"] for _, values in logged] == [h["reward/mean"] for h in history]
+    assert config["grpo/group_size"] == trainer.config.grpo.group_size
+    assert list((tmp_path / "run").rglob("events.out.tfevents.*")), "TensorBoard was asked for too"
+    assert len(list((tmp_path / "run" / "images").iterdir())) == 2  # grids on disk whatever the trackers
+
+
+@pytest.mark.parametrize("report_to, match", [
+    ("tensorbored", r"unknown tracker\(s\) \['tensorbored'\]; choose among .*'tensorboard'"),
+    (["tensorboard", "none"], "'none' alone"),
+    ("dvclive", r"asks for \['dvclive'\], not installed here: `pip install dvclive`"),
+])
+def test_trackers_are_checked_before_anything_loads(report_to, match):
+    from promptloop.configuration import ConfigError, build
+    from promptloop.rl.config import TrainConfig
+
+    data = {"backbone": {"name_or_path": "x"}, "data": {"prompts": "p.txt"}, "logging": {"report_to": report_to}}
+    with pytest.raises(ConfigError, match=match):
+        build(TrainConfig, data)
+
+
+def test_trackers_are_a_comma_list_on_the_command_line(tmp_path):
+    from promptloop.configuration import load_config
+    from promptloop.rl.config import TrainConfig
+
+    config = load_config(TrainConfig, None, ["--backbone.name_or_path", "x", "--data.prompts", "p.txt",
+                                             "--logging.report_to", "tensorboard,wandb"])
+    assert config.logging.report_to == ["tensorboard", "wandb"]
+    assert [str(t) for t in make_accelerator(config).log_with] == ["tensorboard", "wandb"]

@@ -289,20 +289,12 @@ def _policies(model: PreTrainedModel, processor: ProcessorMixin, **overrides) ->
 
 def _samples(policy: PromptPolicy, examples: Sequence[tuple[Observation, str]]):
     """PolicySamples whose completions are the targets (then the end token), encoded like ``act`` encodes chats."""
-    observations = [observation for observation, _ in examples]
-    encoding, images_per_sample = policy._encode(observations)
     tokenizer = policy.processor.tokenizer
     # A leading space makes every target word the same token as in the chat (" red"), so keeping the query is a
     # plain copy; the sanitizer strips the space.
     targets = [tokenizer(" " + target, add_special_tokens=False).input_ids + [policy.eos_token_ids[0]]
                for _, target in examples]
-    width = max(len(t) for t in targets)
-    completion_ids = torch.full((len(targets), width), policy.pad_token_id, dtype=torch.long)
-    completion_mask = torch.zeros((len(targets), width), dtype=torch.bool)
-    for row, ids in enumerate(targets):
-        completion_ids[row, :len(ids)] = torch.tensor(ids)
-        completion_mask[row, :len(ids)] = True
-    return policy._split_samples(encoding, images_per_sample, completion_ids, completion_mask)
+    return policy.answer_samples([observation for observation, _ in examples], targets)
 
 
 def evaluation_examples(seed: int, per_mode: int,

@@ -2,6 +2,7 @@
 from promptloop.policy.batch import PolicySample, collate_samples
 from promptloop.policy.chat import DEFAULT_SYSTEM_PROMPTS, Chat, build_chat
 from promptloop.policy.config import POLICY_MODES, PolicyConfig
+from promptloop.policy.families import SUPPORTED_MODEL_TYPES, VLM_FAMILIES, VLMFamily
 from promptloop.policy.policy import PolicyActions, PromptPolicy, TokenLogProbs
 from promptloop.policy.vllm_backend import VLLMPromptPolicy
 from promptloop.policy.writer import PromptActions, PromptWriter, image_row_seed
@@ -26,9 +27,12 @@ __all__ = [
     "PromptPolicy",
     "PromptWriter",
     "PromptSchedule",
+    "SUPPORTED_MODEL_TYPES",
     "SanitizedPrompt",
     "TokenLogProbs",
     "VLLMPromptPolicy",
+    "VLMFamily",
+    "VLM_FAMILIES",
     "build_chat",
     "clean_text",
     "collate_samples",

@@ -1,8 +1,8 @@
 """Per-sample records of generated answers, and their re-batching for a teacher-forced forward."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Sequence
 
 import torch
 
@@ -17,18 +17,42 @@ class PolicySample:
     """``(P,)`` 1 at image placeholder tokens, 0 elsewhere."""
     completion_ids: torch.Tensor
     """``(C,)`` generated token ids, up to and including the end token (if one was generated)."""
-    pixel_values: Optional[torch.Tensor] = None
-    """``(num_patches, patch_dim)`` processor output for this sample's images; None without images."""
-    image_grid_thw: Optional[torch.Tensor] = None
-    """``(num_images, 3)`` patch grid per image; None without images."""
+    vision: dict[str, torch.Tensor] = field(default_factory=dict)
+    """This sample's image inputs as the processor gives them, its own rows only: ``pixel_values`` (Qwen-VL: one row
+    per patch, with ``image_grid_thw``, one row per image; Gemma 3: one image per row); empty without images."""
 
     def __post_init__(self) -> None:
         if self.prompt_ids.ndim != 1 or self.completion_ids.ndim != 1:
             raise ValueError("prompt_ids and completion_ids must be 1-D (one unpadded sample).")
         if self.mm_token_type_ids.shape != self.prompt_ids.shape:
             raise ValueError("mm_token_type_ids must have the shape of prompt_ids.")
-        if (self.pixel_values is None) != (self.image_grid_thw is None):
-            raise ValueError("pixel_values and image_grid_thw must be given together.")
+
+
+TEXT_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
+"""Processor outputs laid out per token; every other output is an image input."""
+
+
+def split_image_inputs(encoding: dict[str, torch.Tensor], images_per_sample: Sequence[int]) -> list[dict]:
+    """Each sample's rows of a batched processor output's image inputs (samples in order, ``images_per_sample[i]``
+    images in sample i): one row per image, or for Qwen-VL's ``pixel_values`` one row per patch of the
+    ``image_grid_thw`` grid. Any other layout is an error rather than a silent mix-up of images."""
+    num_images = sum(images_per_sample)
+    grid = encoding.get("image_grid_thw")
+    pieces: list[dict] = [{} for _ in images_per_sample]
+    for key, value in encoding.items():
+        if key in TEXT_INPUTS or not isinstance(value, torch.Tensor):
+            continue
+        rows = grid.prod(-1).tolist() if key == "pixel_values" and grid is not None else [1] * num_images
+        if sum(rows) != value.shape[0]:
+            raise ValueError(f"The processor's {key!r} has {value.shape[0]} rows for {num_images} images; the policy "
+                             "splits image inputs by image (one row each, or Qwen-VL's patches).")
+        start, image = 0, 0
+        for sample, count in zip(pieces, images_per_sample):
+            size = sum(rows[image:image + count])
+            if count:
+                sample[key] = value[start:start + size].clone()
+            start, image = start + size, image + count
+    return pieces
 
 
 @dataclass
@@ -43,12 +67,14 @@ class CollatedBatch:
     """``(B, C)`` bool, True at real completion tokens."""
 
 
-def collate_samples(samples: Sequence[PolicySample], pad_token_id: int, device: torch.device) -> CollatedBatch:
+def collate_samples(samples: Sequence[PolicySample], pad_token_id: int, device: torch.device,
+                    token_types_key: str = "mm_token_type_ids") -> CollatedBatch:
     """Re-batch samples: prompts left-padded to a common length, completions right-padded after them.
 
     This is the layout ``generate`` works in. Multimodal RoPE positions are computed from the attention mask; in
     text-only rows they may be offset by the padding, which rotary embeddings do not see (relative positions).
-    Image tensors are concatenated in sample order; ``mm_token_type_ids`` is zero over completions and padding.
+    Image inputs are concatenated in sample order; the token types (passed as ``token_types_key``, the model
+    family's name for them) are zero over completions and padding.
     """
     if not samples:
         raise ValueError("collate_samples needs at least one sample.")
@@ -71,12 +97,11 @@ def collate_samples(samples: Sequence[PolicySample], pad_token_id: int, device: 
     model_inputs: dict[str, Any] = {
         "input_ids": input_ids.to(device),
         "attention_mask": attention_mask.to(device),
-        "mm_token_type_ids": mm_token_type_ids.to(device),
+        token_types_key: mm_token_type_ids.to(device),
     }
-    with_images = [s for s in samples if s.pixel_values is not None]
-    if with_images:
-        model_inputs["pixel_values"] = torch.cat([s.pixel_values for s in with_images]).to(device)
-        model_inputs["image_grid_thw"] = torch.cat([s.image_grid_thw for s in with_images]).to(device)
+    with_images = [s for s in samples if s.vision]
+    for key in with_images[0].vision if with_images else ():
+        model_inputs[key] = torch.cat([s.vision[key] for s in with_images]).to(device)
     return CollatedBatch(
         model_inputs=model_inputs,
         completion_ids=input_ids[:, prompt_len:].to(device),

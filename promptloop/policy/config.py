@@ -116,7 +116,8 @@ class PolicyConfig:
     )
     min_pixels: int = field(
         default=64 * 28 * 28,
-        metadata={"help": "Fewest pixels the preview is resized to by the processor (> 0)."},
+        metadata={"help": "Fewest pixels the preview is resized to by the processor (> 0). Qwen-VL only: Gemma 3 "
+                          "resizes every image to its fixed size."},
     )
     max_pixels: int = field(
         default=256 * 28 * 28,

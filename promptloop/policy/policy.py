@@ -19,8 +19,9 @@ from transformers import (
 )
 
 from promptloop.backbones.types import Observation
-from promptloop.policy.batch import PolicySample, collate_samples
+from promptloop.policy.batch import PolicySample, collate_samples, split_image_inputs
 from promptloop.policy.config import LOOP_CONFIG_NAME, PolicyConfig
+from promptloop.policy.families import vlm_family
 from promptloop.policy.hub import MODEL_CARD_NAME, policy_model_card, push_policy_folder
 from promptloop.policy.writer import (
     ADAPTER_CONFIG_NAME,
@@ -34,22 +35,8 @@ from promptloop.policy.writer import (
     suppressed_token_ids,
 )
 
-__all__ = ["ADAPTER_CONFIG_NAME", "POLICY_CONFIG_NAME", "SUPPORTED_MODEL_TYPES", "PolicyActions", "PromptPolicy",
+__all__ = ["ADAPTER_CONFIG_NAME", "POLICY_CONFIG_NAME", "PolicyActions", "PromptPolicy",
            "TokenLogProbs"]
-
-SUPPORTED_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-"""The chat VLM families the policy runs (and is tested on): their processors give the per-image patch grid and the
-multimodal token types that batched sampling and exact log-probs rely on."""
-
-
-def check_model_type(model_type: str, name: str) -> None:
-    """A clear error when ``name`` (a ``model_type`` model) is not of :data:`SUPPORTED_MODEL_TYPES`."""
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"{name} is a {model_type!r} model; the policy runs the Qwen-VL chat families "
-                         f"{SUPPORTED_MODEL_TYPES} (their processors give the per-image patch grid and token types "
-                         "that batching and exact log-probs rely on). Use a Qwen2-VL, Qwen2.5-VL or Qwen3-VL "
-                         "instruct model, e.g. Qwen/Qwen2.5-VL-3B-Instruct.")
-
 
 @dataclass
 class TokenLogProbs:
@@ -124,7 +111,7 @@ class PromptPolicy(PromptWriter):
         tokenizer = processor.tokenizer
         tokenizer.padding_side = "left"
         base = self.base_model
-        check_model_type(base.config.model_type, type(base).__name__)
+        self.family = vlm_family(base.config.model_type, type(base).__name__)
         base_generation = base.generation_config
         self.eos_token_ids = end_token_ids(base_generation.eos_token_id, tokenizer)
         pad = base_generation.pad_token_id if base_generation.pad_token_id is not None else tokenizer.pad_token_id
@@ -173,8 +160,8 @@ class PromptPolicy(PromptWriter):
         config, folder = resolved
         device = _resolve_device(device)
         base = resolved.base_model_kwargs(**download)
-        check_model_type(AutoConfig.from_pretrained(config.model_name_or_path, **base).model_type,
-                         config.model_name_or_path)  # before any weights load
+        vlm_family(AutoConfig.from_pretrained(config.model_name_or_path, **base).model_type,
+                   config.model_name_or_path)  # before any weights load
         model = AutoModelForImageTextToText.from_pretrained(
             config.model_name_or_path, dtype=config.torch_dtype(device), device_map={"": device}, **base,
             # transformers' check for an adapter in the base repo does not get these by itself (5.24)
@@ -265,10 +252,11 @@ class PromptPolicy(PromptWriter):
 
     def _encode(self, observations: Sequence[Observation]) -> tuple[dict, list[int]]:
         chats, texts = self.chats(observations)
-        images = [image for chat in chats for image in chat.images]
-        kwargs = {}
-        if images:
-            kwargs = {"images": images, "size": self.image_size()}
+        kwargs: dict[str, Any] = {}
+        if any(chat.images for chat in chats):
+            kwargs["images"] = [chat.images for chat in chats]
+            if self.family.pixel_budget:
+                kwargs["size"] = self.image_size()
         encoding = self.processor(text=texts, padding=True, return_tensors="pt", **kwargs)
         return dict(encoding), [len(chat.images) for chat in chats]
 
@@ -350,20 +338,28 @@ class PromptPolicy(PromptWriter):
             raise ValueError(f"{len(answers)} answers for {len(observations)} observations: give one per observation.")
         if not all(answers):
             raise ValueError("An answer has no tokens: every answer holds at least its end token or one word.")
-        encoding, images_per_sample = self._encode(observations)
-        completion_ids = torch.full((len(answers), max(map(len, answers))), self.pad_token_id, dtype=torch.long)
-        completion_mask = torch.zeros(completion_ids.shape, dtype=torch.bool)
-        for row, answer in enumerate(answers):
-            completion_ids[row, :len(answer)] = torch.tensor(list(answer), dtype=torch.long)
-            completion_mask[row, :len(answer)] = True
-        samples = self._split_samples(encoding, images_per_sample, completion_ids, completion_mask)
+        samples = self.answer_samples(observations, answers)
+        completion_ids = torch.nn.utils.rnn.pad_sequence([s.completion_ids for s in samples], batch_first=True,
+                                                         padding_value=self.pad_token_id).to(self.device)
         was_training = self.model.training
         self.model.eval()
         try:
             scored = self.log_probs(samples)
         finally:
             self.model.train(was_training)
-        return self._actions(observations, samples, completion_ids.to(self.device), scored.mask, scored.log_probs)
+        return self._actions(observations, samples, completion_ids, scored.mask, scored.log_probs)
+
+    def answer_samples(self, observations: Sequence[Observation], answers: Sequence[Sequence[int]]
+                       ) -> list[PolicySample]:
+        """The samples of ``observations`` (their chats encoded as :meth:`act` encodes them) with ``answers`` (each
+        answer's token ids) as completions: for scoring answers sampled elsewhere, or supervised targets."""
+        encoding, images_per_sample = self._encode(observations)
+        completion_ids = torch.full((len(answers), max(map(len, answers))), self.pad_token_id, dtype=torch.long)
+        completion_mask = torch.zeros(completion_ids.shape, dtype=torch.bool)
+        for row, answer in enumerate(answers):
+            completion_ids[row, :len(answer)] = torch.tensor(list(answer), dtype=torch.long)
+            completion_mask[row, :len(answer)] = True
+        return self._split_samples(encoding, images_per_sample, completion_ids, completion_mask)
 
     def _actions(self, observations: Sequence[Observation], samples: list[PolicySample], completion_ids: torch.Tensor,
                  completion_mask: torch.Tensor, log_probs: torch.Tensor) -> PolicyActions:
@@ -378,23 +374,15 @@ class PromptPolicy(PromptWriter):
     def _split_samples(
         self, encoding: dict, images_per_sample: list[int], completion_ids: torch.Tensor, completion_mask: torch.Tensor
     ) -> list[PolicySample]:
-        grid = encoding.get("image_grid_thw")
-        patches_per_image = grid.prod(-1).tolist() if grid is not None else []
-        samples, image_start, patch_start = [], 0, 0
-        for row, num_images in enumerate(images_per_sample):
+        token_types = encoding[self.family.token_types_key]
+        samples = []
+        for row, vision in enumerate(split_image_inputs(encoding, images_per_sample)):
             keep = encoding["attention_mask"][row].bool()
-            pixel_values = image_grid_thw = None
-            if num_images:
-                num_patches = sum(patches_per_image[image_start:image_start + num_images])
-                pixel_values = encoding["pixel_values"][patch_start:patch_start + num_patches].clone()
-                image_grid_thw = grid[image_start:image_start + num_images].clone()
-                image_start += num_images
-                patch_start += num_patches
             samples.append(PolicySample(
                 prompt_ids=encoding["input_ids"][row][keep].clone(),
-                mm_token_type_ids=encoding["mm_token_type_ids"][row][keep].clone(),
+                mm_token_type_ids=token_types[row][keep].clone(),
                 completion_ids=completion_ids[row][completion_mask[row]].cpu(),
-                pixel_values=pixel_values, image_grid_thw=image_grid_thw,
+                vision=vision,
             ))
         return samples
 
@@ -406,7 +394,7 @@ class PromptPolicy(PromptWriter):
         mode is on (wrap in ``torch.no_grad()`` for old-policy or reference log-probs); LoRA dropout applies only
         in train mode.
         """
-        batch = collate_samples(samples, self.pad_token_id, self.device)
+        batch = collate_samples(samples, self.pad_token_id, self.device, self.family.token_types_key)
         completion_len = batch.completion_ids.shape[1]
         logits = self.model(
             **batch.model_inputs, use_cache=False, logits_to_keep=completion_len + 1

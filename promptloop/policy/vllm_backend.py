@@ -19,6 +19,7 @@ from transformers import AutoConfig, GenerationConfig, ProcessorMixin
 
 from promptloop.backbones.types import Observation
 from promptloop.policy.config import PolicyConfig
+from promptloop.policy.families import VLMFamily, vlm_family
 from promptloop.policy.writer import (
     PromptActions,
     PromptWriter,
@@ -72,19 +73,20 @@ def vllm_max_lora_rank(rank: int) -> int:
     raise ValueError(f"lora_r={rank} is above the largest LoRA rank vLLM serves ({VLLM_MAX_LORA_RANKS[-1]}).")
 
 
-def start_engine(config: PolicyConfig, saved_folder: Optional[str], max_lora_rank: Optional[int],
+def start_engine(config: PolicyConfig, family: VLMFamily, saved_folder: Optional[str], max_lora_rank: Optional[int],
                  gpu_memory_utilization: float, **llm_kwargs: Any) -> Any:
     """A ``vllm.LLM`` on ``config``'s base model (at its ``model_revision``), dtype and preview sizes (LoRA enabled
     up to ``max_lora_rank``); the tokenizer is the saved policy's (``saved_folder``) or the base model's."""
     vllm = import_vllm()
+    limits = {"image": 1, "video": 0} if family.has_video else {"image": 1}  # a chat holds at most one preview
+    sizes = {"size": {"shortest_edge": config.min_pixels, "longest_edge": config.max_pixels}}
     engine_kwargs: dict[str, Any] = dict(
         model=config.model_name_or_path, revision=config.model_revision,
         tokenizer=saved_folder or config.model_name_or_path,
         tokenizer_revision=None if saved_folder else config.model_revision, trust_remote_code=config.trust_remote_code,
         dtype=config.dtype if config.dtype != "auto" else "bfloat16",
         gpu_memory_utilization=gpu_memory_utilization,
-        limit_mm_per_prompt={"image": 1, "video": 0},  # a chat holds at most one preview
-        mm_processor_kwargs={"size": {"shortest_edge": config.min_pixels, "longest_edge": config.max_pixels}},
+        limit_mm_per_prompt=limits, mm_processor_kwargs=sizes if family.pixel_budget else None,
     )
     if max_lora_rank is not None:
         engine_kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=vllm_max_lora_rank(max_lora_rank))
@@ -186,8 +188,9 @@ class VLLMPromptPolicy(PromptWriter):
         config, folder = resolved
         download = dict(token=token, cache_dir=cache_dir, local_files_only=local_files_only)
         base = resolved.base_model_kwargs(**download)
-        processor = resolved.load_processor(**download)
         model_config = AutoConfig.from_pretrained(config.model_name_or_path, **base)
+        family = vlm_family(model_config.model_type, config.model_name_or_path)
+        processor = resolved.load_processor(**download)
         try:
             generation_eos = GenerationConfig.from_pretrained(config.model_name_or_path, **base).eos_token_id
         except OSError:  # the model ships no generation_config.json
@@ -199,7 +202,7 @@ class VLLMPromptPolicy(PromptWriter):
         if llm is None:
             if max_lora_rank is None and resolved.adapter_folder is not None:
                 max_lora_rank = config.lora_r
-            llm = start_engine(config, folder, max_lora_rank, gpu_memory_utilization, **llm_kwargs)
+            llm = start_engine(config, family, folder, max_lora_rank, gpu_memory_utilization, **llm_kwargs)
         policy = cls(llm, processor, config, eos_token_ids=eos, suppressed_token_ids=suppressed,
                      adapter_path=resolved.adapter_folder)
         policy.loop_defaults = resolved.loop_defaults

@@ -22,7 +22,8 @@ from promptloop.policy.hub import download_saved_policy, is_hub_id
 from promptloop.policy.sanitize import PromptSchedule, parse_prompt_schedule, sanitize_prompt
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
-_VISION_TOKEN_ATTRIBUTES = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+_VISION_TOKEN_ATTRIBUTES = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id",
+                            "boi_token_id", "eoi_token_id")
 
 
 @dataclass(kw_only=True)
@@ -208,13 +209,25 @@ class PromptWriter(abc.ABC):
         system_prompt = self.config.system_prompt_for(mode)
         chats = [build_chat(o, mode, system_prompt) for o in observations]
         texts = [
-            self.processor.apply_chat_template(chat.messages, add_generation_prompt=True, tokenize=False)
+            self._without_template_bos(
+                self.processor.apply_chat_template(chat.messages, add_generation_prompt=True, tokenize=False))
             for chat in chats
         ]
         return chats, texts
 
+    def _without_template_bos(self, text: str) -> str:
+        """``text`` without the begin-of-sequence token its chat template wrote when the tokenizer adds one itself
+        (Gemma): the processor and vLLM tokenize the text with special tokens, and a second BOS would be a
+        different input from the one the model was trained on."""
+        tokenizer = self.processor.tokenizer
+        bos = tokenizer.bos_token
+        if bos and text.startswith(bos) and tokenizer.bos_token_id in tokenizer("").input_ids:
+            return text[len(bos):]
+        return text
+
     def image_size(self) -> dict[str, int]:
-        """The processor's ``size`` for previews: ``config.min_pixels`` to ``config.max_pixels``."""
+        """The processor's ``size`` for previews: ``config.min_pixels`` to ``config.max_pixels`` (families with a
+        pixel budget, :attr:`VLMFamily.pixel_budget`)."""
         return {"shortest_edge": self.config.min_pixels, "longest_edge": self.config.max_pixels}
 
     def fill_prompts(self, actions: PromptActions, observations: Sequence[Observation]) -> None:

@@ -1,9 +1,10 @@
-"""Tiny random-weight Qwen2-VL, Qwen2.5-VL and Qwen3-VL chat models of the real classes, built offline.
+"""Tiny random-weight Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Gemma 3 chat models of the real classes, built offline.
 
-The tokenizer is a byte-level ``Qwen2Tokenizer`` (256 byte symbols, no merges) carrying the special tokens of the
-real Qwen-VL vocabularies; the processor is the stock one (image + video processor, which needs torchvision); the
-chat template is the real one. ``save_tiny_vlm`` writes a checkpoint that ``AutoModelForImageTextToText`` and
-``AutoProcessor.from_pretrained`` load back like a hub model.
+Qwen-VL: the tokenizer is a byte-level ``Qwen2Tokenizer`` (256 byte symbols, no merges) carrying the special tokens
+of the real Qwen-VL vocabularies; the processor is the stock one (image + video processor, which needs
+torchvision). Gemma 3: a ``GemmaTokenizer`` of byte-fallback tokens with the real special tokens, the stock
+``Gemma3Processor`` at a small fixed image size. The chat templates are the real ones. ``save_tiny_vlm`` writes a
+checkpoint that ``AutoModelForImageTextToText`` and ``AutoProcessor.from_pretrained`` load back like a hub model.
 """
 from __future__ import annotations
 
@@ -16,7 +17,12 @@ from transformers import GenerationConfig, PreTrainedModel, ProcessorMixin, Qwen
 
 from promptloop.testing.tokenizers import byte_symbols
 
-TINY_VLM_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+QWEN_VL_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+TINY_VLM_FAMILIES = QWEN_VL_FAMILIES + ("gemma3",)
+
+GEMMA3_SPECIAL_TOKENS = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
+                         "image_token": "<image_soft_token>"}
+"""The named image tokens of the real Gemma 3 tokenizer (``tokenizer.boi_token`` ..., read by its processor)."""
 
 SPECIAL_TOKENS = (
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
@@ -49,9 +55,19 @@ _FALLBACK_TEMPLATE = (
 )
 
 
-def _check_family(family: str) -> None:
-    if family not in TINY_VLM_FAMILIES:
-        raise ValueError(f"Unknown tiny VLM family {family!r}; choose one of {TINY_VLM_FAMILIES}.")
+def _check_family(family: str, families: tuple[str, ...] = QWEN_VL_FAMILIES) -> None:
+    if family not in families:
+        raise ValueError(f"Unknown tiny VLM family {family!r}; choose one of {families}.")
+
+
+def _trl_chat_template(name: str) -> Optional[str]:
+    """The real chat template ``name`` from TRL's wheel (found without importing TRL), or None without TRL."""
+    spec = importlib.util.find_spec("trl")
+    if spec is not None and spec.submodule_search_locations:
+        path = Path(next(iter(spec.submodule_search_locations))) / "chat_templates" / name
+        if path.is_file():
+            return path.read_text()
+    return None
 
 
 def qwen_vl_chat_template(family: str) -> str:
@@ -61,11 +77,9 @@ def qwen_vl_chat_template(family: str) -> str:
     for system/user/assistant turns with text and image parts is returned.
     """
     _check_family(family)
-    spec = importlib.util.find_spec("trl")
-    if spec is not None and spec.submodule_search_locations:
-        path = Path(next(iter(spec.submodule_search_locations))) / "chat_templates" / _TRL_TEMPLATE[family]
-        if path.is_file():
-            return path.read_text()
+    real = _trl_chat_template(_TRL_TEMPLATE[family])
+    if real is not None:
+        return real
     default_system = "true" if family != "qwen3_vl" else "false"
     return "{% set default_system = " + default_system + " %}" + _FALLBACK_TEMPLATE
 
@@ -133,18 +147,74 @@ def _classes(family: str):
     return Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor, Qwen3VLVideoProcessor
 
 
+def make_gemma3_tokenizer() -> Any:
+    """A ``GemmaTokenizer`` that encodes any text (byte fallback, no merges) with the real Gemma 3 special tokens
+    (turn markers, image tokens) and TRL's copy of the real chat template."""
+    from transformers import GemmaTokenizer
+
+    template = _trl_chat_template("gemma3.jinja")
+    if template is None:
+        raise ImportError("The tiny Gemma 3 uses TRL's copy of the real chat template: pip install trl.")
+    vocab = {token: i for i, token in enumerate(("<pad>", "<eos>", "<bos>", "<unk>", "<mask>"))}
+    vocab.update({f"<0x{byte:02X}>": len(vocab) + byte for byte in range(256)})
+    vocab["\u2581"] = len(vocab)  # what the normaliser turns spaces into
+    tokenizer = GemmaTokenizer(vocab=vocab, merges=[], add_bos_token=True,  # as the real one: the chat template
+                               extra_special_tokens=dict(GEMMA3_SPECIAL_TOKENS))  # writes <bos> as well
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]},
+                                 replace_extra_special_tokens=False)
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+def _make_tiny_gemma3(hidden_size: int, num_layers: int, seed: int, image_size: int,
+                      tie_word_embeddings: bool) -> tuple[PreTrainedModel, ProcessorMixin]:
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessor, Gemma3Processor
+
+    tokenizer = make_gemma3_tokenizer()
+    ids = tokenizer.convert_tokens_to_ids
+    mm_tokens_per_image = 4  # 2 x 2 pooled from the vision tower's (image_size / 14)^2 patches
+    config = Gemma3Config(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=hidden_size // 4, max_position_embeddings=4096, sliding_window=1024,
+                         pad_token_id=ids("<pad>"), eos_token_id=ids("<eos>"), bos_token_id=ids("<bos>"),
+                         tie_word_embeddings=tie_word_embeddings),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=image_size, patch_size=14),
+        mm_tokens_per_image=mm_tokens_per_image, boi_token_index=ids("<start_of_image>"),
+        eoi_token_index=ids("<end_of_image>"), image_token_index=ids("<image_soft_token>"),
+        tie_word_embeddings=tie_word_embeddings,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Gemma3ForConditionalGeneration(config).eval()
+    # The real instruct checkpoints stop on either end token.
+    model.generation_config = GenerationConfig(eos_token_id=[ids("<eos>"), ids("<end_of_turn>")],
+                                               pad_token_id=ids("<pad>"), bos_token_id=ids("<bos>"))
+    processor = Gemma3Processor(image_processor=Gemma3ImageProcessor(size={"height": image_size, "width": image_size}),
+                                tokenizer=tokenizer, chat_template=tokenizer.chat_template,
+                                image_seq_length=mm_tokens_per_image)
+    return model, processor
+
+
 def make_tiny_vlm(
     family: str = "qwen2_5_vl", hidden_size: int = 64, num_layers: int = 2, seed: int = 0,
     max_pixels: int = 128 * 128, min_pixels: Optional[int] = None, tokenizer: Optional[Qwen2Tokenizer] = None,
-    tie_word_embeddings: bool = False,
+    tie_word_embeddings: Optional[bool] = None,
 ) -> tuple[PreTrainedModel, ProcessorMixin]:
     """A random-weight chat VLM of the real ``family`` class and its stock processor.
 
-    ``max_pixels`` / ``min_pixels`` bound the image size the processor produces (the real models allow ~1M
-    pixels; tiny tests want a handful of vision tokens; default minimum: one merged patch). ``tokenizer`` defaults
-    to the byte-level one of :func:`make_qwen_vl_tokenizer`.
+    Qwen-VL: ``max_pixels`` / ``min_pixels`` bound the image size the processor produces (the real models allow
+    ~1M pixels; tiny tests want a handful of vision tokens; default minimum: one merged patch); ``tokenizer``
+    defaults to the byte-level one of :func:`make_qwen_vl_tokenizer`. Gemma 3: every image is resized to 56 px (the
+    real 896 px), 4 image tokens (the real 256). ``tie_word_embeddings``: default the real family's (Gemma ties).
     """
-    _check_family(family)
+    _check_family(family, TINY_VLM_FAMILIES)
+    if family == "gemma3":
+        if tokenizer is not None:
+            raise ValueError("tokenizer= applies to the Qwen-VL families; the tiny Gemma 3 builds its own.")
+        return _make_tiny_gemma3(hidden_size, num_layers, seed, 56, tie_word_embeddings is not False)
+    tie_word_embeddings = bool(tie_word_embeddings)
     from transformers import Qwen2VLImageProcessor
 
     config_cls, model_cls, processor_cls, video_processor_cls = _classes(family)

@@ -66,8 +66,8 @@ class _ChatOnly(PromptWriter):
     act = reference = None
 
     def __init__(self, config):
-        super().__init__(SimpleNamespace(apply_chat_template=lambda messages, **kw: messages[0]["content"][0]["text"]),
-                         config)
+        super().__init__(SimpleNamespace(apply_chat_template=lambda messages, **kw: messages[0]["content"][0]["text"],
+                                         tokenizer=SimpleNamespace(bos_token=None)), config)
 
 
 def _system(writer, mode):

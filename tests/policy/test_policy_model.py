@@ -5,8 +5,9 @@ import torch
 from transformers import TemperatureLogitsWarper, TopPLogitsWarper
 
 from policy_helpers import make_observation, mixed_observations, small_config
-from promptloop.policy import PolicySample, PromptPolicy
+from promptloop.policy import PolicySample, PromptPolicy, VLLMPromptPolicy, build_chat
 from promptloop.policy.policy import RowSeededSampling, nucleus
+from promptloop.testing import vllm_standin
 from promptloop.testing.tiny_vlm import TINY_VLM_FAMILIES
 
 TOL = 1e-5
@@ -25,8 +26,7 @@ def bias_logits(policy: PromptPolicy, token_ids, value: float) -> None:
 
 
 def truncated(sample: PolicySample, length: int) -> PolicySample:
-    return PolicySample(sample.prompt_ids, sample.mm_token_type_ids, sample.completion_ids[:length],
-                        sample.pixel_values, sample.image_grid_thw)
+    return PolicySample(sample.prompt_ids, sample.mm_token_type_ids, sample.completion_ids[:length], sample.vision)
 
 
 @pytest.mark.parametrize("family", TINY_VLM_FAMILIES)
@@ -104,7 +104,7 @@ def test_generation_never_emits_special_or_vision_tokens(tiny_vlm_dirs):
     for sample in actions.samples:
         placeholders = sample.prompt_ids == image_token
         assert torch.equal(sample.mm_token_type_ids.bool(), placeholders)
-        expected = 0 if sample.image_grid_thw is None else int(sample.image_grid_thw.prod(-1).sum()) // 4
+        expected = int(sample.vision["image_grid_thw"].prod(-1).sum()) // 4 if sample.vision else 0
         assert int(placeholders.sum()) == expected
         assert not (sample.completion_ids == image_token).any()
     with torch.no_grad():
@@ -279,7 +279,7 @@ def test_gradients_reach_only_the_adapter_with_gradient_checkpointing(tiny_vlm_d
 def test_one_shot_mode_rewrites_from_the_query_alone(tiny_vlm_dirs):
     policy = load(tiny_vlm_dirs, mode="oneshot")
     actions = policy.act(mixed_observations(), seed=0)
-    assert all(s.pixel_values is None and not s.mm_token_type_ids.any() for s in actions.samples)
+    assert all(not s.vision and not s.mm_token_type_ids.any() for s in actions.samples)
     with torch.no_grad():
         torch.testing.assert_close(policy.log_probs(actions.samples).log_probs, actions.log_probs, atol=TOL, rtol=0)
 
@@ -364,7 +364,7 @@ def test_keep_query_words_never_lets_a_rejected_a_priori_step_reach_a_later_one(
     assert [s.missing for s in schedules] == [[True] * 3, [False, True, True]]
 
 
-def test_other_vlm_families_are_refused_before_any_weights_load(tmp_path, tiny_vlm_dirs):
+def test_other_vlm_families_are_refused_before_any_weights_load(tmp_path, tiny_vlm_dirs, monkeypatch):
     """A LLaVA chat model (only its config.json on disk: nothing else could load) is named as unsupported."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
@@ -372,9 +372,27 @@ def test_other_vlm_families_are_refused_before_any_weights_load(tmp_path, tiny_v
                                                num_attention_heads=2),
                 text_config=LlamaConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=1,
                                         num_attention_heads=2)).save_pretrained(tmp_path / "llava")
-    with pytest.raises(ValueError, match=r"is a 'llava' model; the policy runs the Qwen-VL chat families"):
+    with pytest.raises(ValueError, match=r"is a 'llava' model; the policy runs the chat VLM families .*'gemma3'"):
         PromptPolicy.from_pretrained(tmp_path / "llava", device="cpu")
+    vllm_standin.install(monkeypatch)
+    with pytest.raises(ValueError, match=r"is a 'llava' model"):  # vLLM too, before any engine starts
+        VLLMPromptPolicy.from_pretrained(tmp_path / "llava")
     qwen = PromptPolicy.from_pretrained(tiny_vlm_dirs["qwen2_5_vl"], device="cpu", add_adapter=False)
     qwen.model.config.model_type = "llava"  # a model object built elsewhere is checked too
     with pytest.raises(ValueError, match="is a 'llava' model"):
         PromptPolicy(qwen.model, qwen.processor, qwen.config)
+
+
+def test_a_gemma3_chat_starts_with_one_bos(tiny_vlm_dirs):
+    """Gemma's chat template writes <bos> and its tokenizer adds one: the policy keeps one (a second would be an input
+    the model never saw), in the text vLLM tokenizes as in the ids transformers samples from."""
+    policy = load(tiny_vlm_dirs, "gemma3")
+    bos = policy.processor.tokenizer.bos_token
+    rendered = policy.processor.apply_chat_template(
+        build_chat(mixed_observations()[0], "closed", None).messages, add_generation_prompt=True, tokenize=False)
+    assert rendered.startswith(bos)  # what the template writes
+    _, texts = policy.chats(mixed_observations())
+    assert not any(text.startswith(bos) for text in texts)
+    for sample in policy.act(mixed_observations(), seed=0).samples:
+        assert sample.prompt_ids[0] == policy.processor.tokenizer.bos_token_id
+        assert int((sample.prompt_ids == policy.processor.tokenizer.bos_token_id).sum()) == 1

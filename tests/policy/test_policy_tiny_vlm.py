@@ -6,14 +6,23 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import trl
 from policy_helpers import make_preview
-from promptloop.testing.tiny_vlm import TINY_VLM_FAMILIES, make_qwen_vl_tokenizer, qwen_vl_chat_template
+from promptloop.policy import VLM_FAMILIES
+from promptloop.testing.tiny_vlm import (
+    QWEN_VL_FAMILIES,
+    TINY_VLM_FAMILIES,
+    make_gemma3_tokenizer,
+    make_qwen_vl_tokenizer,
+    qwen_vl_chat_template,
+)
 
 CLASSES = {
     "qwen2_vl": ("Qwen2VLForConditionalGeneration", "Qwen2VLProcessor"),
     "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor"),
     "qwen3_vl": ("Qwen3VLForConditionalGeneration", "Qwen3VLProcessor"),
+    "gemma3": ("Gemma3ForConditionalGeneration", "Gemma3Processor"),
 }
-TRL_TEMPLATES = {"qwen2_vl": "qwen2_5_vl.jinja", "qwen2_5_vl": "qwen2_5_vl.jinja", "qwen3_vl": "qwen3_vl.jinja"}
+TRL_TEMPLATES = {"qwen2_vl": "qwen2_5_vl.jinja", "qwen2_5_vl": "qwen2_5_vl.jinja", "qwen3_vl": "qwen3_vl.jinja",
+                 "gemma3": "gemma3.jinja"}
 
 
 @pytest.mark.parametrize("family", TINY_VLM_FAMILIES)
@@ -23,7 +32,6 @@ def test_saved_tiny_vlm_loads_through_the_auto_classes(tiny_vlm_dirs, family):
     model = AutoModelForImageTextToText.from_pretrained(path)
     processor = AutoProcessor.from_pretrained(path)
     assert (type(model).__name__, type(processor).__name__) == CLASSES[family]
-    assert processor.video_processor is not None  # the stock processor, built with torchvision
     real_template = (Path(trl.__file__).parent / "chat_templates" / TRL_TEMPLATES[family]).read_text()
     assert processor.chat_template == real_template
 
@@ -31,14 +39,19 @@ def test_saved_tiny_vlm_loads_through_the_auto_classes(tiny_vlm_dirs, family):
     text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     encoding = processor(text=[text], images=[make_preview(64, 64, 0)], return_tensors="pt")
     image_tokens = encoding["input_ids"] == model.config.image_token_id
-    assert int(image_tokens.sum()) == int(encoding["image_grid_thw"].prod(-1).sum()) // 4
-    assert torch.equal(encoding["mm_token_type_ids"].bool(), image_tokens)
+    if family in QWEN_VL_FAMILIES:
+        assert processor.video_processor is not None  # the stock processor, built with torchvision
+        assert int(image_tokens.sum()) == int(encoding["image_grid_thw"].prod(-1).sum()) // 4
+    else:
+        assert int(image_tokens.sum()) == model.config.mm_tokens_per_image == processor.image_seq_length
+        assert encoding["pixel_values"].shape == (1, 3, 56, 56)  # every image at the model's fixed size
+    assert torch.equal(encoding[VLM_FAMILIES[family].token_types_key].bool(), image_tokens)
     with torch.no_grad():
         logits = model(**encoding).logits
     assert logits.shape[-1] == len(processor.tokenizer)
 
 
-@pytest.mark.parametrize("family", TINY_VLM_FAMILIES)
+@pytest.mark.parametrize("family", QWEN_VL_FAMILIES)
 def test_byte_level_tokenizer_encodes_any_text_and_keeps_special_tokens_whole(family):
     tokenizer = make_qwen_vl_tokenizer(family)
     text = "Ünïcødé, 漢字 and emoji 🐱 <|im_end|>"
@@ -46,6 +59,17 @@ def test_byte_level_tokenizer_encodes_any_text_and_keeps_special_tokens_whole(fa
     assert ids[-1] == tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert tokenizer.decode(ids) == text
     assert tokenizer.decode(ids, skip_special_tokens=True) == text.replace("<|im_end|>", "")
+
+
+def test_gemma3_tokenizer_encodes_any_text_and_adds_its_bos_as_the_real_one():
+    tokenizer = make_gemma3_tokenizer()
+    text = "Ünïcødé, 漢字 and emoji 🐱 <end_of_turn>"
+    ids = tokenizer(text)["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1
+    assert ids[-1] == tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    assert tokenizer.decode(ids[1:]) == text
+    assert tokenizer.decode(ids, skip_special_tokens=True) == text.replace(" <end_of_turn>", " ")
+    assert (tokenizer.boi_token, tokenizer.image_token) == ("<start_of_image>", "<image_soft_token>")
 
 
 def test_fallback_template_renders_like_the_real_one(monkeypatch):

@@ -146,8 +146,8 @@ def test_scored_answers_are_the_actions_act_returned(saved_policy):
     assert torch.equal(scored.completion_mask, sampled.completion_mask)
     assert torch.equal(scored.completion_ids, sampled.completion_ids)
     assert torch.allclose(scored.log_probs, sampled.log_probs, atol=1e-5)
-    assert all(torch.equal(a.pixel_values, b.pixel_values) for a, b in zip(scored.samples, sampled.samples)
-               if a.pixel_values is not None)
+    assert all(a.vision.keys() == b.vision.keys() and all(torch.equal(a.vision[k], b.vision[k]) for k in a.vision)
+               for a, b in zip(scored.samples, sampled.samples))
     with pytest.raises(ValueError, match="2 answers for 4 observations"):
         policy.score_answers(observations, answers[:2])
     with pytest.raises(ValueError, match="no tokens"):
@@ -217,3 +217,20 @@ def test_a_hub_policy_is_served_at_its_revision(saved_policy, tiny_vlm_dirs, hub
     assert served.lora_request.lora_path == str(snapshot)
     assert engine.kwargs["tokenizer"] == str(snapshot) and engine.kwargs["revision"] == "main"
     assert engine.model_path == str(tiny_vlm_dirs["qwen2_5_vl"])
+
+
+def test_a_gemma3_policy_served_by_vllm_answers_as_transformers_does(tiny_vlm_dirs, tmp_path, monkeypatch):
+    """A family with fixed-size images: the engine gets no pixel budget and no video limit; greedy answers and their
+    teacher-forced log-probs equal the transformers policy's."""
+    vllm_standin.install(monkeypatch)
+    config = small_config(do_sample=False, max_new_tokens=6)
+    PromptPolicy.from_pretrained(tiny_vlm_dirs["gemma3"], config, device="cpu").save_pretrained(tmp_path / "policy")
+    served = VLLMPromptPolicy.from_pretrained(tmp_path / "policy", config)
+    engine = vllm_standin.LLM.instances[-1]
+    assert engine.kwargs["limit_mm_per_prompt"] == {"image": 1} and engine.kwargs["mm_processor_kwargs"] is None
+    local = PromptPolicy.from_pretrained(tmp_path / "policy", config, device="cpu")
+    observations = mixed_observations()
+    answers, expected = served.act(observations), local.act(observations)
+    assert answers.texts == expected.texts
+    scored = local.score_answers(observations, answers.answer_token_ids)
+    torch.testing.assert_close(scored.log_probs, expected.log_probs, atol=1e-5, rtol=0)

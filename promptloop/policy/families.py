@@ -1,0 +1,38 @@
+"""The chat VLM families the policy runs, and what differs between their processors."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class VLMFamily:
+    """How one family's processor lays out a chat with images."""
+
+    token_types_key: str
+    """The processor output (and forward argument) marking image placeholder tokens with 1."""
+    pixel_budget: bool
+    """The image processor sizes each image between ``min_pixels`` and ``max_pixels`` (Qwen-VL's dynamic
+    resolution); otherwise it resizes every image to the model's fixed input size."""
+    has_video: bool
+    """The processor has a video modality (vLLM is told that chats hold no video)."""
+
+
+VLM_FAMILIES = {
+    "qwen2_vl": VLMFamily("mm_token_type_ids", pixel_budget=True, has_video=True),
+    "qwen2_5_vl": VLMFamily("mm_token_type_ids", pixel_budget=True, has_video=True),
+    "qwen3_vl": VLMFamily("mm_token_type_ids", pixel_budget=True, has_video=True),
+    "gemma3": VLMFamily("token_type_ids", pixel_budget=False, has_video=False),
+}
+"""``model_type`` -> family, for every family the policy runs and is tested on (tiny models of the real classes)."""
+
+SUPPORTED_MODEL_TYPES = tuple(VLM_FAMILIES)
+
+
+def vlm_family(model_type: str, name: str) -> VLMFamily:
+    """The family of ``name`` (a ``model_type`` model); a clear error for a family the policy does not run."""
+    if model_type not in VLM_FAMILIES:
+        raise ValueError(f"{name} is a {model_type!r} model; the policy runs the chat VLM families "
+                         f"{SUPPORTED_MODEL_TYPES} (their processors' image layouts are what batching and exact "
+                         "log-probs are tested on). Use e.g. Qwen/Qwen2.5-VL-3B-Instruct, Qwen/Qwen3-VL-4B-Instruct "
+                         "or google/gemma-3-4b-it.")
+    return VLM_FAMILIES[model_type]

@@ -281,8 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "--refinements (default: as the policy was trained, with grpo.initial_rewrite)")
     sample.add_argument("--num-images", type=int, default=1, help="images per prompt")
     sample.add_argument("--batch-size", type=int, default=8,
-                        help="images sampled together; image i's noise always uses seed --seed + i, but the policy "
-                             "samples a batch's rewrites from one seed, so they change with the batch size")
+                        help="images sampled together; image i's noise and the policy's sampling for it use seed "
+                             "--seed + i whatever the batch size")
     sample.add_argument("--seed", type=int, default=0, help="seed of image 0; image i uses seed + i (default: 0)")
     sample.add_argument("--device", default=None,
                         help="device of the policy and the pipeline (cuda, cuda:1, cpu; default: cuda when present)")

@@ -121,8 +121,8 @@ class PolicyConfig:
     )
     max_pixels: int = field(
         default=256 * 28 * 28,
-        metadata={"help": "Most pixels the preview is resized to by the processor (>= min_pixels). Qwen2.5-VL turns "
-                          "each 28x28 block into one vision token: 256*28*28 is at most 256 tokens."},
+        metadata={"help": "Most pixels the preview is resized to by the processor (>= min_pixels; Qwen-VL only). "
+                          "Qwen2.5-VL turns each 28x28 block into one vision token: 256*28*28 is at most 256 tokens."},
     )
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow model code from the hub repository (only for trusted repos)."}

@@ -84,12 +84,17 @@ class RowSeededSampling(LogitsProcessor):
     draw from each other's randomness."""
 
     def __init__(self, distribution: Callable[[torch.Tensor], torch.Tensor], top_p: float,
-                 generators: Sequence[torch.Generator]) -> None:
+                 seeds: Sequence[int]) -> None:
         self.distribution = distribution
         self.top_p = top_p
-        self.generators = list(generators)
+        self.seeds = list(seeds)
+        self.generators: list[torch.Generator] = []
+        """One per row, on the device of the logits (made at the first token: a model split over devices puts its
+        head where it likes)."""
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if not self.generators:
+            self.generators = [torch.Generator(device=scores.device).manual_seed(s) for s in self.seeds]
         probs = torch.softmax(self.distribution(scores), dim=-1)
         if self.top_p < 1.0:
             probs = nucleus(probs, self.top_p)
@@ -300,8 +305,7 @@ class PromptPolicy(PromptWriter):
         row_seeded = row_seeds is not None and self.config.do_sample
         processors = LogitsProcessorList()
         if row_seeded:
-            generators = [torch.Generator(device=self.device).manual_seed(s) for s in row_seeds]
-            processors.append(RowSeededSampling(self._sampling_logits, self.config.top_p, generators))
+            processors.append(RowSeededSampling(self._sampling_logits, self.config.top_p, row_seeds))
         was_training = self.model.training
         self.model.eval()
         rng_devices = [self.device.index or 0] if self.device.type == "cuda" else []

@@ -188,7 +188,8 @@ class LoggingSection:
     output_dir: str = _help("Run folder: checkpoints, logs, trajectory grids.", default="runs/promptloop")
     report_to: Union[str, list[str]] = _help(
         "Trackers for metrics, through accelerate: tensorboard, wandb, trackio, comet_ml, aim, mlflow, clearml, "
-        "dvclive, swanlab (or one registered with accelerate's register_tracker_class); several as a list (a comma "
+        "dvclive, swanlab (or, with accelerate >= 1.15, one registered with register_tracker_class); several as a "
+        "list (a comma "
         "list on the command line); 'all': every one installed; 'none'. Trajectory grids go to TensorBoard and W&B, "
         "and to <output_dir>/images always.", default="tensorboard")
     project: str = _help("Tracker project: the W&B project, the TensorBoard subfolder of output_dir.",

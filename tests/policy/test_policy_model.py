@@ -80,7 +80,8 @@ def test_log_probs_are_those_of_the_sampling_distribution(tiny_vlm_dirs):
     torch.testing.assert_close(actions.log_probs[mask], expected[mask], atol=TOL, rtol=0)
 
 
-def test_generation_never_emits_special_or_vision_tokens(tiny_vlm_dirs):
+@pytest.mark.parametrize("draw", [{"seed": 0}, {"row_seeds": [0, 1, 2, 3]}], ids=["batch_seed", "row_seeds"])
+def test_generation_never_emits_special_or_vision_tokens(tiny_vlm_dirs, draw):
     policy = load(tiny_vlm_dirs, max_new_tokens=16)
     tokenizer = policy.processor.tokenizer
     vision = [tokenizer.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|vision_start|>", "<|video_pad|>")]
@@ -96,7 +97,7 @@ def test_generation_never_emits_special_or_vision_tokens(tiny_vlm_dirs):
         unsuppressed = policy.model.generate(**encoding, generation_config=free).sequences
     assert torch.isin(unsuppressed[:, encoding["input_ids"].shape[1]:], torch.tensor(vision)).any()
 
-    actions = policy.act(mixed_observations(), seed=0)
+    actions = policy.act(mixed_observations(), **draw)
     generated = actions.completion_ids[actions.completion_mask]
     assert not torch.isin(generated, torch.tensor(policy.suppressed_token_ids)).any()
     # The prompts keep one placeholder per vision token, flagged in mm_token_type_ids, and a second forward works.
@@ -166,8 +167,7 @@ def test_row_seeded_sampling_draws_from_the_sampling_distribution(top_p):
     torch.testing.assert_close(kept / kept.sum(), expected)
     assert (expected == 0).any() == (top_p < 1.0)
 
-    sampler = RowSeededSampling(lambda scores: scores / temperature, top_p,
-                                [torch.Generator().manual_seed(i) for i in range(rows)])
+    sampler = RowSeededSampling(lambda scores: scores / temperature, top_p, range(rows))
     out = sampler(None, logits.expand(rows, -1).clone())
     assert bool((torch.isfinite(out).sum(-1) == 1).all()), "exactly one token left for greedy search per row"
     frequencies = torch.bincount(out.argmax(-1), minlength=logits.shape[1]).float() / rows

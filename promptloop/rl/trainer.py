@@ -808,8 +808,10 @@ class GRPOTrainer:
             if cfg.logging.log_completions:
                 self._restart_step_log("completions.jsonl")
         if self.accelerator.log_with:
-            flat = {k.replace(".", "/"): v for k, v in _flatten(to_dict(cfg)).items()
-                    if isinstance(v, (int, float, str, bool))}
+            scalar = (int, float, str, bool)
+            flat = {k.replace(".", "/"): ",".join(map(str, v)) if isinstance(v, list) else v
+                    for k, v in _flatten(to_dict(cfg)).items()
+                    if isinstance(v, scalar) or (isinstance(v, list) and all(isinstance(x, scalar) for x in v))}
             run_name = cfg.logging.run_name or Path(cfg.logging.output_dir).resolve().name
             self.accelerator.init_trackers(cfg.logging.project, config=flat,
                                            init_kwargs={"wandb": {"name": run_name}})

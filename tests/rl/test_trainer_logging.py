@@ -129,6 +129,7 @@ def test_several_trackers_and_a_registered_one_get_the_metrics(tmp_path, vlm_dir
     assert [step for step, values in logged if "reward/mean" in values] == [1, 2]
     assert [values["reward/mean"] for _, values in logged] == [h["reward/mean"] for h in history]
     assert config["grpo/group_size"] == trainer.config.grpo.group_size
+    assert config["logging/report_to"] == f"tensorboard,{recorder.name}"  # lists as comma lists
     assert list((tmp_path / "run").rglob("events.out.tfevents.*")), "TensorBoard was asked for too"
     assert len(list((tmp_path / "run" / "images").iterdir())) == 2  # grids on disk whatever the trackers
 

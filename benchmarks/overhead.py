@@ -41,7 +41,7 @@ import torch
 from promptloop.backbones import RefinementSchedule, SamplerSettings, auto_backbone, check_feedback_delay, rollout
 from promptloop.backbones.types import Observation
 from promptloop.pipeline import apriori_prompts
-from promptloop.policy import PolicyConfig, PromptPolicy, PromptWriter, VLLMPromptPolicy, image_row_seed
+from promptloop.policy import PolicyConfig, PromptPolicy, PromptWriter, VLLMPromptPolicy
 from promptloop.testing.tiny_vlm import make_tiny_vlm
 
 QUERIES = [
@@ -147,15 +147,15 @@ class TimedRefiner:
         self.prefill_s = 0.0
         self.score_s = 0.0
 
-    def _draw(self, observations: list[Observation]) -> dict:
+    def _act(self, observations: list[Observation]):
         if self.image_seeds is None:
-            return {}
-        return {"row_seeds": [image_row_seed(0, self.image_seeds[o.row], o.refinement_index) for o in observations]}
+            return self.policy.act(observations)
+        return self.policy.act_per_image(observations, self.image_seeds, seed=0)
 
     def __call__(self, observations: list[Observation]) -> list[str]:
         _sync(self.device)
         t0 = time.perf_counter()
-        actions = self.policy.act(observations, **self._draw(observations))
+        actions = self._act(observations)
         _sync(self.device)
         self.policy_s += time.perf_counter() - t0
         self.calls += 1
@@ -174,7 +174,7 @@ class TimedRefiner:
         try:
             _sync(self.device)
             t0 = time.perf_counter()
-            self.policy.act(observations, **self._draw(observations))
+            self._act(observations)
             _sync(self.device)
             return time.perf_counter() - t0
         finally:

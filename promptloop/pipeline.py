@@ -12,7 +12,7 @@ from PIL import Image
 
 from .backbones import Backbone, RefinementSchedule, SamplerSettings, auto_backbone, rollout
 from .backbones.types import RolloutOutput, Trajectory, blind_observations, negative_prompt_rows
-from .policy import PromptActions, PromptPolicy, PromptWriter, VLLMPromptPolicy, image_row_seed
+from .policy import PromptActions, PromptPolicy, PromptWriter, VLLMPromptPolicy
 
 RefinementMode = Literal["closed", "apriori", "oneshot", "none"]
 REFINEMENT_MODES = ("closed", "apriori", "oneshot", "none")
@@ -45,13 +45,12 @@ def blind_actions(policy: PromptWriter, mode: str, queries: Sequence[str], num_r
                   seed: Optional[int] = None, image_seeds: Optional[Sequence[int]] = None) -> PromptActions:
     """One ``mode`` policy call for the whole batch before sampling (no image). ``seed`` seeds the call; with
     ``image_seeds`` (one per query) row i's answer is drawn from ``image_row_seed(seed, image_seeds[i], 0)``, the
-    same in any batch."""
+    same in any batch (:meth:`~promptloop.policy.PromptWriter.act_per_image`)."""
     observations = blind_observations(list(queries), num_refinements, num_steps)
-    draw: dict[str, Any] = {"seed": seed}
-    if image_seeds is not None:
-        draw = {"row_seeds": [image_row_seed(seed, image_seed, 0) for image_seed in image_seeds]}
     with policy_mode(policy, mode):
-        return policy.act(observations, **draw)
+        if image_seeds is None:
+            return policy.act(observations, seed=seed)
+        return policy.act_per_image(observations, image_seeds, seed)
 
 
 def apriori_prompts(

@@ -208,22 +208,28 @@ class PromptWriter(abc.ABC):
         mode = self.config.mode
         system_prompt = self.config.system_prompt_for(mode)
         chats = [build_chat(o, mode, system_prompt) for o in observations]
-        texts = [
-            self._without_template_bos(
-                self.processor.apply_chat_template(chat.messages, add_generation_prompt=True, tokenize=False))
-            for chat in chats
-        ]
+        texts = [self.processor.apply_chat_template(chat.messages, add_generation_prompt=True, tokenize=False)
+                 for chat in chats]
+        # Gemma's template writes <bos> and its tokenizer adds one: the processor and vLLM tokenize these texts
+        # with special tokens, and a second <bos> would be an input the model was never trained on.
+        bos = self.processor.tokenizer.bos_token
+        if bos and any(text.startswith(bos) for text in texts) and self._tokenizer_adds_bos():
+            texts = [text[len(bos):] if text.startswith(bos) else text for text in texts]
         return chats, texts
 
-    def _without_template_bos(self, text: str) -> str:
-        """``text`` without the begin-of-sequence token its chat template wrote when the tokenizer adds one itself
-        (Gemma): the processor and vLLM tokenize the text with special tokens, and a second BOS would be a
-        different input from the one the model was trained on."""
+    def _tokenizer_adds_bos(self) -> bool:
         tokenizer = self.processor.tokenizer
-        bos = tokenizer.bos_token
-        if bos and text.startswith(bos) and tokenizer.bos_token_id in tokenizer("").input_ids:
-            return text[len(bos):]
-        return text
+        return tokenizer.bos_token_id in tokenizer("").input_ids
+
+    def act_per_image(self, observations: Sequence[Observation], image_seeds: Sequence[int],
+                      seed: Optional[int] = None) -> PromptActions:
+        """:meth:`act` with each observation's answer drawn from :func:`image_row_seed` ``(seed,
+        image_seeds[o.row], o.refinement_index)``: an image's answers do not depend on the batch it is in."""
+        if any(not 0 <= o.row < len(image_seeds) for o in observations):
+            raise ValueError(f"image_seeds holds {len(image_seeds)} seeds but the sampler has rows "
+                             f"{sorted({o.row for o in observations})}: give one seed per row.")
+        return self.act(observations, row_seeds=[image_row_seed(seed, image_seeds[o.row], o.refinement_index)
+                                                 for o in observations])
 
     def image_size(self) -> dict[str, int]:
         """The processor's ``size`` for previews: ``config.min_pixels`` to ``config.max_pixels`` (families with a
@@ -265,11 +271,7 @@ class PromptWriter(abc.ABC):
         def act(observations: list[Observation]) -> PromptActions:
             if image_seeds is None:
                 return self.act(observations, generator=generator)
-            if any(not 0 <= o.row < len(image_seeds) for o in observations):
-                raise ValueError(f"image_seeds holds {len(image_seeds)} seeds but the sampler has rows "
-                                 f"{sorted({o.row for o in observations})}: give one seed per row.")
-            return self.act(observations, row_seeds=[image_row_seed(seed, image_seeds[o.row], o.refinement_index)
-                                                     for o in observations])
+            return self.act_per_image(observations, image_seeds, seed)
 
         def refine(observations: list[Observation]) -> list[str]:
             if self.config.mode != "apriori":

@@ -113,6 +113,9 @@ class PromptPolicy(PromptWriter):
     def __init__(self, model: PreTrainedModel, processor: ProcessorMixin, config: PolicyConfig) -> None:
         super().__init__(processor, config)
         self.model = model
+        self.synced_gpus: Optional[bool] = None
+        """``generate``'s ``synced_gpus``: None lets transformers decide (processes decode in lockstep when the model
+        is sharded by FSDP or ZeRO-3); the trainer sets False while every process holds the whole policy."""
         tokenizer = processor.tokenizer
         tokenizer.padding_side = "left"
         base = self.base_model
@@ -192,17 +195,19 @@ class PromptPolicy(PromptWriter):
             target_modules=self.config.lora_target_modules, bias="none",
         )
 
-    def save_pretrained(self, save_directory: Union[str, Path], *, model_card: Optional[str] = None) -> None:
+    def save_pretrained(self, save_directory: Union[str, Path], *, model_card: Optional[str] = None,
+                        adapter_state: Optional[dict[str, torch.Tensor]] = None) -> None:
         """Write the adapter (safetensors), ``policy_config.json``, ``loop_config.json`` (when the policy has
         :attr:`loop_defaults`), the processor (tokenizer, chat template) and a model card ``README.md``
-        (``model_card``, default :func:`~promptloop.policy.hub.policy_model_card`).
+        (``model_card``, default :func:`~promptloop.policy.hub.policy_model_card`). ``adapter_state``: the adapter's
+        weights keyed as in the model's ``state_dict`` (e.g. gathered from shards), instead of the model's own.
 
         The folder is self-contained apart from the base model it names, and can be pushed to the hub as is.
         """
         save_directory = Path(save_directory)
         save_directory.mkdir(parents=True, exist_ok=True)
         if self.has_adapter:
-            self.model.save_pretrained(save_directory, safe_serialization=True)
+            self.model.save_pretrained(save_directory, safe_serialization=True, state_dict=adapter_state)
         self.processor.save_pretrained(save_directory)
         self.config.save(save_directory / POLICY_CONFIG_NAME)
         if self.loop_defaults is not None:
@@ -314,7 +319,7 @@ class PromptPolicy(PromptWriter):
                 if seed is not None:
                     torch.manual_seed(seed)
                 output = self.model.generate(**inputs, generation_config=self._generation_config(row_seeded),
-                                             logits_processor=processors)
+                                             logits_processor=processors, synced_gpus=self.synced_gpus)
         finally:
             self.model.train(was_training)
 

@@ -51,6 +51,9 @@ from .checkpoint import (
 from .config import DerivedSizes, TrainConfig, derive_sizes
 from .data import QueryStream
 from .loss import grpo_loss
+from .sharding import (
+    full_adapter_state, is_fully_sharded, load_adapter_state, load_optimizer_state, optimizer_state, whole_parameters,
+)
 
 RewardFn = Callable[..., Any]
 """``reward(images, queries, metadata) -> RewardOutput`` (see :mod:`promptloop.rewards`); ``metadata[i]`` holds
@@ -131,11 +134,28 @@ def make_accelerator(config: TrainConfig):
     CUDA: :func:`~promptloop.processes.launched_without_cuda`)."""
     from accelerate import Accelerator
 
-    return Accelerator(
+    accelerator = Accelerator(
         cpu=launched_without_cuda(),
         log_with=None if config.logging.report_to in ("none", ["none"]) else config.logging.report_to,
         project_dir=config.logging.output_dir,
     )
+    check_sharding(accelerator, config)
+    return accelerator
+
+
+def check_sharding(accelerator, config: TrainConfig) -> None:
+    """FSDP runs as FSDP2 (``fully_shard``, :mod:`promptloop.rl.sharding`), without vLLM rollouts; anything else
+    is refused before any model loads."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return
+    if not accelerator.is_fsdp2:
+        raise ValueError("The accelerate config asks for FSDP1; the trainer runs FSDP2 (fully_shard): set "
+                         "`fsdp_version: 2` under fsdp_config (as configs/accelerate/fsdp.yaml does).")
+    if config.grpo.rollout_backend == "vllm":
+        raise ValueError("grpo.rollout_backend='vllm' runs in one process without FSDP; use an accelerate config "
+                         "without FSDP (or none), or grpo.rollout_backend='transformers'.")
 
 
 def learning_rate_factor(step: int, warmup_steps: int, total_steps: int, kind: str) -> float:
@@ -263,6 +283,7 @@ class GRPOTrainer:
         self.terminated = False
         """A SIGTERM arrived during :meth:`train`: it stopped after that step with a checkpoint, no final policy."""
         self.accelerator = accelerator or make_accelerator(config)
+        check_sharding(self.accelerator, config)
         self.sizes: DerivedSizes = derive_sizes(config.grpo, self.accelerator.num_processes)
         self.policy = policy
         # saved with every checkpoint's and the final policy: inference then runs as trained unless told otherwise
@@ -310,6 +331,7 @@ class GRPOTrainer:
         if config.logging.push_to_hub:
             check_hub_token()
         accelerator = accelerator or make_accelerator(config)
+        check_sharding(accelerator, config)
         device = accelerator.device
         b = config.backbone
         backbone = load_backbone(b.name_or_path, b.dtype, device, revision=b.revision, variant=b.variant)
@@ -320,6 +342,21 @@ class GRPOTrainer:
                    callbacks=callbacks)
 
     # ------------------------------------------------------------------------------------------------ rollout
+    @contextlib.contextmanager
+    def _whole_policy(self) -> Iterator[None]:
+        """Under FSDP2 the policy's full weights on every process, which then sample independently (every process
+        enters: :func:`~promptloop.rl.sharding.whole_parameters`). Otherwise nothing."""
+        if not is_fully_sharded(self.model):
+            yield
+            return
+        plugin = self.accelerator.state.fsdp_plugin
+        with whole_parameters(self.model, bool(getattr(plugin, "reshard_after_forward", True))):
+            self.policy.synced_gpus = False  # no collectives left in a forward: no lockstep decoding
+            try:
+                yield
+            finally:
+                self.policy.synced_gpus = None
+
     def answer_engine(self) -> Optional[VLLMPromptPolicy]:
         """The vLLM engine serving the adapter's current weights (``grpo.rollout_backend: vllm``), else None.
 
@@ -394,7 +431,7 @@ class GRPOTrainer:
         if engine is not None:
             times["adapter_handover"] = time.perf_counter() - t0
         chunk = self.config.backbone.rollout_batch_size
-        with AsyncRewardWorker(self.reward, timeout=self.config.reward.timeout_s) as worker:
+        with AsyncRewardWorker(self.reward, timeout=self.config.reward.timeout_s) as worker, self._whole_policy():
             for start in range(0, len(expanded), chunk):
                 stop = min(start + chunk, len(expanded))
                 recorder = _ActionRecorder(self.policy, start, generator, engine)
@@ -608,12 +645,14 @@ class GRPOTrainer:
         """Adapter (safetensors, loadable as a policy), optimizer, LR schedule, RNG, step and data position."""
         path = None
         log = self.config.logging
+        # gathered by every process under FSDP2
+        adapter, optimizer = full_adapter_state(self.model), optimizer_state(self.model, self.optimizer.optimizer)
         if self.accelerator.is_main_process:
             card = self._model_card()
 
             def write(tmp: Path) -> None:
-                self.policy.save_pretrained(tmp / "policy", model_card=card)
-                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+                self.policy.save_pretrained(tmp / "policy", model_card=card, adapter_state=adapter)
+                torch.save(optimizer, tmp / "optimizer.pt")
                 torch.save(self.lr_scheduler.state_dict(), tmp / "scheduler.pt")
                 torch.save(rng_state(), tmp / "rng.pt")
 
@@ -653,8 +692,11 @@ class GRPOTrainer:
         checkpoint = resume_checkpoint(self.run_dir, checkpoint or True)
         meta = read_meta(checkpoint)
         weights = load_file(str(checkpoint / "policy" / "adapter_model.safetensors"))
-        set_peft_model_state_dict(self.policy.model, weights)
-        self.optimizer.load_state_dict(load_tensors(checkpoint / "optimizer.pt"))
+        if is_fully_sharded(self.model):
+            load_adapter_state(self.model, weights, self.policy.model.active_adapter)
+        else:
+            set_peft_model_state_dict(self.policy.model, weights)
+        load_optimizer_state(self.model, self.optimizer.optimizer, load_tensors(checkpoint / "optimizer.pt"))
         self.lr_scheduler.load_state_dict(load_tensors(checkpoint / "scheduler.pt"))
         set_rng_state(load_tensors(checkpoint / "rng.pt"))
         self.step = int(meta["step"])
@@ -692,9 +734,11 @@ class GRPOTrainer:
         completes."""
         repo_id = self.config.logging.hub_model_id
         upload_error = None
+        adapter = full_adapter_state(self.model)  # gathered by every process under FSDP2
         if self.accelerator.is_main_process:
             card = self._model_card()
-            write_folder_atomically(self.policy_dir, lambda tmp: self.policy.save_pretrained(tmp, model_card=card))
+            write_folder_atomically(self.policy_dir, lambda tmp: self.policy.save_pretrained(
+                tmp, model_card=card, adapter_state=adapter))
             if self.config.logging.push_to_hub and self._pushed_step != self.step:  # not already by a checkpoint
                 try:
                     self._push(self.policy_dir)
@@ -777,11 +821,12 @@ class GRPOTrainer:
         mine = list(range(self.accelerator.process_index, len(self.eval_queries), self.accelerator.num_processes))
         chunk = self.config.backbone.rollout_batch_size
         scores: list[float] = []
-        for start in range(0, len(mine), chunk):
-            seeds = mine[start:start + chunk]
-            queries = [self.eval_queries[i] for i in seeds]
-            out = self._rollout_chunk(queries, seeds, self._settings(), schedule, refine)
-            scores += self.reward(out.pil(), queries, reward_metadata(out.trajectories)).scores.tolist()
+        with self._whole_policy():  # the processes' shares may take different numbers of batches
+            for start in range(0, len(mine), chunk):
+                seeds = mine[start:start + chunk]
+                queries = [self.eval_queries[i] for i in seeds]
+                out = self._rollout_chunk(queries, seeds, self._settings(), schedule, refine)
+                scores += self.reward(out.pil(), queries, reward_metadata(out.trajectories)).scores.tolist()
         if self.accelerator.num_processes > 1:
             from accelerate.utils import gather_object
 

@@ -34,7 +34,8 @@ if mode == "fsdp":
 
     accelerate.state.AcceleratorState.__init__ = init_with_fsdp2
 
-config = tiny_config(out / "run", vlm_dir, max_steps=max_steps, prompts_per_step=2, group_size=4, micro_batch_size=4)
+config = tiny_config(out / "run", vlm_dir, max_steps=max_steps, prompts_per_step=2, group_size=4, micro_batch_size=4,
+                     beta=0.04)  # the reference policy (adapter off) runs too
 # rollouts in chunks of 2; 5 held-out queries: the processes evaluate 3 and 2, in 2 and 1 chunks
 config.backbone.rollout_batch_size, config.logging.eval_every = 2, 3
 torch.manual_seed(config.grpo.seed)

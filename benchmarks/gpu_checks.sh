@@ -14,7 +14,7 @@
 #             sampling, closed loop and a-priori at N_R = 5, 3, 1 (most wanted first; JSON after every case)
 #   decode    issue 8: where the policy's decode time goes, dynamic vs static KV cache (benchmarks/policy_decode.py)
 #   fsdp      issue 5: the same training for 3 steps under `accelerate launch` with configs/accelerate/fsdp.yaml
-#             on one process (DeepSpeed is not installed there and is not carried: its wheels need a build)
+#             on one process
 #   vllm      issue 8: the overhead setting with the policy served by vLLM (closed loop and a-priori), then the
 #             train step with grpo.rollout_backend vllm; runs only where the GPU machine already has vllm (its
 #             239 MB wheel is over the 64 MiB carry limit)

@@ -144,10 +144,17 @@ def make_accelerator(config: TrainConfig):
 
 
 def check_sharding(accelerator, config: TrainConfig) -> None:
-    """FSDP runs as FSDP2 (``fully_shard``, :mod:`promptloop.rl.sharding`), without vLLM rollouts; anything else
-    is refused before any model loads."""
+    """FSDP runs as FSDP2 (``fully_shard``, :mod:`promptloop.rl.sharding`), without vLLM rollouts; FSDP1 and
+    DeepSpeed are refused before any model loads."""
     from accelerate.utils import DistributedType
 
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # accelerate's DeepSpeed engine steps the optimizer inside backward at every micro-batch here (no
+        # gradient_accumulation boundary), clips inside the engine and partitions the optimizer state across
+        # processes: the update's NaN skipping, its accumulation and the checkpoints would all be wrong.
+        raise ValueError("The trainer does not run under DeepSpeed. Shard the policy with FSDP2 "
+                         "(configs/accelerate/fsdp.yaml, ZeRO-3's sharding) or replicate it with DDP "
+                         "(configs/accelerate/ddp.yaml).")
     if accelerator.distributed_type != DistributedType.FSDP:
         return
     if not accelerator.is_fsdp2:
@@ -550,7 +557,7 @@ class GRPOTrainer:
                         self.accelerator.backward(out.loss)
                     stats.add(out.metrics, mask, entropy)
                     step_loss += float(out.loss.detach())
-                # Decided together before clipping: under FSDP/ZeRO clipping is a collective every process joins.
+                # Decided together before clipping: under FSDP clipping is a collective every process joins.
                 finite = not self._any_process(not finite)
                 grad_norm = None
                 if finite and g.max_grad_norm > 0:

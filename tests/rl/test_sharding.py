@@ -18,13 +18,15 @@ def _config(**grpo):
     return SimpleNamespace(grpo=GRPOSection(**grpo))
 
 
-def test_fsdp1_and_vllm_under_fsdp_are_refused_with_the_fix():
+def test_fsdp1_deepspeed_and_vllm_under_fsdp_are_refused_with_the_fix():
     check_sharding(_accelerator(DistributedType.FSDP), _config())
     check_sharding(_accelerator(DistributedType.MULTI_GPU, fsdp2=False), _config(rollout_backend="vllm"))
     with pytest.raises(ValueError, match="fsdp_version: 2"):
         check_sharding(_accelerator(DistributedType.FSDP, fsdp2=False), _config())
     with pytest.raises(ValueError, match="rollout_backend='vllm' runs in one process without FSDP"):
         check_sharding(_accelerator(DistributedType.FSDP), _config(rollout_backend="vllm"))
+    with pytest.raises(ValueError, match="does not run under DeepSpeed.*configs/accelerate/fsdp.yaml"):
+        check_sharding(_accelerator(DistributedType.DEEPSPEED, fsdp2=False), _config())
 
 
 class _LoraLinear(torch.nn.Module):

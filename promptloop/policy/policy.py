@@ -114,8 +114,8 @@ class PromptPolicy(PromptWriter):
         super().__init__(processor, config)
         self.model = model
         self.synced_gpus: Optional[bool] = None
-        """``generate``'s ``synced_gpus``: None lets transformers decide (processes decode in lockstep when the model
-        is sharded by FSDP or ZeRO-3); the trainer sets False while every process holds the whole policy."""
+        """``generate``'s ``synced_gpus`` (None: transformers' default, lockstep decoding for a model it knows to be
+        sharded); the trainer sets False while every process holds the whole policy under FSDP2."""
         tokenizer = processor.tokenizer
         tokenizer.padding_side = "left"
         base = self.base_model

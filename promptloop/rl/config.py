@@ -125,7 +125,8 @@ class GRPOSection:
     old_logprobs: Literal["auto", "sampling", "recompute"] = _help(
         "Old-policy log-probs in the ratio: those recorded while sampling ('sampling'; exact in fp32), or recomputed "
         "by a forward shaped like the training micro-batch ('recompute'; needed in bf16, where generation and a full "
-        "forward differ by ~1e-3). 'auto' recomputes unless the policy runs in float32.", default="auto")
+        "forward differ by ~1e-3). 'auto' recomputes unless the policy runs in float32 without mixed precision.",
+        default="auto")
     ratio_tolerance: float = _help("Largest |ratio - 1| allowed on the first, on-policy micro-batch; above it "
                                    "training stops with an error (log-prob mismatch).", default=1e-3)
     nonfinite_rollout_limit: int = _help(

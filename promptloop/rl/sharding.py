@@ -28,27 +28,47 @@ def is_fully_sharded(model: torch.nn.Module) -> bool:
     return bool(_fsdp_modules(model))
 
 
+_WHOLE: set[int] = set()
+"""ids of the models inside :func:`whole_parameters` (an inner call is a no-op)."""
+
+
 @contextlib.contextmanager
-def whole_parameters(model: torch.nn.Module, reshard_after_forward: bool = True) -> Iterator[None]:
-    """Inside, every parameter of ``model`` is whole on this process (plain tensors: forwards gather nothing and
-    ``state_dict`` reads full weights). A collective: every process enters it together. Writes to the parameters
-    inside are not kept. ``reshard_after_forward``: the FSDP setting restored on exit."""
+def whole_parameters(model: torch.nn.Module) -> Iterator[None]:
+    """Inside, every parameter of ``model`` is whole on this process (plain tensors: forwards gather nothing). A
+    collective: every process enters it together. Writes to the parameters inside are not kept. Each FSDP module's
+    own resharding after forward (accelerate sets it per module) is restored on exit; nested calls are no-ops."""
     modules = _fsdp_modules(model)
-    if not modules:
+    if not modules or id(model) in _WHOLE:
         yield
         return
     # The root must be initialised first: the forwards of ``generate`` start below it, and the first FSDP module
-    # to run forward would otherwise take itself for the root (no public call does this).
+    # to run forward would otherwise take itself for the root. Neither this nor reading a module's resharding
+    # setting has a public call.
     modules[0]._get_fsdp_state()._lazy_init()
+    saved = []
     for module in modules:
+        state = module._get_fsdp_state()
+        saved.append((state, state._auto_reshard_after_forward,
+                      [(group, group.post_forward_mesh_info) for group in state._fsdp_param_groups]))
         module.set_reshard_after_forward(False, recurse=False)
         module.unshard()
+    _WHOLE.add(id(model))
     try:
         yield
     finally:
+        _WHOLE.discard(id(model))
         for module in modules:
             module.reshard()
-            module.set_reshard_after_forward(reshard_after_forward, recurse=False)
+        for state, auto, groups in saved:
+            state._auto_reshard_after_forward = auto
+            for group, mesh_info in groups:
+                group.post_forward_mesh_info = mesh_info
+
+
+def reshard_settings(model: torch.nn.Module) -> list[bool]:
+    """Per FSDP parameter group of ``model``: whether it reshards after forward (for tests and debugging)."""
+    return [group.post_forward_mesh_info is not None for module in _fsdp_modules(model)
+            for group in module._get_fsdp_state()._fsdp_param_groups]
 
 
 def full_adapter_state(model: torch.nn.Module) -> Optional[dict[str, torch.Tensor]]:
@@ -90,9 +110,11 @@ def load_adapter_state(model: torch.nn.Module, weights: dict[str, torch.Tensor],
 
 
 def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """The optimizer's state to save: for a sharded ``model`` the full state keyed by parameter names, on CPU
-    (a collective: every process calls it); otherwise ``optimizer.state_dict()``."""
-    if not is_fully_sharded(model):
+    """The optimizer's state to save: for a sharded ``model`` that has taken a step, the full state keyed by
+    parameter names, on CPU, on the main process (a collective: every process calls it); otherwise
+    ``optimizer.state_dict()`` (keyed by position, as without FSDP)."""
+    # torch's full-state gather would first run a zero-gradient step on an optimizer without state
+    if not is_fully_sharded(model) or not optimizer.state:
         return optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
@@ -101,10 +123,24 @@ def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) ->
 
 
 def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """Restore what :func:`optimizer_state` returned (every process passes the full state it read)."""
+    """Restore what :func:`optimizer_state` returned, by this run or by one with another sharding (every process
+    passes the full state it read)."""
     if not is_fully_sharded(model):
-        optimizer.load_state_dict(state)
+        optimizer.load_state_dict(state)  # maps either keying through param_groups
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(model, optimizer, _keyed_by_name(model, optimizer, state),
+                             options=StateDictOptions(full_state_dict=True))
+
+
+def _keyed_by_name(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> dict[str, Any]:
+    """A state keyed by position (``optimizer.state_dict()``) keyed by parameter names instead."""
+    if all(isinstance(p, str) for group in state["param_groups"] for p in group["params"]):
+        return state
+    name_of = {id(p): name for name, p in model.named_parameters()}
+    names = {}
+    for saved, live in zip(state["param_groups"], optimizer.param_groups):
+        names.update({index: name_of[id(p)] for index, p in zip(saved["params"], live["params"])})
+    return {"state": {names[index]: value for index, value in state["state"].items()},
+            "param_groups": [dict(group, params=[names[i] for i in group["params"]]) for group in state["param_groups"]]}

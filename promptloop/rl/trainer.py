@@ -315,6 +315,9 @@ class GRPOTrainer:
         self.model, self.optimizer = self.accelerator.prepare(policy.model, optimizer)
         self.policy.model = self.accelerator.unwrap_model(self.model)
         self._ratio_checked = False
+        self._ratio_failure: Optional[str] = None
+        self._ratio_settled = False
+        """Every process has passed its on-policy ratio check (the same on every process)."""
         self._nonfinite_rollouts = 0
         """Consecutive steps skipped because a rollout produced NaN/inf latents."""
         self._engine: Optional[VLLMPromptPolicy] = None
@@ -356,8 +359,7 @@ class GRPOTrainer:
         if not is_fully_sharded(self.model):
             yield
             return
-        plugin = self.accelerator.state.fsdp_plugin
-        with whole_parameters(self.model, bool(getattr(plugin, "reshard_after_forward", True))):
+        with whole_parameters(self.model):
             self.policy.synced_gpus = False  # no collectives left in a forward: no lockstep decoding
             try:
                 yield
@@ -438,19 +440,21 @@ class GRPOTrainer:
         if engine is not None:
             times["adapter_handover"] = time.perf_counter() - t0
         chunk = self.config.backbone.rollout_batch_size
-        with AsyncRewardWorker(self.reward, timeout=self.config.reward.timeout_s) as worker, self._whole_policy():
-            for start in range(0, len(expanded), chunk):
-                stop = min(start + chunk, len(expanded))
-                recorder = _ActionRecorder(self.policy, start, generator, engine)
-                t0 = time.perf_counter()
-                out = self._rollout_chunk(expanded[start:stop], seeds[start:stop], settings, schedules[start:stop],
-                                          recorder)
-                times["rollout"] += time.perf_counter() - t0
-                pil = out.pil()
-                jobs.append((stop - start, worker.submit(pil, expanded[start:stop], reward_metadata(out.trajectories))))
-                trajectories += out.trajectories
-                images += pil
-                actions += recorder.actions
+        with AsyncRewardWorker(self.reward, timeout=self.config.reward.timeout_s) as worker:
+            with self._whole_policy():
+                for start in range(0, len(expanded), chunk):
+                    stop = min(start + chunk, len(expanded))
+                    recorder = _ActionRecorder(self.policy, start, generator, engine)
+                    t0 = time.perf_counter()
+                    out = self._rollout_chunk(expanded[start:stop], seeds[start:stop], settings,
+                                              schedules[start:stop], recorder)
+                    times["rollout"] += time.perf_counter() - t0
+                    pil = out.pil()
+                    jobs.append((stop - start, worker.submit(pil, expanded[start:stop],
+                                                             reward_metadata(out.trajectories))))
+                    trajectories += out.trajectories
+                    images += pil
+                    actions += recorder.actions
             t0 = time.perf_counter()
             scores, details, failures = [], [], 0
             for n, job in jobs:
@@ -478,8 +482,8 @@ class GRPOTrainer:
 
     def _recompute_old_logps(self) -> bool:
         mode = self.config.grpo.old_logprobs
-        if mode == "auto":
-            return self.policy.base_model.dtype != torch.float32
+        if mode == "auto":  # bf16/fp16 weights, or accelerate's autocast in the training forwards only
+            return self.policy.base_model.dtype != torch.float32 or self.accelerator.mixed_precision != "no"
         return mode == "recompute"
 
     @torch.no_grad()
@@ -557,6 +561,7 @@ class GRPOTrainer:
                         self.accelerator.backward(out.loss)
                     stats.add(out.metrics, mask, entropy)
                     step_loss += float(out.loss.detach())
+                self._settle_ratio_check()
                 # Decided together before clipping: under FSDP clipping is a collective every process joins.
                 finite = not self._any_process(not finite)
                 grad_norm = None
@@ -619,11 +624,21 @@ class GRPOTrainer:
             self._ratio_checked = False  # check again on the next, hopefully finite, micro-batch
             return  # the NaN/inf log-probs themselves skip this optimizer step in update()
         if deviation > self.config.grpo.ratio_tolerance:
-            raise RatioCheckError(
+            self._ratio_failure = (
                 f"step {self.step}: on the first on-policy micro-batch max |ratio - 1| = {deviation:.3g} exceeds "
                 f"grpo.ratio_tolerance={self.config.grpo.ratio_tolerance}. Training and sampling log-probs disagree "
                 "(dtype, dropout or padding differences); use fp32 log-probs and lora_dropout=0, or raise the "
                 "tolerance knowingly.")
+
+    def _settle_ratio_check(self) -> None:
+        """Before each optimizer step until every process has checked its ratio: all processes stop together
+        (:class:`RatioCheckError`) when one failed, before anything is applied."""
+        if self._ratio_settled:
+            return
+        if self._any_process(self._ratio_failure is not None):
+            raise RatioCheckError(self._ratio_failure or "the on-policy ratio check failed on another process; its "
+                                  "error message says why.")
+        self._ratio_settled = not self._any_process(not self._ratio_checked)
 
     # ------------------------------------------------------------------------------------------------- metrics
     def rollout_metrics(self, batch: RolloutBatch) -> dict[str, float]:
@@ -827,13 +842,15 @@ class GRPOTrainer:
         schedule = RefinementSchedule.uniform(g.num_refinements, g.initial_rewrite)
         mine = list(range(self.accelerator.process_index, len(self.eval_queries), self.accelerator.num_processes))
         chunk = self.config.backbone.rollout_batch_size
-        scores: list[float] = []
+        outputs = []
         with self._whole_policy():  # the processes' shares may take different numbers of batches
             for start in range(0, len(mine), chunk):
                 seeds = mine[start:start + chunk]
                 queries = [self.eval_queries[i] for i in seeds]
-                out = self._rollout_chunk(queries, seeds, self._settings(), schedule, refine)
-                scores += self.reward(out.pil(), queries, reward_metadata(out.trajectories)).scores.tolist()
+                outputs.append((queries, self._rollout_chunk(queries, seeds, self._settings(), schedule, refine)))
+        scores: list[float] = []
+        for queries, out in outputs:
+            scores += self.reward(out.pil(), queries, reward_metadata(out.trajectories)).scores.tolist()
         if self.accelerator.num_processes > 1:
             from accelerate.utils import gather_object
 

@@ -15,6 +15,7 @@ from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
 sys.path.insert(0, str(Path(__file__).parent))
 from promptloop.backbones import auto_backbone  # noqa: E402
+from promptloop.rl.sharding import reshard_settings  # noqa: E402
 from promptloop.rl.trainer import GRPOTrainer  # noqa: E402
 from promptloop.testing.tiny_pipelines import tiny_sd_pipeline  # noqa: E402
 from trainer_helpers import QUERIES, LowercaseStartReward, tiny_config, tiny_policy  # noqa: E402
@@ -41,6 +42,9 @@ config.backbone.rollout_batch_size, config.logging.eval_every = 2, 3
 torch.manual_seed(config.grpo.seed)
 trainer = GRPOTrainer(config, tiny_policy(vlm_dir), auto_backbone(tiny_sd_pipeline(seed=0)), LowercaseStartReward(),
                       QUERIES, eval_queries=["Pink moon", "A tall house", "Blue sky", "Old car", "Rain"])
+if mode == "fsdp":  # each FSDP module's resharding after forward, as accelerate set it (root initialised first)
+    trainer.model._get_fsdp_state()._lazy_init()
+reshard_before = reshard_settings(trainer.model)
 history = trainer.train(resume=checkpoint or False)
 rank = trainer.accelerator.process_index
 lora = {name: p for name, p in trainer.model.named_parameters() if p.requires_grad}
@@ -48,8 +52,9 @@ lora = {name: p for name, p in trainer.model.named_parameters() if p.requires_gr
     "distributed_type": str(trainer.accelerator.distributed_type),
     "prepared_class": type(trainer.model).__name__,
     "param_class": type(next(iter(lora.values()))).__name__,
-    "local_numel": sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in lora.values()),
-    "numel": sum(p.numel() for p in lora.values()),
+    "halves": [p.to_local().numel() * 2 == p.numel() for p in lora.values() if hasattr(p, "to_local")],
+    "reshard_before": reshard_before,
+    "reshard_after": reshard_settings(trainer.model),
     "steps": trainer.step,
     "reward_means": [h["reward/mean"] for h in history],
     "eval": [h.get("eval/reward_mean") for h in history],

@@ -176,3 +176,26 @@ def test_a_gemma3_policy_trains_with_exact_on_policy_log_probs(tmp_path):
     assert history[0]["reward/std"] > 0, "the rewards must differ for the update to move the adapter"
     assert (tmp_path / "run" / "policy" / "adapter_model.safetensors").is_file()
     assert tokenizer.bos_token_id == 2 and trainer.policy.family.token_types_key == "token_type_ids"
+
+
+def test_a_log_prob_mismatch_stops_training_before_anything_is_applied(tmp_path, vlm_dir):
+    """Sampling log-probs that the training forward does not reproduce (here shifted by 0.01): the on-policy ratio
+    check stops the first update with RatioCheckError, and the adapter is unchanged."""
+    from promptloop.rl.trainer import RatioCheckError
+
+    trainer = tiny_trainer(tmp_path / "run", vlm_dir, max_steps=2)
+    trainer.config.grpo.old_logprobs = "sampling"
+    collect = trainer.collect
+
+    def shifted(queries, step):
+        batch = collect(queries, step)
+        for action in batch.actions:
+            action.sampling_logps = action.sampling_logps + 0.01
+        return batch
+
+    trainer.collect = shifted
+    before = adapter_state(trainer)
+    with pytest.raises(RatioCheckError, match=r"max \|ratio - 1\| = 0.00995 exceeds grpo.ratio_tolerance=0.001"):
+        trainer.train()
+    after = adapter_state(trainer)
+    assert all(torch.equal(after[k], before[k]) for k in before)

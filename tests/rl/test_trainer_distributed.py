@@ -74,18 +74,24 @@ def _max_difference(a: dict, b: dict) -> float:
 
 def test_fsdp2_shards_the_policy_trains_as_ddp_and_resumes_exactly(tmp_path):
     """Under FSDP2 (accelerate's plugin, torch's fully_shard on two gloo processes) each process holds half of every
-    LoRA tensor; rollouts, the update, evaluation with unequal shares, checkpoints and a resume give DDP's results."""
+    LoRA tensor; rollouts, the update with the KL reference, evaluation with unequal shares, checkpoints and resumes
+    (from its own checkpoint, from DDP's, and DDP from its) give DDP's results."""
     vlm_dir = save_tiny_vlm(tmp_path / "vlm", "qwen2_5_vl")
-    _launch_two_processes("sharded_train.py", str(tmp_path / "ddp"), str(vlm_dir), "ddp", "3")
-    _launch_two_processes("sharded_train.py", str(tmp_path / "fsdp"), str(vlm_dir), "fsdp", "3")
-    step2 = tmp_path / "fsdp" / "run" / "checkpoints" / "step-00000002"
-    _launch_two_processes("sharded_train.py", str(tmp_path / "resumed"), str(vlm_dir), "fsdp", "3", str(step2))
-    runs = {name: [json.loads((tmp_path / name / f"rank{r}.json").read_text()) for r in (0, 1)]
-            for name in ("ddp", "fsdp", "resumed")}
-    for rank in runs["fsdp"] + runs["resumed"]:
-        assert rank["distributed_type"] == "DistributedType.FSDP" and rank["param_class"] == "DTensor"
-        assert rank["local_numel"] * 2 == rank["numel"]  # sharded: each process holds half
-    assert all(r["prepared_class"] == "DistributedDataParallel" for r in runs["ddp"])
+
+    def train(name, mode, resume_from=None):
+        checkpoint = [str(tmp_path / resume_from / "run" / "checkpoints" / "step-00000002")] if resume_from else []
+        _launch_two_processes("sharded_train.py", str(tmp_path / name), str(vlm_dir), mode, "3", *checkpoint)
+        return [json.loads((tmp_path / name / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+    runs = {"ddp": train("ddp", "ddp"), "fsdp": train("fsdp", "fsdp"), "resumed": train("resumed", "fsdp", "fsdp"),
+            "from_ddp": train("from_ddp", "fsdp", "ddp"), "ddp_from_fsdp": train("ddp_from_fsdp", "ddp", "fsdp")}
+    for name in ("fsdp", "resumed", "from_ddp"):
+        for rank in runs[name]:
+            assert rank["distributed_type"] == "DistributedType.FSDP" and rank["param_class"] == "DTensor"
+            assert rank["halves"] and all(rank["halves"])  # each process holds half of every LoRA tensor
+            # gathering the policy for sampling restores each module's own setting (accelerate's are mixed)
+            assert rank["reshard_after"] == rank["reshard_before"] and len(set(rank["reshard_before"])) == 2
+    assert all(r["prepared_class"] == "DistributedDataParallel" for r in runs["ddp"] + runs["ddp_from_fsdp"])
     ddp, fsdp = runs["ddp"][0], runs["fsdp"][0]
     assert fsdp["steps"] == ddp["steps"] == 3
     assert fsdp["reward_means"] == ddp["reward_means"] and fsdp["eval"] == ddp["eval"]
@@ -96,6 +102,7 @@ def test_fsdp2_shards_the_policy_trains_as_ddp_and_resumes_exactly(tmp_path):
                                _adapter(tmp_path / "ddp" / "run" / folder)) <= 1e-6
     final = _adapter(tmp_path / "fsdp" / "run" / "policy")
     assert any(float(v.abs().max()) > 0 for k, v in final.items() if "lora_B" in k)  # B starts at zero: it moved
-    # resumed from step 2 (sharded adapter and optimizer state restored): step 3 as in the uninterrupted run
-    assert runs["resumed"][0]["reward_means"] == fsdp["reward_means"][2:]
-    assert _max_difference(_adapter(tmp_path / "resumed" / "run" / "policy"), final) <= 1e-6
+    # resumed from step 2 (adapter and optimizer state restored, sharded or not): step 3 as in the uninterrupted run
+    for name in ("resumed", "from_ddp", "ddp_from_fsdp"):
+        assert runs[name][0]["reward_means"] == fsdp["reward_means"][2:], name
+        assert _max_difference(_adapter(tmp_path / name / "run" / "policy"), final) <= 1e-6, name

@@ -142,5 +142,5 @@ def _keyed_by_name(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sta
     names = {}
     for saved, live in zip(state["param_groups"], optimizer.param_groups):
         names.update({index: name_of[id(p)] for index, p in zip(saved["params"], live["params"])})
-    return {"state": {names[index]: value for index, value in state["state"].items()},
-            "param_groups": [dict(group, params=[names[i] for i in group["params"]]) for group in state["param_groups"]]}
+    groups = [dict(group, params=[names[i] for i in group["params"]]) for group in state["param_groups"]]
+    return {"state": {names[index]: value for index, value in state["state"].items()}, "param_groups": groups}

@@ -1,5 +1,6 @@
 """Run by tests/rl/test_trainer_distributed.py under `accelerate launch --multi_gpu --num_processes 2` on a CPU:
-`sharded_train.py OUT VLM_DIR ddp|fsdp MAX_STEPS [CHECKPOINT]` trains the tiny policy (resuming from CHECKPOINT).
+`sharded_train.py OUT VLM_DIR ddp|fsdp[+gc] MAX_STEPS [CHECKPOINT]` trains the tiny policy (+gc: with gradient
+checkpointing; resuming from CHECKPOINT).
 
 accelerate turns FSDP on for GPU process types only; with `fsdp` this script puts accelerate's FSDP2 plugin on the
 gloo processes (as `fsdp_version: 2` would on GPUs), so `accelerator.prepare` shards the policy with torch's
@@ -20,7 +21,8 @@ from promptloop.rl.trainer import GRPOTrainer  # noqa: E402
 from promptloop.testing.tiny_pipelines import tiny_sd_pipeline  # noqa: E402
 from trainer_helpers import QUERIES, LowercaseStartReward, tiny_config, tiny_policy  # noqa: E402
 
-out, vlm_dir, mode, max_steps = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+out, vlm_dir, max_steps = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[4])
+mode, _, option = sys.argv[3].partition("+")
 checkpoint = Path(sys.argv[5]) if len(sys.argv) > 5 else None
 
 if mode == "fsdp":
@@ -40,7 +42,7 @@ config = tiny_config(out / "run", vlm_dir, max_steps=max_steps, prompts_per_step
 # rollouts in chunks of 2; 5 held-out queries: the processes evaluate 3 and 2, in 2 and 1 chunks
 config.backbone.rollout_batch_size, config.logging.eval_every = 2, 3
 torch.manual_seed(config.grpo.seed)
-trainer = GRPOTrainer(config, tiny_policy(vlm_dir), auto_backbone(tiny_sd_pipeline(seed=0)), LowercaseStartReward(),
+trainer = GRPOTrainer(config, tiny_policy(vlm_dir, gradient_checkpointing=option == "gc"), auto_backbone(tiny_sd_pipeline(seed=0)), LowercaseStartReward(),
                       QUERIES, eval_queries=["Pink moon", "A tall house", "Blue sky", "Old car", "Rain"])
 if mode == "fsdp":  # each FSDP module's resharding after forward, as accelerate set it (root initialised first)
     trainer.model._get_fsdp_state()._lazy_init()

@@ -16,12 +16,13 @@ from safetensors.torch import load_file
 from promptloop.testing.tiny_vlm import save_tiny_vlm
 
 
-def _launch_two_processes(script: str, *args: str) -> None:
+def _launch_two_processes(script: str, *args: str, mixed_precision: str = "no") -> None:
     launcher = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
     assert launcher, "accelerate's launcher is a dependency of promptloop"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
     result = subprocess.run(
-        [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+        [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+         mixed_precision,
          "--dynamo_backend", "no", str(Path(__file__).with_name(script)), *args],
         env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -75,17 +76,21 @@ def _max_difference(a: dict, b: dict) -> float:
 def test_fsdp2_shards_the_policy_trains_as_ddp_and_resumes_exactly(tmp_path):
     """Under FSDP2 (accelerate's plugin, torch's fully_shard on two gloo processes) each process holds half of every
     LoRA tensor; rollouts, the update with the KL reference, evaluation with unequal shares, checkpoints and resumes
-    (from its own checkpoint, from DDP's, and DDP from its) give DDP's results."""
+    (from its own checkpoint with gradient checkpointing on, from DDP's, and DDP from its) give DDP's results; bf16
+    mixed precision trains with the on-policy check passing."""
     vlm_dir = save_tiny_vlm(tmp_path / "vlm", "qwen2_5_vl")
 
-    def train(name, mode, resume_from=None):
+    def train(name, mode, resume_from=None, mixed_precision="no"):
         checkpoint = [str(tmp_path / resume_from / "run" / "checkpoints" / "step-00000002")] if resume_from else []
-        _launch_two_processes("sharded_train.py", str(tmp_path / name), str(vlm_dir), mode, "3", *checkpoint)
+        _launch_two_processes("sharded_train.py", str(tmp_path / name), str(vlm_dir), mode, "3", *checkpoint,
+                              mixed_precision=mixed_precision)
         return [json.loads((tmp_path / name / f"rank{r}.json").read_text()) for r in (0, 1)]
 
-    runs = {"ddp": train("ddp", "ddp"), "fsdp": train("fsdp", "fsdp"), "resumed": train("resumed", "fsdp", "fsdp"),
-            "from_ddp": train("from_ddp", "fsdp", "ddp"), "ddp_from_fsdp": train("ddp_from_fsdp", "ddp", "fsdp")}
-    for name in ("fsdp", "resumed", "from_ddp"):
+    # "resumed" also recomputes activations in the backward (gradient checkpointing): the same numbers in fp32
+    runs = {"ddp": train("ddp", "ddp"), "fsdp": train("fsdp", "fsdp"), "resumed": train("resumed", "fsdp+gc", "fsdp"),
+            "from_ddp": train("from_ddp", "fsdp", "ddp"), "ddp_from_fsdp": train("ddp_from_fsdp", "ddp", "fsdp"),
+            "bf16": train("bf16", "fsdp", mixed_precision="bf16")}
+    for name in ("fsdp", "resumed", "from_ddp", "bf16"):
         for rank in runs[name]:
             assert rank["distributed_type"] == "DistributedType.FSDP" and rank["param_class"] == "DTensor"
             assert rank["halves"] and all(rank["halves"])  # each process holds half of every LoRA tensor
@@ -106,3 +111,7 @@ def test_fsdp2_shards_the_policy_trains_as_ddp_and_resumes_exactly(tmp_path):
     for name in ("resumed", "from_ddp", "ddp_from_fsdp"):
         assert runs[name][0]["reward_means"] == fsdp["reward_means"][2:], name
         assert _max_difference(_adapter(tmp_path / name / "run" / "policy"), final) <= 1e-6, name
+    # bf16 mixed precision (FSDP2's MixedPrecisionPolicy, autocast): old log-probs recomputed, the ratio check passes
+    bf16_steps = [json.loads(line) for line in (tmp_path / "bf16" / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert runs["bf16"][0]["steps"] == 3 and all("policy/sampling_logprob_gap" in m for m in bf16_steps)
+    assert bf16_steps[0]["losses/on_policy_ratio_deviation"] <= 1e-3

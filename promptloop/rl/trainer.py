@@ -842,15 +842,16 @@ class GRPOTrainer:
         schedule = RefinementSchedule.uniform(g.num_refinements, g.initial_rewrite)
         mine = list(range(self.accelerator.process_index, len(self.eval_queries), self.accelerator.num_processes))
         chunk = self.config.backbone.rollout_batch_size
-        outputs = []
+        samples = []  # scored after sampling: the reward model does not run while the policy is gathered
         with self._whole_policy():  # the processes' shares may take different numbers of batches
             for start in range(0, len(mine), chunk):
                 seeds = mine[start:start + chunk]
                 queries = [self.eval_queries[i] for i in seeds]
-                outputs.append((queries, self._rollout_chunk(queries, seeds, self._settings(), schedule, refine)))
+                out = self._rollout_chunk(queries, seeds, self._settings(), schedule, refine)
+                samples.append((out.pil(), queries, reward_metadata(out.trajectories)))
         scores: list[float] = []
-        for queries, out in outputs:
-            scores += self.reward(out.pil(), queries, reward_metadata(out.trajectories)).scores.tolist()
+        for images, queries, metadata in samples:
+            scores += self.reward(images, queries, metadata).scores.tolist()
         if self.accelerator.num_processes > 1:
             from accelerate.utils import gather_object
 

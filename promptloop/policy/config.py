@@ -14,7 +14,8 @@ CACHE_IMPLEMENTATIONS = (None, "static")
 POLICY_CONFIG_NAME = "policy_config.json"
 """The file a saved policy's :class:`PolicyConfig` is written to; a folder or hub repo holding it is a saved policy."""
 
-DEFAULT_LORA_TARGET_MODULES = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+DEFAULT_LORA_TARGET_MODULES = (r".*(language_model|text_model).*\."
+                               r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")
 """LoRA on every attention and MLP projection of the language model; the vision tower stays frozen."""
 
 

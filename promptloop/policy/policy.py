@@ -383,9 +383,10 @@ class PromptPolicy(PromptWriter):
     def _split_samples(
         self, encoding: dict, images_per_sample: list[int], completion_ids: torch.Tensor, completion_mask: torch.Tensor
     ) -> list[PolicySample]:
-        token_types = encoding[self.family.token_types_key]
+        key = self.family.token_types_key
+        token_types = encoding[key] if key else (encoding["input_ids"] == self.base_model.config.image_token_id).long()
         samples = []
-        for row, vision in enumerate(split_image_inputs(encoding, images_per_sample)):
+        for row, vision in enumerate(split_image_inputs(encoding, images_per_sample, self.family.images_by_sample)):
             keep = encoding["attention_mask"][row].bool()
             samples.append(PolicySample(
                 prompt_ids=encoding["input_ids"][row][keep].clone(),
@@ -403,7 +404,8 @@ class PromptPolicy(PromptWriter):
         mode is on (wrap in ``torch.no_grad()`` for old-policy or reference log-probs); LoRA dropout applies only
         in train mode.
         """
-        batch = collate_samples(samples, self.pad_token_id, self.device, self.family.token_types_key)
+        batch = collate_samples(samples, self.pad_token_id, self.device, self.family.token_types_key,
+                                self.family.images_by_sample)
         completion_len = batch.completion_ids.shape[1]
         logits = self.model(
             **batch.model_inputs, use_cache=False, logits_to_keep=completion_len + 1

@@ -1,9 +1,12 @@
-"""Tiny random-weight Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Gemma 3 chat models of the real classes, built offline.
+"""Tiny random-weight Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Gemma 3 and Idefics3 chat models of the real classes, built
+offline.
 
 Qwen-VL: the tokenizer is a byte-level ``Qwen2Tokenizer`` (256 byte symbols, no merges) carrying the special tokens
 of the real Qwen-VL vocabularies; the processor is the stock one (image + video processor, which needs
 torchvision). Gemma 3: a ``GemmaTokenizer`` of byte-fallback tokens with the real special tokens, the stock
-``Gemma3Processor`` at a small fixed image size. The chat templates are the real ones. ``save_tiny_vlm`` writes a
+``Gemma3Processor`` at a small fixed image size. Idefics3 (the SmolVLM architecture): a byte-level BPE tokenizer
+with the real special tokens, the stock ``Idefics3Processor`` splitting each image into crops plus a global view.
+The chat templates are the real ones. ``save_tiny_vlm`` writes a
 checkpoint that ``AutoModelForImageTextToText`` and ``AutoProcessor.from_pretrained`` load back like a hub model.
 """
 from __future__ import annotations
@@ -18,7 +21,7 @@ from transformers import GenerationConfig, PreTrainedModel, ProcessorMixin, Qwen
 from promptloop.testing.tokenizers import byte_symbols
 
 QWEN_VL_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-TINY_VLM_FAMILIES = QWEN_VL_FAMILIES + ("gemma3",)
+TINY_VLM_FAMILIES = QWEN_VL_FAMILIES + ("gemma3", "idefics3")
 
 GEMMA3_SPECIAL_TOKENS = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
                          "image_token": "<image_soft_token>"}
@@ -197,6 +200,65 @@ def _make_tiny_gemma3(hidden_size: int, num_layers: int, seed: int, image_size: 
     return model, processor
 
 
+IDEFICS3_SPECIAL_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>", "<end_of_utterance>", "<fake_token_around_image>",
+                           "<image>", "<global-img>") + tuple(f"<row_{r}_col_{c}>" for r in range(1, 7)
+                                                              for c in range(1, 7))
+"""Special tokens of the real Idefics3 vocabulary: text markers, the image placeholders and the crop-grid tokens."""
+
+
+def make_idefics3_tokenizer() -> Any:
+    """A byte-level BPE tokenizer (256 byte symbols, no merges) with the real Idefics3 special tokens and TRL's copy
+    of the real chat template (which writes ``<|begin_of_text|>``; the tokenizer adds nothing)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    template = _trl_chat_template("idefics3.jinja")
+    if template is None:
+        raise ImportError("The tiny Idefics3 uses TRL's copy of the real chat template: pip install trl.")
+    backend = Tokenizer(models.BPE(vocab={s: i for i, s in enumerate(byte_symbols())}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
+    tokenizer.add_special_tokens({"bos_token": "<|begin_of_text|>", "eos_token": "<end_of_utterance>",
+                                  "pad_token": "<|end_of_text|>",
+                                  "additional_special_tokens": list(IDEFICS3_SPECIAL_TOKENS[1:])})
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+def _make_tiny_idefics3(hidden_size: int, num_layers: int, seed: int, image_size: int,
+                        tie_word_embeddings: bool) -> tuple[PreTrainedModel, ProcessorMixin]:
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessor, \
+        Idefics3Processor
+
+    tokenizer = make_idefics3_tokenizer()
+    ids = tokenizer.convert_tokens_to_ids
+    patch, scale = 14, 2
+    config = Idefics3Config(
+        text_config=dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=hidden_size,
+                         intermediate_size=2 * hidden_size, num_hidden_layers=num_layers, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=4096, pad_token_id=ids("<|end_of_text|>"),
+                         bos_token_id=ids("<|begin_of_text|>"), eos_token_id=ids("<end_of_utterance>"),
+                         tie_word_embeddings=tie_word_embeddings),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=image_size, patch_size=patch),
+        scale_factor=scale, image_token_id=ids("<image>"), tie_word_embeddings=tie_word_embeddings,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Idefics3ForConditionalGeneration(config).eval()
+    model.generation_config = GenerationConfig(eos_token_id=[ids("<end_of_utterance>"), ids("<|end_of_text|>")],
+                                               pad_token_id=ids("<|end_of_text|>"),
+                                               bos_token_id=ids("<|begin_of_text|>"))
+    # Each image: resized to 2 x image_size on its longest edge, split into image_size crops plus a global view.
+    image_processor = Idefics3ImageProcessor(size={"longest_edge": 2 * image_size},
+                                             max_image_size={"longest_edge": image_size})
+    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer,
+                                  chat_template=tokenizer.chat_template,
+                                  image_seq_len=(image_size // patch) ** 2 // scale ** 2)
+    return model, processor
+
+
 def make_tiny_vlm(
     family: str = "qwen2_5_vl", hidden_size: int = 64, num_layers: int = 2, seed: int = 0,
     max_pixels: int = 128 * 128, min_pixels: Optional[int] = None, tokenizer: Optional[Qwen2Tokenizer] = None,
@@ -207,13 +269,18 @@ def make_tiny_vlm(
     Qwen-VL: ``max_pixels`` / ``min_pixels`` bound the image size the processor produces (the real models allow
     ~1M pixels; tiny tests want a handful of vision tokens; default minimum: one merged patch); ``tokenizer``
     defaults to the byte-level one of :func:`make_qwen_vl_tokenizer`. Gemma 3: every image is resized to 56 px (the
-    real 896 px), 4 image tokens (the real 256). ``tie_word_embeddings``: default the real family's (Gemma ties).
+    real 896 px), 4 image tokens (the real 256). Idefics3: images resized to 112 px and split into 2 x 2 crops of
+    56 px plus the whole image, 4 tokens each. ``tie_word_embeddings``: default the real family's (Gemma ties).
     """
     _check_family(family, TINY_VLM_FAMILIES)
     if family == "gemma3":
         if tokenizer is not None:
             raise ValueError("tokenizer= applies to the Qwen-VL families; the tiny Gemma 3 builds its own.")
         return _make_tiny_gemma3(hidden_size, num_layers, seed, 56, tie_word_embeddings is not False)
+    if family == "idefics3":
+        if tokenizer is not None:
+            raise ValueError("tokenizer= applies to the Qwen-VL families; the tiny Idefics3 builds its own.")
+        return _make_tiny_idefics3(hidden_size, num_layers, seed, 56, bool(tie_word_embeddings))
     tie_word_embeddings = bool(tie_word_embeddings)
     from transformers import Qwen2VLImageProcessor
 

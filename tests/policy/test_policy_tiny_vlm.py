@@ -20,9 +20,10 @@ CLASSES = {
     "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor"),
     "qwen3_vl": ("Qwen3VLForConditionalGeneration", "Qwen3VLProcessor"),
     "gemma3": ("Gemma3ForConditionalGeneration", "Gemma3Processor"),
+    "idefics3": ("Idefics3ForConditionalGeneration", "Idefics3Processor"),
 }
 TRL_TEMPLATES = {"qwen2_vl": "qwen2_5_vl.jinja", "qwen2_5_vl": "qwen2_5_vl.jinja", "qwen3_vl": "qwen3_vl.jinja",
-                 "gemma3": "gemma3.jinja"}
+                 "gemma3": "gemma3.jinja", "idefics3": "idefics3.jinja"}
 
 
 @pytest.mark.parametrize("family", TINY_VLM_FAMILIES)
@@ -42,10 +43,15 @@ def test_saved_tiny_vlm_loads_through_the_auto_classes(tiny_vlm_dirs, family):
     if family in QWEN_VL_FAMILIES:
         assert processor.video_processor is not None  # the stock processor, built with torchvision
         assert int(image_tokens.sum()) == int(encoding["image_grid_thw"].prod(-1).sum()) // 4
-    else:
+    elif family == "gemma3":
         assert int(image_tokens.sum()) == model.config.mm_tokens_per_image == processor.image_seq_length
         assert encoding["pixel_values"].shape == (1, 3, 56, 56)  # every image at the model's fixed size
-    assert torch.equal(encoding[VLM_FAMILIES[family].token_types_key].bool(), image_tokens)
+    else:  # resized to 112 px, split into 2 x 2 crops of 56 px plus the whole image at 56 px, 4 tokens each
+        assert encoding["pixel_values"].shape == (1, 5, 3, 56, 56)
+        assert int(image_tokens.sum()) == 5 * processor.image_seq_len == 20
+    key = VLM_FAMILIES[family].token_types_key
+    if key is not None:
+        assert torch.equal(encoding[key].bool(), image_tokens)
     with torch.no_grad():
         logits = model(**encoding).logits
     assert logits.shape[-1] == len(processor.tokenizer)

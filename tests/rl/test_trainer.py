@@ -152,20 +152,25 @@ def test_checkpoints_of_an_earlier_run_are_never_taken_for_this_ones(tmp_path, v
     assert save_checkpoint(run, 4, lambda tmp: None, {}, keep_last=1).is_dir()
 
 
-def test_a_gemma3_policy_trains_with_exact_on_policy_log_probs(tmp_path):
-    """The loop with the second VLM family (fixed-size images, token_type_ids, a tokenizer that adds <bos>):
-    rollouts, training log-probs that reproduce sampling's (ratio 1), an update that moves the adapter."""
+@pytest.mark.parametrize("family", ["gemma3", "idefics3"])
+def test_another_vlm_family_trains_with_exact_on_policy_log_probs(tmp_path, family):
+    """The loop with the other VLM families (Gemma 3: fixed-size images, token_type_ids, a tokenizer that adds
+    <bos>; Idefics3: image crops batched by sample, no token types): rollouts, training log-probs that reproduce
+    sampling's (ratio 1), an update that moves the adapter."""
     from promptloop.testing.tiny_vlm import save_tiny_vlm
 
-    vlm = save_tiny_vlm(tmp_path / "gemma3", "gemma3")
+    vlm = save_tiny_vlm(tmp_path / family, family)
     trainer = tiny_trainer(tmp_path / "run", vlm, max_steps=1, old_logprobs="recompute")
     tokenizer = trainer.policy.processor.tokenizer
-    # Byte-fallback tokens sampled at random rarely form text; a bias toward letters and spaces gives prompts, some
+    # Byte tokens sampled at random rarely form text; a bias toward letters and spaces gives prompts, some
     # lowercase and some not, so that the rewards of a group differ.
     head = trainer.policy.base_model.get_output_embeddings()
     head = getattr(head, "base_layer", head)  # under its LoRA wrapper
     bias = torch.zeros(head.weight.shape[0])
-    bias[tokenizer.convert_tokens_to_ids([f"<0x{b:02X}>" for b in range(0x41, 0x7B)] + ["\u2581"])] = 6.0
+    letters = range(0x41, 0x7B)
+    tokens = ([f"<0x{b:02X}>" for b in letters] + ["\u2581"] if family == "gemma3"  # byte fallback
+              else [chr(b) for b in letters] + ["\u0120"])  # byte-level BPE: letters are themselves, space "Ġ"
+    bias[tokenizer.convert_tokens_to_ids(tokens)] = 6.0
     head.bias = torch.nn.Parameter(bias, requires_grad=False)
     before = adapter_state(trainer)
     history = trainer.train()
@@ -175,7 +180,10 @@ def test_a_gemma3_policy_trains_with_exact_on_policy_log_probs(tmp_path):
     assert any(not torch.equal(before[name], after[name]) for name in before)
     assert history[0]["reward/std"] > 0, "the rewards must differ for the update to move the adapter"
     assert (tmp_path / "run" / "policy" / "adapter_model.safetensors").is_file()
-    assert tokenizer.bos_token_id == 2 and trainer.policy.family.token_types_key == "token_type_ids"
+    if family == "gemma3":
+        assert tokenizer.bos_token_id == 2 and trainer.policy.family.token_types_key == "token_type_ids"
+    else:
+        assert trainer.policy.family.images_by_sample and trainer.policy.family.token_types_key is None
 
 
 def test_a_log_prob_mismatch_stops_training_before_anything_is_applied(tmp_path, vlm_dir):

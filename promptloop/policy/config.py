@@ -118,12 +118,18 @@ class PolicyConfig:
     min_pixels: int = field(
         default=64 * 28 * 28,
         metadata={"help": "Fewest pixels the preview is resized to by the processor (> 0). Qwen-VL only: Gemma 3 "
-                          "resizes every image to its fixed size."},
+                          "and Idefics3 resize every image to their fixed size."},
     )
     max_pixels: int = field(
         default=256 * 28 * 28,
         metadata={"help": "Most pixels the preview is resized to by the processor (>= min_pixels; Qwen-VL only). "
                           "Qwen2.5-VL turns each 28x28 block into one vision token: 256*28*28 is at most 256 tokens."},
+    )
+    image_splitting: bool = field(
+        default=False,
+        metadata={"help": "Idefics3/SmolVLM only: split each preview into crops of the model's image size plus a "
+                          "global view, as its processor does by default (a 256 px preview upscaled to 2048 px: 17 "
+                          "images for SmolVLM). Off: one image at the model's size."},
     )
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow model code from the hub repository (only for trusted repos)."}

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 
 @dataclass(frozen=True)
@@ -20,6 +20,12 @@ class VLMFamily:
     images_by_sample: bool = False
     """The image inputs are batched by sample (``(samples, images, ...)``, padded with all-zero images, which the
     model skips) rather than concatenated over the batch's images."""
+    image_splitting: bool = False
+    """The processor can split each image into crops of the model's size plus a global view
+    (``do_image_splitting``); the policy passes ``PolicyConfig.image_splitting``."""
+    turn_end_token: Optional[str] = None
+    """The token its chat template closes a turn with: an end token even where the checkpoint's generation config
+    leaves it out."""
 
 
 VLM_FAMILIES = {
@@ -27,7 +33,8 @@ VLM_FAMILIES = {
     "qwen2_5_vl": VLMFamily("mm_token_type_ids", pixel_budget=True, has_video=True),
     "qwen3_vl": VLMFamily("mm_token_type_ids", pixel_budget=True, has_video=True),
     "gemma3": VLMFamily("token_type_ids", pixel_budget=False, has_video=False),
-    "idefics3": VLMFamily(None, pixel_budget=False, has_video=False, images_by_sample=True),
+    "idefics3": VLMFamily(None, pixel_budget=False, has_video=False, images_by_sample=True, image_splitting=True,
+                          turn_end_token="<end_of_utterance>"),
 }
 """``model_type`` -> family, for every family the policy runs and is tested on (tiny models of the real classes)."""
 
@@ -42,3 +49,13 @@ def vlm_family(model_type: str, name: str) -> VLMFamily:
                          "log-probs are tested on). Use e.g. Qwen/Qwen2.5-VL-3B-Instruct, Qwen/Qwen3-VL-4B-Instruct"
                          ", google/gemma-3-4b-it or HuggingFaceTB/SmolVLM-256M-Instruct (an idefics3 model).")
     return VLM_FAMILIES[model_type]
+
+
+def image_processor_kwargs(family: VLMFamily, config: Any) -> dict[str, Any]:
+    """What the policy tells the processor about preview images (the same to transformers and vLLM), from a
+    :class:`~promptloop.policy.PolicyConfig`: the pixel budget, or whether to split images into crops."""
+    if family.pixel_budget:
+        return {"size": {"shortest_edge": config.min_pixels, "longest_edge": config.max_pixels}}
+    if family.image_splitting:
+        return {"do_image_splitting": config.image_splitting}
+    return {}

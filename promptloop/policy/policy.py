@@ -21,7 +21,7 @@ from transformers import (
 from promptloop.backbones.types import Observation
 from promptloop.policy.batch import PolicySample, collate_samples, split_image_inputs
 from promptloop.policy.config import LOOP_CONFIG_NAME, PolicyConfig
-from promptloop.policy.families import vlm_family
+from promptloop.policy.families import image_processor_kwargs, vlm_family
 from promptloop.policy.hub import MODEL_CARD_NAME, policy_model_card, push_policy_folder
 from promptloop.policy.writer import (
     ADAPTER_CONFIG_NAME,
@@ -121,7 +121,7 @@ class PromptPolicy(PromptWriter):
         base = self.base_model
         self.family = vlm_family(base.config.model_type, type(base).__name__)
         base_generation = base.generation_config
-        self.eos_token_ids = end_token_ids(base_generation.eos_token_id, tokenizer)
+        self.eos_token_ids = end_token_ids(base_generation.eos_token_id, tokenizer, self.family.turn_end_token)
         pad = base_generation.pad_token_id if base_generation.pad_token_id is not None else tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else self.eos_token_ids[0]
         self.suppressed_token_ids = suppressed_token_ids(
@@ -265,8 +265,7 @@ class PromptPolicy(PromptWriter):
         kwargs: dict[str, Any] = {}
         if any(chat.images for chat in chats):
             kwargs["images"] = [chat.images for chat in chats]
-            if self.family.pixel_budget:
-                kwargs["size"] = self.image_size()
+            kwargs.update(image_processor_kwargs(self.family, self.config))
         encoding = self.processor(text=texts, padding=True, return_tensors="pt", **kwargs)
         return dict(encoding), [len(chat.images) for chat in chats]
 

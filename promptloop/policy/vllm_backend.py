@@ -19,7 +19,7 @@ from transformers import AutoConfig, GenerationConfig, ProcessorMixin
 
 from promptloop.backbones.types import Observation
 from promptloop.policy.config import PolicyConfig
-from promptloop.policy.families import VLMFamily, vlm_family
+from promptloop.policy.families import VLMFamily, image_processor_kwargs, vlm_family
 from promptloop.policy.writer import (
     PromptActions,
     PromptWriter,
@@ -79,14 +79,13 @@ def start_engine(config: PolicyConfig, family: VLMFamily, saved_folder: Optional
     up to ``max_lora_rank``); the tokenizer is the saved policy's (``saved_folder``) or the base model's."""
     vllm = import_vllm()
     limits = {"image": 1, "video": 0} if family.has_video else {"image": 1}  # a chat holds at most one preview
-    sizes = {"size": {"shortest_edge": config.min_pixels, "longest_edge": config.max_pixels}}
     engine_kwargs: dict[str, Any] = dict(
         model=config.model_name_or_path, revision=config.model_revision,
         tokenizer=saved_folder or config.model_name_or_path,
         tokenizer_revision=None if saved_folder else config.model_revision, trust_remote_code=config.trust_remote_code,
         dtype=config.dtype if config.dtype != "auto" else "bfloat16",
         gpu_memory_utilization=gpu_memory_utilization,
-        limit_mm_per_prompt=limits, mm_processor_kwargs=sizes if family.pixel_budget else None,
+        limit_mm_per_prompt=limits, mm_processor_kwargs=image_processor_kwargs(family, config) or None,
     )
     if max_lora_rank is not None:
         engine_kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=vllm_max_lora_rank(max_lora_rank))
@@ -195,7 +194,7 @@ class VLLMPromptPolicy(PromptWriter):
             generation_eos = GenerationConfig.from_pretrained(config.model_name_or_path, **base).eos_token_id
         except OSError:  # the model ships no generation_config.json
             generation_eos = None
-        eos = end_token_ids(generation_eos, processor.tokenizer)
+        eos = end_token_ids(generation_eos, processor.tokenizer, family.turn_end_token)
         suppressed = suppressed_token_ids(
             processor.tokenizer, model_config, model_config.get_text_config().vocab_size, eos
         )

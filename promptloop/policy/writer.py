@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ContextManager, NamedTuple, Optional, Sequence, Union
@@ -117,10 +119,13 @@ def resolve_policy_config(
     return ResolvedPolicy(resolved, folder)
 
 
-def end_token_ids(generation_eos: Union[int, list[int], None], tokenizer: Any) -> list[int]:
-    """The model's end tokens: its generation config's, else the tokenizer's end token."""
+def end_token_ids(generation_eos: Union[int, list[int], None], tokenizer: Any,
+                  turn_end_token: Optional[str] = None) -> list[int]:
+    """The model's end tokens: its generation config's, else the tokenizer's end token; and the token that closes
+    a turn in its chat template (``turn_end_token``), when the vocabulary has it."""
     eos = generation_eos if generation_eos is not None else tokenizer.eos_token_id
-    ids = sorted({eos} if isinstance(eos, int) else set(eos or ()))
+    ids = sorted(({eos} if isinstance(eos, int) else set(eos or ()))
+                 | ({tokenizer.get_vocab()[turn_end_token]} if turn_end_token in tokenizer.get_vocab() else set()))
     if not ids:
         raise ValueError("The model has no end token: set generation_config.eos_token_id or tokenizer.eos_token.")
     return ids
@@ -207,7 +212,7 @@ class PromptWriter(abc.ABC):
             raise ValueError("act() needs at least one observation.")
         mode = self.config.mode
         system_prompt = self.config.system_prompt_for(mode)
-        chats = [build_chat(o, mode, system_prompt) for o in observations]
+        chats = [build_chat(self._without_special_tokens(o), mode, system_prompt) for o in observations]
         texts = [self.processor.apply_chat_template(chat.messages, add_generation_prompt=True, tokenize=False)
                  for chat in chats]
         # Gemma's template writes <bos> and its tokenizer adds one: the processor and vLLM tokenize these texts
@@ -216,6 +221,28 @@ class PromptWriter(abc.ABC):
         if bos and any(text.startswith(bos) for text in texts) and self._tokenizer_adds_bos():
             texts = [text[len(bos):] if text.startswith(bos) else text for text in texts]
         return chats, texts
+
+    @functools.cached_property
+    def _special_tokens(self) -> Optional[re.Pattern]:
+        tokenizer = self.processor.tokenizer
+        specials = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+        specials |= set(tokenizer.all_special_tokens)
+        specials.discard("")
+        return re.compile("|".join(map(re.escape, sorted(specials, key=len, reverse=True)))) if specials else None
+
+    def _without_special_tokens(self, observation: Observation) -> Observation:
+        """``observation`` with the tokenizer's special-token strings removed from its texts: a query or a written
+        prompt holding "<image>" or "<|im_end|>" would otherwise be read as a placeholder (the processor would count
+        an image it does not have) or end a turn."""
+        if self._special_tokens is None:
+            return observation
+
+        def clean(text: str) -> str:
+            cleaned = self._special_tokens.sub(" ", text)
+            return text if cleaned == text else " ".join(cleaned.split())
+
+        return dataclasses.replace(observation, query=clean(observation.query), prompt=clean(observation.prompt),
+                                   history=[clean(h) for h in observation.history])
 
     def _tokenizer_adds_bos(self) -> bool:
         tokenizer = self.processor.tokenizer
@@ -230,11 +257,6 @@ class PromptWriter(abc.ABC):
                              f"{sorted({o.row for o in observations})}: give one seed per row.")
         return self.act(observations, row_seeds=[image_row_seed(seed, image_seeds[o.row], o.refinement_index)
                                                  for o in observations])
-
-    def image_size(self) -> dict[str, int]:
-        """The processor's ``size`` for previews: ``config.min_pixels`` to ``config.max_pixels`` (families with a
-        pixel budget, :attr:`VLMFamily.pixel_budget`)."""
-        return {"shortest_edge": self.config.min_pixels, "longest_edge": self.config.max_pixels}
 
     def fill_prompts(self, actions: PromptActions, observations: Sequence[Observation]) -> None:
         """Sanitize ``actions.texts`` into ``prompts`` / ``kept_previous`` / ``truncated`` (and ``schedules``)."""

@@ -67,7 +67,8 @@ class _ChatOnly(PromptWriter):
 
     def __init__(self, config):
         super().__init__(SimpleNamespace(apply_chat_template=lambda messages, **kw: messages[0]["content"][0]["text"],
-                                         tokenizer=SimpleNamespace(bos_token=None)), config)
+                                         tokenizer=SimpleNamespace(bos_token=None, added_tokens_decoder={},
+                                                                   all_special_tokens=[])), config)
 
 
 def _system(writer, mode):

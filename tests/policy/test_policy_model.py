@@ -29,9 +29,11 @@ def truncated(sample: PolicySample, length: int) -> PolicySample:
     return PolicySample(sample.prompt_ids, sample.mm_token_type_ids, sample.completion_ids[:length], sample.vision)
 
 
-@pytest.mark.parametrize("family", TINY_VLM_FAMILIES)
-def test_teacher_forced_log_probs_equal_generation(tiny_vlm_dirs, family):
-    policy = load(tiny_vlm_dirs, family, max_new_tokens=16)
+@pytest.mark.parametrize("family, overrides", [(f, {}) for f in TINY_VLM_FAMILIES]
+                         + [("idefics3", {"image_splitting": True})],
+                         ids=list(TINY_VLM_FAMILIES) + ["idefics3-crops"])
+def test_teacher_forced_log_probs_equal_generation(tiny_vlm_dirs, family, overrides):
+    policy = load(tiny_vlm_dirs, family, max_new_tokens=16, **overrides)
     bias_logits(policy, policy.eos_token_ids, 3.0)  # completions of different lengths
     observations = mixed_observations()
     actions = policy.act(observations, seed=3)
@@ -396,3 +398,45 @@ def test_a_gemma3_chat_starts_with_one_bos(tiny_vlm_dirs):
     for sample in policy.act(mixed_observations(), seed=0).samples:
         assert sample.prompt_ids[0] == policy.processor.tokenizer.bos_token_id
         assert int((sample.prompt_ids == policy.processor.tokenizer.bos_token_id).sum()) == 1
+
+
+@pytest.mark.parametrize("family", TINY_VLM_FAMILIES)
+def test_special_token_strings_in_queries_and_prompts_are_plain_text_to_the_policy(tiny_vlm_dirs, family):
+    """A query or an earlier prompt holding the image placeholder or a turn marker must not be read as one: the
+    processor would count an image that is not there, or the turn would end early."""
+    policy = load(tiny_vlm_dirs, family, max_new_tokens=4)
+    tokenizer = policy.processor.tokenizer
+    image = tokenizer.convert_ids_to_tokens(policy.base_model.config.image_token_id)
+    end = tokenizer.convert_ids_to_tokens(policy.eos_token_ids[0])
+    clean = mixed_observations()
+    dirty = mixed_observations()
+    for o in dirty:
+        o.query, o.prompt = f"{o.query} {image}", f"{image}{o.prompt} {end}"
+        o.history = [f"{h} {image}" for h in o.history]
+    _, clean_texts = policy.chats(clean)
+    _, dirty_texts = policy.chats(dirty)
+    assert dirty_texts == clean_texts
+    actions = policy.act(dirty, seed=0)  # raised "found 2 image tokens and 1 image" on Idefics3 before
+    assert len(actions.prompts) == len(dirty)
+
+
+def test_idefics3_previews_are_one_image_unless_splitting_is_asked_for(tiny_vlm_dirs):
+    """SmolVLM's processor upscales and splits every image by default; the policy asks for one image per preview
+    (image_splitting=False), or the crops and the global view."""
+    observations = mixed_observations()
+    one = load(tiny_vlm_dirs, "idefics3")._encode(observations)[0]["pixel_values"]
+    crops = load(tiny_vlm_dirs, "idefics3", image_splitting=True)._encode(observations)[0]["pixel_values"]
+    assert one.shape[:2] == (4, 1) and crops.shape[:2] == (4, 5)
+
+
+def test_the_chat_templates_turn_end_is_an_end_token():
+    """A checkpoint whose generation config names only the text model's end token still stops at the turn end."""
+    from promptloop.policy.writer import end_token_ids
+    from promptloop.testing.tiny_vlm import make_idefics3_tokenizer
+
+    tokenizer = make_idefics3_tokenizer()
+    turn_end = tokenizer.convert_tokens_to_ids("<end_of_utterance>")
+    text_end = tokenizer.convert_tokens_to_ids("<|end_of_text|>")
+    assert end_token_ids(text_end, tokenizer, "<end_of_utterance>") == sorted({text_end, turn_end})
+    assert end_token_ids(text_end, tokenizer, "<not_in_vocab>") == [text_end]
+    assert end_token_ids(None, tokenizer) == [turn_end]  # the tokenizer's end token

@@ -221,14 +221,16 @@ def test_a_hub_policy_is_served_at_its_revision(saved_policy, tiny_vlm_dirs, hub
 
 @pytest.mark.parametrize("family", ["gemma3", "idefics3"])
 def test_a_fixed_size_family_served_by_vllm_answers_as_transformers_does(tiny_vlm_dirs, tmp_path, monkeypatch, family):
-    """Families without a pixel budget (Gemma 3, Idefics3): the engine gets no pixel budget and no video limit;
-    greedy answers and their teacher-forced log-probs equal the transformers policy's."""
+    """Families without a pixel budget (Gemma 3, Idefics3): the engine gets no pixel budget and no video limit
+    (Idefics3: the policy's image splitting); greedy answers and their teacher-forced log-probs equal the
+    transformers policy's."""
     vllm_standin.install(monkeypatch)
     config = small_config(do_sample=False, max_new_tokens=6)
     PromptPolicy.from_pretrained(tiny_vlm_dirs[family], config, device="cpu").save_pretrained(tmp_path / "policy")
     served = VLLMPromptPolicy.from_pretrained(tmp_path / "policy", config)
     engine = vllm_standin.LLM.instances[-1]
-    assert engine.kwargs["limit_mm_per_prompt"] == {"image": 1} and engine.kwargs["mm_processor_kwargs"] is None
+    assert engine.kwargs["limit_mm_per_prompt"] == {"image": 1}
+    assert engine.kwargs["mm_processor_kwargs"] == ({"do_image_splitting": False} if family == "idefics3" else None)
     local = PromptPolicy.from_pretrained(tmp_path / "policy", config, device="cpu")
     observations = mixed_observations()
     answers, expected = served.act(observations), local.act(observations)

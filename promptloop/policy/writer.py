@@ -124,8 +124,11 @@ def end_token_ids(generation_eos: Union[int, list[int], None], tokenizer: Any,
     """The model's end tokens: its generation config's, else the tokenizer's end token; and the token that closes
     a turn in its chat template (``turn_end_token``), when the vocabulary has it."""
     eos = generation_eos if generation_eos is not None else tokenizer.eos_token_id
-    ids = sorted(({eos} if isinstance(eos, int) else set(eos or ()))
-                 | ({tokenizer.get_vocab()[turn_end_token]} if turn_end_token in tokenizer.get_vocab() else set()))
+    ids = {eos} if isinstance(eos, int) else set(eos or ())
+    vocab = tokenizer.get_vocab() if turn_end_token else {}
+    if turn_end_token in vocab:
+        ids.add(vocab[turn_end_token])
+    ids = sorted(ids)
     if not ids:
         raise ValueError("The model has no end token: set generation_config.eos_token_id or tokenizer.eos_token.")
     return ids
